@@ -1,0 +1,450 @@
+"""Generation: sampling, prefill, the decode step, and a batched decode loop.
+
+The engine is pure jitted functions over pytrees (model, cache) plus a little host bookkeeping:
+
+- `prefill_step(model, tokens, n_valid, cache)`: a padded chunk per sequence written into the
+  cache; returns the last real token's logits (or all logits).
+- `decode_steps(model, cache, ...)`: `n_steps` decode steps for every row of a batch inside one
+  jitted call (a `lax.scan`): feed each row's pending token, sample the next one. Rows that are
+  done (or padding) write nothing.
+- `compress_row(cache, row, cfg)`: the row's policy evicts down to its budget.
+
+Shapes that reach the compiler come from a few buckets (chunk lengths and capacities are powers of
+two, batch sizes too, `n_steps` in 1/2/4/...), so compilations are bounded and happen up front;
+positions and lengths are arrays, never Python ints, so a new position never recompiles.
+
+`prefill` and `DecodeBatch` are the host-side drivers: prefill chunks a prompt into buckets and
+compresses when a policy's budget is exceeded; `DecodeBatch` holds the sequences that decode
+together, lets them join and leave between calls, grows capacity for full caches and compresses
+rows when they reach `budget + slack`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .cache import KVCache, capacity_bucket, stack
+from .model import ToyLLM
+from .policies import CacheConfig, compress
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def validate(self) -> SamplingParams:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0 (0 turns it off)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        return self
+
+    @property
+    def mode(self) -> str:
+        """Which compiled sampler this request needs (greedy < sample < filtered)."""
+        if self.temperature == 0:
+            return "greedy"
+        return "filtered" if self.top_k > 0 or self.top_p < 1 else "sample"
+
+
+_MODES = ("greedy", "sample", "filtered")
+
+
+# --------------------------------------------------------------------------------------- sampling
+def sample_token(logits, key, temperature, top_k, top_p, *, mode: str):
+    """One row: logits [vocab] -> (token, its log-probability under the model)."""
+    logprobs = jax.nn.log_softmax(logits)
+    greedy = jnp.argmax(logits).astype(jnp.int32)
+    if mode == "greedy":
+        return greedy, logprobs[greedy]
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    if mode == "filtered":
+        vocab = logits.shape[-1]
+        ranked = jnp.sort(scaled)[::-1]  # descending
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+        in_top_k = jnp.arange(vocab) < k
+        probs = jax.nn.softmax(jnp.where(in_top_k, ranked, -jnp.inf))
+        # Nucleus: the smallest prefix whose mass reaches top_p (the first token always stays).
+        n_nucleus = jnp.sum((jnp.cumsum(probs) - probs) < top_p)
+        threshold = ranked[jnp.minimum(n_nucleus, k) - 1]
+        scaled = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    token = jax.random.categorical(key, scaled).astype(jnp.int32)
+    token = jnp.where(temperature > 0, token, greedy)
+    return token, logprobs[token]
+
+
+# ------------------------------------------------------------------------------------ jitted steps
+@partial(jax.jit, static_argnames=("all_logits",), donate_argnames=("cache",))
+def prefill_step(model: ToyLLM, tokens, n_valid, cache: KVCache, all_logits: bool = False):
+    """tokens [B, C] (first n_valid [B] real) -> (logits [B, vocab] or [B, C, vocab], cache)."""
+
+    def one(tokens, n_valid, cache):
+        h, cache = model.extend(tokens, n_valid, cache)
+        if all_logits:
+            return model.logits(h), cache
+        return model.logits(h[jnp.maximum(n_valid - 1, 0)]), cache
+
+    return jax.vmap(one)(tokens, n_valid, cache)
+
+
+@partial(jax.jit, static_argnames=("n_steps", "mode"), donate_argnames=("cache",))
+def decode_steps(model: ToyLLM, cache: KVCache, tokens, remaining, keys, temperature, top_k, top_p, eos,
+                 *, n_steps: int, mode: str):
+    """Run n_steps decode steps for every row.
+
+    tokens [B]: each row's pending token (sampled, not yet in the cache); remaining [B]: tokens the
+    row may still produce (0 = inactive: writes nothing); keys [B, 2]: per-row PRNG keys, so a row's
+    samples do not depend on its batch-mates; eos [B]: token that ends the row (-1 = none).
+    Returns (cache, new tokens [B, n], logprobs [B, n], emitted [B, n], tokens, remaining, keys).
+    """
+
+    def one_token(token, active, row_cache):
+        h, row_cache = model.extend(token[None], active.astype(jnp.int32), row_cache)
+        return model.logits(h[0]), row_cache
+
+    def step(carry, _):
+        cache, tokens, remaining, keys = carry
+        active = remaining > 0
+        logits, cache = jax.vmap(one_token)(tokens, active, cache)
+        split = jax.vmap(jax.random.split)(keys)  # [B, 2, 2]
+        keys, subkeys = split[:, 0], split[:, 1]
+        new, logprob = jax.vmap(partial(sample_token, mode=mode))(logits, subkeys, temperature, top_k, top_p)
+        new = jnp.where(active, new, tokens)
+        remaining = jnp.where(active & (new != eos), remaining - 1, 0)
+        return (cache, new, remaining, keys), (new, logprob, active)
+
+    (cache, tokens, remaining, keys), (out, logprobs, emitted) = jax.lax.scan(
+        step, (cache, tokens, remaining, keys), None, length=n_steps
+    )
+    return cache, out.T, logprobs.T, emitted.T, tokens, remaining, keys
+
+
+@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def compress_row(cache: KVCache, row, cfg: CacheConfig) -> KVCache:
+    """Compress one row of a batched cache to its policy's budget."""
+    one = jax.tree.map(lambda x: x[row], cache)
+    one = compress(one, cfg)
+    return jax.tree.map(lambda x, y: x.at[row].set(y), cache, one)
+
+
+@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def compress_one(cache: KVCache, cfg: CacheConfig) -> KVCache:
+    return compress(cache, cfg)
+
+
+# -------------------------------------------------------------------------------------- prefill
+def _pow2_floor(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclass
+class PrefillResult:
+    logits: jax.Array  # [vocab] after the last prompt token
+    cache: KVCache  # one sequence, unbatched
+    length: int  # live slots after prefill (and compression)
+    evicted: int = 0  # tokens evicted per layer and KV head by compressions during this prefill
+    compressions: int = 0
+
+
+def prefill(model: ToyLLM, tokens: Sequence[int], cache: KVCache | None, cache_cfg: CacheConfig,
+            length: int = 0, max_chunk: int = 512) -> PrefillResult:
+    """Append a prompt to one sequence's cache (None = a new sequence) and compress if it overflows.
+
+    `length` is the cache's live-slot count (the host mirror, so that no device sync is needed).
+    A compressing policy compresses after each chunk that leaves more than `budget` slots, so a
+    prompt of any length prefills in bounded memory; one that fits in one chunk compresses once,
+    after the whole prompt, as in SnapKV.
+    """
+    if len(tokens) == 0:
+        raise ValueError("prefill needs at least one token")
+    n_tokens = len(tokens)
+    # A full cache is sized for the whole prompt at once; a compressing one for one chunk on top
+    # of what it keeps.
+    need = length + (min(n_tokens, max_chunk) if cache_cfg.evicts else n_tokens)
+    if cache is None:
+        cache = KVCache.empty(model.cfg, capacity_bucket(need))
+    tokens = np.asarray(tokens, np.int32)
+    result = PrefillResult(logits=None, cache=cache, length=length)  # type: ignore[arg-type]
+    done = 0
+    while done < n_tokens:
+        real = min(n_tokens - done, max_chunk)
+        if result.length + real > cache.capacity:
+            cache = cache.resize(capacity_bucket(result.length + real))
+        padded = _pow2_ceil(real)
+        if result.length + padded > cache.capacity:  # padding would overflow: take an exact piece
+            real = padded = _pow2_floor(real)
+        chunk = np.zeros((1, padded), np.int32)
+        chunk[0, :real] = tokens[done : done + real]
+        logits, batched = prefill_step(model, chunk, np.array([real], np.int32), _batch1(cache))
+        cache = _unbatch1(batched)
+        result.length += real
+        done += real
+        if cache_cfg.evicts and result.length > cache_cfg.budget:
+            cache = compress_one(cache, cache_cfg)
+            result.evicted += result.length - cache_cfg.budget
+            result.compressions += 1
+            result.length = cache_cfg.budget
+        result.logits = logits[0]
+    if result.compressions and cache.capacity > capacity_bucket(cache_cfg.trigger):
+        # Give back what the prompt needed: decoding needs budget + slack slots at most.
+        cache = cache.resize(capacity_bucket(cache_cfg.trigger))
+    result.cache = cache
+    return result
+
+
+def _batch1(cache: KVCache) -> KVCache:
+    return jax.tree.map(lambda x: x[None], cache)
+
+
+def _unbatch1(cache: KVCache) -> KVCache:
+    return jax.tree.map(lambda x: x[0], cache)
+
+
+# --------------------------------------------------------------------------------- decode batch
+@dataclass(eq=False)
+class Row:
+    """One sequence in a DecodeBatch (host mirror of its device state)."""
+
+    cache_cfg: CacheConfig
+    sampling: SamplingParams
+    length: int  # live cache slots
+    pending: int  # sampled token not yet in the cache
+    remaining: int  # tokens it may still produce
+    key: np.ndarray  # [2] uint32 PRNG key
+    eos: int = -1
+    slot: int = -1  # index in the batch
+    single_step: bool = False  # host must see every token before the next (stop strings)
+    tokens_evicted: int = 0
+    compressions: int = 0
+    user: object = None  # whatever the caller attaches (a request)
+
+    @property
+    def active(self) -> bool:
+        return self.remaining > 0
+
+
+@dataclass
+class StepOutput:
+    row: Row
+    tokens: list[int]
+    logprobs: list[float]
+
+
+@dataclass
+class DecodeBatch:
+    """Sequences decoded together in one batched cache; they join and leave between calls.
+
+    The batch size is padded to a power of two with inactive rows, so a new batch-mate does not
+    recompile. Rows under `full` grow the shared capacity bucket when they fill it; compressing
+    rows are compressed to their budget when they reach budget + slack.
+    """
+
+    model: ToyLLM
+    steps_per_call: int = 8
+    rows: list[Row | None] = field(default_factory=list)
+    cache: KVCache | None = None
+    compressions: int = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+    @property
+    def active_rows(self) -> list[Row]:
+        return [r for r in self.rows if r is not None and r.active]
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.cache is None else self.cache.capacity
+
+    def add(self, cache: KVCache, row: Row) -> Row:
+        """Insert a prefilled sequence (its unbatched cache and host state)."""
+        if self.cache is None:
+            self.cache = stack([cache])
+            self.rows = [None]
+        if cache.capacity < self.cache.capacity:
+            cache = cache.resize(self.cache.capacity)
+        elif cache.capacity > self.cache.capacity:
+            self.cache = self.cache.resize(cache.capacity)
+        free = [i for i, r in enumerate(self.rows) if r is None]
+        if not free:
+            self._grow_batch(2 * self.size)
+            free = [i for i, r in enumerate(self.rows) if r is None]
+        row.slot = free[0]
+        self.rows[row.slot] = row
+        self.cache = _set_row(self.cache, row.slot, cache)
+        return row
+
+    def remove(self, row: Row) -> KVCache:
+        """Take a row out; returns its cache (unbatched), trimmed to the bucket its length needs."""
+        cache = jax.tree.map(lambda x: x[row.slot], self.cache)
+        self.rows[row.slot] = None
+        floor = capacity_bucket(row.length + 1)
+        if cache.capacity > floor:
+            cache = cache.resize(floor)
+        if all(r is None for r in self.rows):
+            self.rows, self.cache = [], None
+        elif sum(r is not None for r in self.rows) <= self.size // 4:
+            self._compact()
+        row.slot = -1
+        return cache
+
+    def _grow_batch(self, size: int) -> None:
+        extra = size - self.size
+        empty = KVCache.empty(self.model.cfg, self.cache.capacity, batch=extra)
+        self.cache = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), self.cache, empty)
+        self.rows += [None] * extra
+
+    def _compact(self) -> None:
+        live = [r for r in self.rows if r is not None]
+        size = _pow2_ceil(len(live))
+        index = np.array([r.slot for r in live] + [live[0].slot] * (size - len(live)))
+        self.cache = jax.tree.map(lambda x: x[index], self.cache)
+        self.rows = live + [None] * (size - len(live))
+        for i, r in enumerate(live):
+            r.slot = i
+
+    def _steps_now(self, active: list[Row]) -> int:
+        """Steps every active row can take before one needs compression or more capacity."""
+        if any(r.single_step for r in active):
+            return 1
+        limit = min(self.steps_per_call, max(r.remaining for r in active))
+        for r in active:
+            room = self.capacity - r.length
+            if r.cache_cfg.evicts:
+                room = min(room, r.cache_cfg.trigger - r.length)
+            limit = min(limit, room)
+        return _pow2_floor(max(limit, 1))
+
+    def step(self) -> list[StepOutput]:
+        """One jitted call of up to steps_per_call decode steps for all active rows."""
+        active = self.active_rows
+        if not active:
+            return []
+        need = max(r.length for r in active) + 1
+        if need > self.capacity:
+            self.cache = self.cache.resize(capacity_bucket(need))
+        n_steps = self._steps_now(active)
+        mode = max((r.sampling.mode for r in active), key=_MODES.index)
+
+        def column(get, dtype):
+            return np.array([get(r) if r is not None else 0 for r in self.rows], dtype)
+
+        keys = np.stack([r.key if r is not None else np.zeros(2, np.uint32) for r in self.rows])
+        self.cache, out, logprobs, emitted, _, remaining, keys = decode_steps(
+            self.model,
+            self.cache,
+            column(lambda r: r.pending, np.int32),
+            column(lambda r: r.remaining, np.int32),
+            keys,
+            column(lambda r: r.sampling.temperature, np.float32),
+            column(lambda r: r.sampling.top_k, np.int32),
+            column(lambda r: r.sampling.top_p, np.float32),
+            column(lambda r: r.eos, np.int32),
+            n_steps=n_steps,
+            mode=mode,
+        )
+        out, logprobs, emitted = np.asarray(out), np.asarray(logprobs), np.asarray(emitted)
+        remaining, keys = np.asarray(remaining), np.asarray(keys)
+
+        outputs = []
+        for r in active:
+            i = r.slot
+            n = int(emitted[i].sum())
+            r.length += n
+            r.pending = int(out[i, n - 1])
+            r.remaining = int(remaining[i])
+            r.key = keys[i]
+            outputs.append(StepOutput(r, out[i, :n].tolist(), logprobs[i, :n].tolist()))
+            if r.cache_cfg.evicts and r.length >= r.cache_cfg.trigger:
+                self.cache = compress_row(self.cache, np.int32(i), r.cache_cfg)
+                r.tokens_evicted += r.length - r.cache_cfg.budget
+                r.compressions += 1
+                self.compressions += 1
+                r.length = r.cache_cfg.budget
+        return outputs
+
+
+@partial(jax.jit, donate_argnames=("batch",))
+def _set_row(batch: KVCache, slot, row: KVCache) -> KVCache:
+    return jax.tree.map(lambda x, y: x.at[slot].set(y), batch, row)
+
+
+def new_key(seed: int | None) -> np.ndarray:
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % (2**31))
+    return np.asarray(jax.random.key_data(jax.random.PRNGKey(seed)), np.uint32)
+
+
+def first_token(logits: jax.Array, sampling: SamplingParams, key: np.ndarray) -> tuple[int, float, np.ndarray]:
+    """Sample the first new token from the prefill's logits (same sampler as decoding)."""
+    token, logprob, key = _first_token(logits, key, np.float32(sampling.temperature),
+                                       np.int32(sampling.top_k), np.float32(sampling.top_p), mode=sampling.mode)
+    return int(token), float(logprob), np.asarray(key)
+
+
+@partial(jax.jit, static_argnames=("mode",))
+def _first_token(logits, key, temperature, top_k, top_p, *, mode):
+    key, sub = jax.random.split(key)
+    token, logprob = sample_token(logits, sub, temperature, top_k, top_p, mode=mode)
+    return token, logprob, key
+
+
+# ------------------------------------------------------------------------------- convenience loop
+@dataclass
+class Generated:
+    token: int
+    logprob: float
+    row: Row
+
+
+def generate_tokens(model: ToyLLM, prompts: Sequence[Sequence[int]], cache_cfgs: Sequence[CacheConfig],
+                    sampling: Sequence[SamplingParams], steps_per_call: int = 8,
+                    max_chunk: int = 512) -> Iterator[Generated]:
+    """Decode several prompts together (each with its own policy and sampling) and yield tokens as
+    they are made. Stop strings are the caller's business (see `detokenize.TextStream`); a caller
+    that stops a row early sets `row.remaining = 0`."""
+    batch = DecodeBatch(model, steps_per_call=steps_per_call)
+    for prompt, cache_cfg, params in zip(prompts, cache_cfgs, sampling, strict=True):
+        cache_cfg.validate()
+        params.validate()
+        if not cache_cfg.evicts and len(prompt) + params.max_new_tokens > model.cfg.context_length:
+            raise ValueError(
+                f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                f"model context ({model.cfg.context_length}) under the full cache; use a compressing policy"
+            )
+        result = prefill(model, prompt, None, cache_cfg, max_chunk=max_chunk)
+        key = new_key(params.seed)
+        token, logprob, key = first_token(result.logits, params, key)
+        eos = -1 if params.ignore_eos else model.cfg.eos_token_id
+        remaining = 0 if (token == eos or params.max_new_tokens == 1) else params.max_new_tokens - 1
+        row = Row(cache_cfg, params, result.length, token, remaining, key, eos=eos,
+                  single_step=bool(params.stop), tokens_evicted=result.evicted,
+                  compressions=result.compressions)
+        batch.add(result.cache, row)
+        yield Generated(token, logprob, row)
+    while batch.active_rows:
+        for out in batch.step():
+            for token, logprob in zip(out.tokens, out.logprobs, strict=True):
+                yield Generated(token, logprob, out.row)
+

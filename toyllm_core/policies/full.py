@@ -1,0 +1,11 @@
+"""The full cache: the uncompressed baseline. It never evicts; a request that would exceed the
+model's context is refused instead."""
+
+from .base import Policy
+from .registry import register
+
+
+@register
+class FullCache(Policy):
+    name = "full"
+    evicts = False
