@@ -32,6 +32,7 @@ import numpy as np
 from .cache import KVCache, capacity_bucket, stack
 from .model import ToyLLM
 from .policies import CacheConfig, compress
+from .sampling import SamplerSpec, sample_token
 
 
 @dataclass(frozen=True)
@@ -56,37 +57,8 @@ class SamplingParams:
         return self
 
     @property
-    def mode(self) -> str:
-        """Which compiled sampler this request needs (greedy < sample < filtered)."""
-        if self.temperature == 0:
-            return "greedy"
-        return "filtered" if self.top_k > 0 or self.top_p < 1 else "sample"
-
-
-_MODES = ("greedy", "sample", "filtered")
-
-
-# --------------------------------------------------------------------------------------- sampling
-def sample_token(logits, key, temperature, top_k, top_p, *, mode: str):
-    """One row: logits [vocab] -> (token, its log-probability under the model)."""
-    logprobs = jax.nn.log_softmax(logits)
-    greedy = jnp.argmax(logits).astype(jnp.int32)
-    if mode == "greedy":
-        return greedy, logprobs[greedy]
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    if mode == "filtered":
-        vocab = logits.shape[-1]
-        ranked = jnp.sort(scaled)[::-1]  # descending
-        k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-        in_top_k = jnp.arange(vocab) < k
-        probs = jax.nn.softmax(jnp.where(in_top_k, ranked, -jnp.inf))
-        # Nucleus: the smallest prefix whose mass reaches top_p (the first token always stays).
-        n_nucleus = jnp.sum((jnp.cumsum(probs) - probs) < top_p)
-        threshold = ranked[jnp.minimum(n_nucleus, k) - 1]
-        scaled = jnp.where(scaled >= threshold, scaled, -jnp.inf)
-    token = jax.random.categorical(key, scaled).astype(jnp.int32)
-    token = jnp.where(temperature > 0, token, greedy)
-    return token, logprobs[token]
+    def spec(self) -> SamplerSpec:
+        return SamplerSpec.for_rows([(self.temperature, self.top_k, self.top_p)])
 
 
 # ------------------------------------------------------------------------------------ jitted steps
@@ -103,9 +75,9 @@ def prefill_step(model: ToyLLM, tokens, n_valid, cache: KVCache, all_logits: boo
     return jax.vmap(one)(tokens, n_valid, cache)
 
 
-@partial(jax.jit, static_argnames=("n_steps", "mode"), donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("n_steps", "spec"), donate_argnames=("cache",))
 def decode_steps(model: ToyLLM, cache: KVCache, tokens, remaining, keys, temperature, top_k, top_p, eos,
-                 *, n_steps: int, mode: str):
+                 *, n_steps: int, spec: SamplerSpec):
     """Run n_steps decode steps for every row.
 
     tokens [B]: each row's pending token (sampled, not yet in the cache); remaining [B]: tokens the
@@ -116,15 +88,17 @@ def decode_steps(model: ToyLLM, cache: KVCache, tokens, remaining, keys, tempera
 
     def one_token(token, active, row_cache):
         h, row_cache = model.extend(token[None], active.astype(jnp.int32), row_cache)
-        return model.logits(h[0]), row_cache
+        return h[0], row_cache
 
     def step(carry, _):
         cache, tokens, remaining, keys = carry
         active = remaining > 0
-        logits, cache = jax.vmap(one_token)(tokens, active, cache)
+        h, cache = jax.vmap(one_token)(tokens, active, cache)
+        # [vocab, d] @ [d, B] is ~1.6x faster on XLA's CPU backend than [B, d] @ [d, vocab].
+        logits = (model.embed @ model.norm(h).T).T
         split = jax.vmap(jax.random.split)(keys)  # [B, 2, 2]
         keys, subkeys = split[:, 0], split[:, 1]
-        new, logprob = jax.vmap(partial(sample_token, mode=mode))(logits, subkeys, temperature, top_k, top_p)
+        new, logprob = jax.vmap(partial(sample_token, spec=spec))(logits, subkeys, temperature, top_k, top_p)
         new = jnp.where(active, new, tokens)
         remaining = jnp.where(active & (new != eos), remaining - 1, 0)
         return (cache, new, remaining, keys), (new, logprob, active)
@@ -345,7 +319,9 @@ class DecodeBatch:
         if need > self.capacity:
             self.cache = self.cache.resize(capacity_bucket(need))
         n_steps = self._steps_now(active)
-        mode = max((r.sampling.mode for r in active), key=_MODES.index)
+        spec = SamplerSpec.for_rows(
+            [(r.sampling.temperature, r.sampling.top_k, r.sampling.top_p) for r in active]
+        )
 
         def column(get, dtype):
             return np.array([get(r) if r is not None else 0 for r in self.rows], dtype)
@@ -362,7 +338,7 @@ class DecodeBatch:
             column(lambda r: r.sampling.top_p, np.float32),
             column(lambda r: r.eos, np.int32),
             n_steps=n_steps,
-            mode=mode,
+            spec=spec,
         )
         out, logprobs, emitted = np.asarray(out), np.asarray(logprobs), np.asarray(emitted)
         remaining, keys = np.asarray(remaining), np.asarray(keys)
@@ -398,15 +374,15 @@ def new_key(seed: int | None) -> np.ndarray:
 
 def first_token(logits: jax.Array, sampling: SamplingParams, key: np.ndarray) -> tuple[int, float, np.ndarray]:
     """Sample the first new token from the prefill's logits (same sampler as decoding)."""
-    token, logprob, key = _first_token(logits, key, np.float32(sampling.temperature),
-                                       np.int32(sampling.top_k), np.float32(sampling.top_p), mode=sampling.mode)
+    token, logprob, key = _first_token(logits, key, np.float32(sampling.temperature), np.int32(sampling.top_k),
+                                       np.float32(sampling.top_p), spec=sampling.spec)
     return int(token), float(logprob), np.asarray(key)
 
 
-@partial(jax.jit, static_argnames=("mode",))
-def _first_token(logits, key, temperature, top_k, top_p, *, mode):
+@partial(jax.jit, static_argnames=("spec",))
+def _first_token(logits, key, temperature, top_k, top_p, *, spec):
     key, sub = jax.random.split(key)
-    token, logprob = sample_token(logits, sub, temperature, top_k, top_p, mode=mode)
+    token, logprob = sample_token(logits, sub, temperature, top_k, top_p, spec=spec)
     return token, logprob, key
 
 
