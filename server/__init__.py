@@ -1,0 +1,1 @@
+"""ToyLLM Serve HTTP server (see the server issue)."""

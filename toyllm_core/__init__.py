@@ -1,0 +1,1 @@
+"""ToyLLM Serve core: model, KV cache, compression policies, generation, checkpoints."""

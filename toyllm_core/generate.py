@@ -9,9 +9,9 @@ The engine is pure jitted functions over pytrees (model, cache) plus a little ho
   done (or padding) write nothing.
 - `compress_row(cache, row, cfg)`: the row's policy evicts down to its budget.
 
-Shapes that reach the compiler come from a few buckets (chunk lengths and capacities are powers of
-two, batch sizes too, `n_steps` in 1/2/4/...), so compilations are bounded and happen up front;
-positions and lengths are arrays, never Python ints, so a new position never recompiles.
+Shapes that reach the compiler come from a few buckets (chunk lengths, capacities and batch sizes
+are powers of two); positions, lengths and the number of decode steps are arrays, never Python
+ints, so a new position or step count never recompiles.
 
 `prefill` and `DecodeBatch` are the host-side drivers: prefill chunks a prompt into buckets and
 compresses when a policy's budget is exceeded; `DecodeBatch` holds the sequences that decode
@@ -75,23 +75,25 @@ def prefill_step(model: ToyLLM, tokens, n_valid, cache: KVCache, all_logits: boo
     return jax.vmap(one)(tokens, n_valid, cache)
 
 
-@partial(jax.jit, static_argnames=("n_steps", "spec"), donate_argnames=("cache",))
-def decode_steps(model: ToyLLM, cache: KVCache, tokens, remaining, keys, temperature, top_k, top_p, eos,
-                 *, n_steps: int, spec: SamplerSpec):
-    """Run n_steps decode steps for every row.
+@partial(jax.jit, static_argnames=("max_steps", "spec"), donate_argnames=("cache",))
+def decode_steps(model: ToyLLM, cache: KVCache, n_steps, tokens, remaining, keys, temperature, top_k, top_p, eos,
+                 *, max_steps: int, spec: SamplerSpec):
+    """Run n_steps (<= max_steps, an array: any count, one compile) decode steps for every row.
 
     tokens [B]: each row's pending token (sampled, not yet in the cache); remaining [B]: tokens the
     row may still produce (0 = inactive: writes nothing); keys [B, 2]: per-row PRNG keys, so a row's
     samples do not depend on its batch-mates; eos [B]: token that ends the row (-1 = none).
-    Returns (cache, new tokens [B, n], logprobs [B, n], emitted [B, n], tokens, remaining, keys).
+    Returns (cache, new tokens [B, max_steps], logprobs, emitted [B, max_steps], remaining, keys);
+    columns past n_steps are not emitted.
     """
+    batch = tokens.shape[0]
 
     def one_token(token, active, row_cache):
         h, row_cache = model.extend(token[None], active.astype(jnp.int32), row_cache)
         return h[0], row_cache
 
-    def step(carry, _):
-        cache, tokens, remaining, keys = carry
+    def step(i, carry):
+        cache, tokens, remaining, keys, out, logprobs, emitted = carry
         active = remaining > 0
         h, cache = jax.vmap(one_token)(tokens, active, cache)
         # [vocab, d] @ [d, B] is ~1.6x faster on XLA's CPU backend than [B, d] @ [d, vocab].
@@ -101,12 +103,28 @@ def decode_steps(model: ToyLLM, cache: KVCache, tokens, remaining, keys, tempera
         new, logprob = jax.vmap(partial(sample_token, spec=spec))(logits, subkeys, temperature, top_k, top_p)
         new = jnp.where(active, new, tokens)
         remaining = jnp.where(active & (new != eos), remaining - 1, 0)
-        return (cache, new, remaining, keys), (new, logprob, active)
+        return (cache, new, remaining, keys, out.at[i].set(new), logprobs.at[i].set(logprob),
+                emitted.at[i].set(active))
 
-    (cache, tokens, remaining, keys), (out, logprobs, emitted) = jax.lax.scan(
-        step, (cache, tokens, remaining, keys), None, length=n_steps
-    )
-    return cache, out.T, logprobs.T, emitted.T, tokens, remaining, keys
+    init = (cache, tokens, remaining, keys, jnp.zeros((max_steps, batch), jnp.int32),
+            jnp.zeros((max_steps, batch), jnp.float32), jnp.zeros((max_steps, batch), bool))
+    cache, _, remaining, keys, out, logprobs, emitted = jax.lax.fori_loop(0, n_steps, step, init)
+    return cache, out.T, logprobs.T, emitted.T, remaining, keys
+
+
+@partial(jax.jit, donate_argnames=("cache",))
+def decode_teacher_forced(model: ToyLLM, cache: KVCache, tokens):
+    """Feed tokens [B, T] one decode step at a time (the decode path, no sampling) -> logits [B, T, vocab].
+
+    The caller guarantees capacity for T more tokens (no compression happens in here).
+    """
+
+    def step(cache, token):
+        h, cache = jax.vmap(lambda t, c: model.extend(t[None], jnp.int32(1), c))(token, cache)
+        return cache, (model.embed @ model.norm(h[:, 0]).T).T
+
+    cache, logits = jax.lax.scan(step, cache, tokens.T)
+    return logits.transpose(1, 0, 2), cache
 
 
 @partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
@@ -129,6 +147,10 @@ def _pow2_floor(n: int) -> int:
 
 def _pow2_ceil(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+# Smallest padded prefill chunk: fewer shapes to compile, at the cost of some padding work.
+MIN_CHUNK = 16
 
 
 @dataclass
@@ -164,7 +186,7 @@ def prefill(model: ToyLLM, tokens: Sequence[int], cache: KVCache | None, cache_c
         real = min(n_tokens - done, max_chunk)
         if result.length + real > cache.capacity:
             cache = cache.resize(capacity_bucket(result.length + real))
-        padded = _pow2_ceil(real)
+        padded = max(_pow2_ceil(real), MIN_CHUNK)
         if result.length + padded > cache.capacity:  # padding would overflow: take an exact piece
             real = padded = _pow2_floor(real)
         chunk = np.zeros((1, padded), np.int32)
@@ -308,7 +330,7 @@ class DecodeBatch:
             if r.cache_cfg.evicts:
                 room = min(room, r.cache_cfg.trigger - r.length)
             limit = min(limit, room)
-        return _pow2_floor(max(limit, 1))
+        return max(limit, 1)
 
     def step(self) -> list[StepOutput]:
         """One jitted call of up to steps_per_call decode steps for all active rows."""
@@ -327,9 +349,10 @@ class DecodeBatch:
             return np.array([get(r) if r is not None else 0 for r in self.rows], dtype)
 
         keys = np.stack([r.key if r is not None else np.zeros(2, np.uint32) for r in self.rows])
-        self.cache, out, logprobs, emitted, _, remaining, keys = decode_steps(
+        self.cache, out, logprobs, emitted, remaining, keys = decode_steps(
             self.model,
             self.cache,
+            np.int32(n_steps),
             column(lambda r: r.pending, np.int32),
             column(lambda r: r.remaining, np.int32),
             keys,
@@ -337,7 +360,7 @@ class DecodeBatch:
             column(lambda r: r.sampling.top_k, np.int32),
             column(lambda r: r.sampling.top_p, np.float32),
             column(lambda r: r.eos, np.int32),
-            n_steps=n_steps,
+            max_steps=self.steps_per_call,
             spec=spec,
         )
         out, logprobs, emitted = np.asarray(out), np.asarray(logprobs), np.asarray(emitted)

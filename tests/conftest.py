@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny random models (the GPT-2 vocabulary, so the real tokenizer works)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import pytest
+
+from toyllm_core.config import get_preset
+from toyllm_core.model import ToyLLM
+
+
+@functools.cache
+def tiny_model(n_kv_heads: int = 2, seed: int = 0, **changes) -> ToyLLM:
+    cfg = get_preset("tiny").replace(n_kv_heads=n_kv_heads, **changes)
+    return ToyLLM(cfg, jax.random.PRNGKey(seed))
+
+
+@pytest.fixture(scope="session")
+def model() -> ToyLLM:
+    return tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from toyllm_core.tokenizer import gpt2_tokenizer
+
+    return gpt2_tokenizer()

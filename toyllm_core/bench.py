@@ -1,0 +1,82 @@
+"""Decode benchmarks: per-token latency and cache bytes against context length, policy and batch.
+
+Latency is measured through the same `DecodeBatch` the generator and server use (jitted multi-step
+calls, compression every `slack` steps included), after a warm-up that compiles every shape.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .generate import DecodeBatch, Row, SamplingParams, new_key, prefill
+from .model import ToyLLM
+from .policies import CacheConfig
+
+
+@dataclass
+class DecodeLatency:
+    policy: str
+    budget: int | None
+    batch: int
+    context: int
+    steps: int
+    median_ms_per_step: float
+    p90_ms_per_step: float
+    median_ms_per_token: float
+    cache_bytes_per_sequence: int
+    full_cache_bytes_per_sequence: int
+
+
+def _filled_batch(model: ToyLLM, cache_cfg: CacheConfig, batch: int, context: int, steps: int, seed: int):
+    rng = np.random.default_rng(seed)
+    decode = DecodeBatch(model)
+    params = SamplingParams(max_new_tokens=steps + 1, temperature=0.0, ignore_eos=True)
+    rows = []
+    for _ in range(batch):
+        prompt = rng.integers(0, model.cfg.vocab_size, context).tolist()
+        result = prefill(model, prompt, None, cache_cfg)
+        rows.append(decode.add(result.cache, Row(cache_cfg, params, result.length, int(prompt[-1]), steps, new_key(seed))))
+    return decode, rows
+
+
+def decode_latency(model: ToyLLM, cache_cfg: CacheConfig, batch: int, context: int, steps: int = 64,
+                   repeats: int = 5, steps_per_call: int = 8, seed: int = 0) -> DecodeLatency:
+    """Per-step decode latency once `context` tokens are cached (a full cache holds context - steps,
+    so decoding stays inside the model's context)."""
+    cfg = model.cfg
+    prompt_len = context - steps if not cache_cfg.evicts else context
+    if prompt_len < 1:
+        raise ValueError(f"context {context} must exceed the {steps} timed steps under the full cache")
+    times = []
+    for rep in range(repeats + 1):  # the first run compiles
+        decode, rows = _filled_batch(model, cache_cfg, batch, prompt_len, steps, seed + rep)
+        decode.steps_per_call = steps_per_call
+        start = time.perf_counter()
+        while decode.active_rows:
+            decode.step()
+        elapsed = time.perf_counter() - start
+        if rep:
+            times.append(elapsed / steps)
+    kept = rows[0].length
+    times_ms = sorted(t * 1e3 for t in times)
+    median = statistics.median(times_ms)
+    return DecodeLatency(
+        policy=cache_cfg.policy,
+        budget=cache_cfg.budget if cache_cfg.evicts else None,
+        batch=batch,
+        context=context,
+        steps=steps,
+        median_ms_per_step=median,
+        p90_ms_per_step=times_ms[min(len(times_ms) - 1, int(0.9 * len(times_ms)))],
+        median_ms_per_token=median / batch,
+        cache_bytes_per_sequence=kept * cfg.kv_bytes_per_token,
+        full_cache_bytes_per_sequence=min(context, cfg.context_length) * cfg.kv_bytes_per_token,
+    )
+
+
+def as_dicts(results: list[DecodeLatency]) -> list[dict]:
+    return [asdict(r) for r in results]

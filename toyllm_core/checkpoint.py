@@ -1,0 +1,206 @@
+"""Checkpoints in Hugging Face Llama layout (interchangeable with `transformers.LlamaForCausalLM`).
+
+A checkpoint directory holds:
+  config.json            LlamaConfig fields + a "toyllm" block (training metadata)
+  model.safetensors      HF tensor names, float32; the output projection is tied to the embedding
+  tokenizer.json, tokenizer_config.json
+  MODEL_CARD.md
+  checksums.sha256       sha256sum format, one line per file above
+
+Loading verifies checksums and shapes and fails with one `CheckpointError` line naming the bad file.
+A directory written by `save_pretrained` (no checksums.sha256) loads too, unverified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from .config import ModelConfig
+from .model import ToyLLM
+
+CHECKSUMS = "checksums.sha256"
+WEIGHTS = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded; the message names the file and the fix."""
+
+
+def _hf_names(cfg: ModelConfig) -> dict[str, Any]:
+    """HF tensor name -> getter on our model."""
+    names: dict[str, Any] = {"model.embed_tokens.weight": lambda m: m.embed, "model.norm.weight": lambda m: m.norm.weight}
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        names |= {
+            p + "self_attn.q_proj.weight": lambda m, i=i: m.blocks[i].attn.wq,
+            p + "self_attn.k_proj.weight": lambda m, i=i: m.blocks[i].attn.wk,
+            p + "self_attn.v_proj.weight": lambda m, i=i: m.blocks[i].attn.wv,
+            p + "self_attn.o_proj.weight": lambda m, i=i: m.blocks[i].attn.wo,
+            p + "mlp.gate_proj.weight": lambda m, i=i: m.blocks[i].mlp.w_gate,
+            p + "mlp.up_proj.weight": lambda m, i=i: m.blocks[i].mlp.w_up,
+            p + "mlp.down_proj.weight": lambda m, i=i: m.blocks[i].mlp.w_down,
+            p + "input_layernorm.weight": lambda m, i=i: m.blocks[i].attn_norm.weight,
+            p + "post_attention_layernorm.weight": lambda m, i=i: m.blocks[i].mlp_norm.weight,
+        }
+    return names
+
+
+def config_to_hf(cfg: ModelConfig, toyllm_meta: dict | None = None) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.context_length,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": cfg.eos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "torch_dtype": "float32",
+        "toyllm": toyllm_meta or {},
+    }
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    if hf.get("model_type") != "llama":
+        raise ValueError(f"model_type is {hf.get('model_type')!r}, expected 'llama'")
+    if not hf.get("tie_word_embeddings", False):
+        raise ValueError("tie_word_embeddings must be true (ToyLLM ties the output projection to the embedding)")
+    rope = hf.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
+    eos = hf.get("eos_token_id", 50256)
+    cfg = ModelConfig(
+        vocab_size=hf["vocab_size"],
+        context_length=hf["max_position_embeddings"],
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+        d_ff=hf["intermediate_size"],
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        eos_token_id=eos[0] if isinstance(eos, list) else eos,
+    )
+    if hf.get("head_dim", cfg.head_dim) != cfg.head_dim:
+        raise ValueError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads ({cfg.head_dim})")
+    return cfg
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save(model: ToyLLM, directory: str | Path, tokenizer=None, meta: dict | None = None,
+         card: str | None = None) -> Path:
+    """Write a checkpoint directory (see the module docstring)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    (directory / "config.json").write_text(json.dumps(config_to_hf(cfg, meta), indent=2) + "\n")
+    tensors = {name: np.asarray(get(model), np.float32) for name, get in _hf_names(cfg).items()}
+    save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    if card is None and not (directory / "MODEL_CARD.md").exists():
+        card = f"# ToyLLM checkpoint\n\n{cfg.num_params():,} parameters; configuration in config.json.\n"
+    if card is not None:
+        (directory / "MODEL_CARD.md").write_text(card)
+    write_checksums(directory)
+    return directory
+
+
+def write_checksums(directory: Path) -> None:
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != CHECKSUMS)
+    lines = [f"{_sha256(p)}  {p.name}\n" for p in files]
+    (directory / CHECKSUMS).write_text("".join(lines))
+
+
+def verify(directory: Path) -> bool:
+    """Check every file listed in checksums.sha256; False when there is no checksum file."""
+    listing = directory / CHECKSUMS
+    if not listing.is_file():
+        return False
+    for line in listing.read_text().splitlines():
+        if not line.strip():
+            continue
+        expected, name = line.split(maxsplit=1)
+        name = name.lstrip("*")
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: listed in {CHECKSUMS} but missing; the checkpoint is incomplete")
+        actual = _sha256(path)
+        if actual != expected:
+            raise CheckpointError(
+                f"{path}: sha256 mismatch (expected {expected[:12]}…, got {actual[:12]}…); "
+                "the file is corrupted or was modified, restore it or re-save the checkpoint"
+            )
+    return True
+
+
+def read_config(directory: str | Path) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, the whole config.json) of a checkpoint directory."""
+    path = Path(directory) / "config.json"
+    try:
+        hf = json.loads(path.read_text())
+        return config_from_hf(hf), hf
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; is {directory} a checkpoint directory?") from None
+    except (json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: invalid Llama config ({e})") from None
+
+
+def load(directory: str | Path, verify_checksums: bool = True) -> tuple[ToyLLM, dict]:
+    """Load a checkpoint -> (model, config.json as a dict)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    if verify_checksums:
+        verify(directory)
+    cfg, hf = read_config(directory)
+    path = directory / WEIGHTS
+    try:
+        tensors = load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it may be truncated") from None
+    tensors.pop("lm_head.weight", None)  # tied: identical to the embedding when present
+    model = ToyLLM(cfg, jax.random.PRNGKey(0))
+    names = _hf_names(cfg)
+    missing = sorted(set(names) - set(tensors))
+    unexpected = sorted(set(tensors) - set(names))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: tensors do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for name, get in names.items():
+        want = get(model).shape
+        if tensors[name].shape != want:
+            raise CheckpointError(f"{path}: {name} has shape {tensors[name].shape}, config.json implies {want}")
+    getters = list(names.values())
+    model = eqx.tree_at(lambda m: [g(m) for g in getters], model,
+                        [jnp.asarray(tensors[n], jnp.float32) for n in names])
+    return model, hf

