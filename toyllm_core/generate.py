@@ -112,12 +112,18 @@ def decode_steps(model: ToyLLM, cache: KVCache, n_steps, tokens, remaining, keys
     return cache, out.T, logprobs.T, emitted.T, remaining, keys
 
 
-@partial(jax.jit, donate_argnames=("cache",))
-def decode_teacher_forced(model: ToyLLM, cache: KVCache, tokens):
+def decode_teacher_forced(model: ToyLLM, cache: KVCache, tokens) -> tuple[jax.Array, KVCache]:
     """Feed tokens [B, T] one decode step at a time (the decode path, no sampling) -> logits [B, T, vocab].
 
-    The caller guarantees capacity for T more tokens (no compression happens in here).
+    No compression happens in here: the batched cache must have room for T more tokens.
     """
+    if int(np.max(cache.length)) + tokens.shape[1] > cache.capacity:
+        raise ValueError(f"cache capacity {cache.capacity} has no room for {tokens.shape[1]} more tokens")
+    return _decode_teacher_forced(model, cache, tokens)
+
+
+@partial(jax.jit, donate_argnames=("cache",))
+def _decode_teacher_forced(model: ToyLLM, cache: KVCache, tokens):
 
     def step(cache, token):
         h, cache = jax.vmap(lambda t, c: model.extend(t[None], jnp.int32(1), c))(token, cache)

@@ -1,0 +1,190 @@
+"""Compression policies: budgets, protected slots, and SnapKV/H2O against NumPy references."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_model
+
+from toyllm_core.cache import RECENT_QUERIES, KVCache
+from toyllm_core.generate import SamplingParams, compress_one, decode_teacher_forced, generate_tokens, prefill
+from toyllm_core.policies import CacheConfig, policy_names
+
+EVICTING = ["streaming", "snapkv", "h2o"]
+
+
+def _filled_cache(model, n=150, seed=0) -> KVCache:
+    tokens = np.random.default_rng(seed).integers(0, 50257, n, dtype=np.int32)
+    return prefill(model, tokens, None, CacheConfig("full")).cache
+
+
+def _host(cache: KVCache) -> KVCache:
+    """A NumPy copy (jitted steps donate their input cache)."""
+    return jax.tree.map(np.asarray, cache)
+
+
+def test_registry_lists_the_four_policies():
+    assert policy_names() == ["full", "h2o", "snapkv", "streaming"]
+
+
+@pytest.mark.parametrize("policy", EVICTING)
+@pytest.mark.parametrize("budget", [24, 40, 64])
+def test_policy_keeps_exactly_budget_with_sinks_and_window(model, policy, budget):
+    cache = _filled_cache(model)
+    before = _host(cache)
+    cfg = CacheConfig(policy, budget=budget, sink_size=4, window_size=16)
+    out = compress_one(cache, cfg)  # donates `cache`: keep the NumPy copy
+    cache = before
+    n = 150
+    assert int(out.length) == budget
+    pos = np.asarray(out.pos)
+    live = pos[..., :budget]
+    assert (pos[..., budget:] == -1).all()
+    for layer in range(model.cfg.n_layers):
+        for head in range(model.cfg.n_kv_heads):
+            kept = live[layer, head]
+            assert (np.diff(kept) > 0).all(), "kept slots must stay in position order"
+            assert set(range(4)) <= set(kept), "sinks are never evicted"
+            assert set(range(n - 16, n)) <= set(kept), "the recent window is never evicted"
+            # Each kept slot carries the key, value and accumulated score of its original position.
+            np.testing.assert_array_equal(np.asarray(out.k[layer, head, :budget]), np.asarray(cache.k[layer, head, kept]))
+            np.testing.assert_array_equal(np.asarray(out.v[layer, head, :budget]), np.asarray(cache.v[layer, head, kept]))
+            np.testing.assert_array_equal(np.asarray(out.score[layer, head, :budget]),
+                                          np.asarray(cache.score[layer, head, kept]))
+
+
+def test_streaming_keeps_sinks_and_most_recent(model):
+    out = compress_one(_filled_cache(model), CacheConfig("streaming", budget=40, sink_size=4))
+    expected = list(range(4)) + list(range(150 - 36, 150))
+    assert (np.asarray(out.pos[..., :40]) == np.array(expected)).all()
+
+
+# --------------------------------------------------------------------------- SnapKV reference
+def snapkv_reference(k, pos, length, recent_q, recent_pos, next_pos, cfg: CacheConfig):
+    """SnapKV from the paper, in plain NumPy, for one layer: k [kv, S, d], recent_q [heads, R, d].
+    Returns the kept original positions per KV head."""
+    n_kv, _, d = k.shape
+    group = recent_q.shape[0] // n_kv
+    kept = []
+    for h in range(n_kv):
+        votes = np.zeros(length)
+        for r in range(len(recent_pos)):
+            qp = recent_pos[r]
+            if qp < 0 or qp < next_pos - cfg.obs_window:
+                continue
+            for g in range(group):
+                q = recent_q[h * group + g, r]
+                visible = [j for j in range(length) if pos[h, j] <= qp]
+                logits = np.array([q @ k[h, j] / math.sqrt(d) for j in visible])
+                p = np.exp(logits - logits.max())
+                p /= p.sum()
+                for j, pj in zip(visible, p, strict=True):
+                    votes[j] += pj
+        sinks = list(range(cfg.sink_size))
+        window = list(range(length - cfg.window_size, length))
+        candidates = [j for j in range(length) if j not in sinks and j not in window]
+        cand_votes = np.zeros(length)
+        cand_votes[candidates] = votes[candidates]
+        half = cfg.pool_kernel // 2
+        pooled = np.array([cand_votes[max(0, j - half) : j + half + 1].max() for j in range(length)])
+        n_heavy = cfg.budget - len(sinks) - len(window)
+        order = sorted(candidates, key=lambda j: (-pooled[j], j))  # ties: earlier position first
+        slots = sorted(sinks + window + order[:n_heavy])
+        kept.append([int(pos[h, j]) for j in slots])
+    return kept
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2])
+@pytest.mark.parametrize("budget", [28, 44])
+def test_snapkv_matches_numpy_reference_on_random_inputs(n_kv_heads, budget):
+    rng = np.random.default_rng(budget + n_kv_heads)
+    n_layers, heads, d, cap, length = 2, 4, 8, 128, 100
+    # A cache that was compressed before: positions increase with gaps.
+    pos = np.sort(rng.choice(np.arange(4, 400), length - 4, replace=False))
+    pos = np.concatenate([np.arange(4), pos])
+    next_pos = int(pos[-1]) + 1
+    recent_pos = np.full(RECENT_QUERIES, -1, np.int32)
+    for p in range(next_pos - 20, next_pos):  # 20 remembered queries, the window is the last 16
+        recent_pos[p % RECENT_QUERIES] = p
+    cache = KVCache(
+        k=rng.normal(size=(n_layers, n_kv_heads, cap, d)).astype(np.float32) * 2,
+        v=rng.normal(size=(n_layers, n_kv_heads, cap, d)).astype(np.float32),
+        pos=np.tile(np.concatenate([pos, np.full(cap - length, -1)]).astype(np.int32), (n_layers, n_kv_heads, 1)),
+        score=np.zeros((n_layers, n_kv_heads, cap), np.float32),
+        recent_q=rng.normal(size=(n_layers, heads, RECENT_QUERIES, d)).astype(np.float32) * 2,
+        recent_pos=recent_pos,
+        length=np.int32(length),
+        next_pos=np.int32(next_pos),
+    )
+    host = cache
+    cfg = CacheConfig("snapkv", budget=budget)
+    out = compress_one(jax.tree.map(jax.numpy.asarray, cache), cfg)
+    cache = host
+    got = np.asarray(out.pos[..., :budget])
+    for layer in range(n_layers):
+        expected = snapkv_reference(np.asarray(cache.k[layer]), np.asarray(cache.pos[layer]), length,
+                                    np.asarray(cache.recent_q[layer]), recent_pos, next_pos, cfg)
+        for h in range(n_kv_heads):
+            assert got[layer, h].tolist() == expected[h]
+    if n_kv_heads == 2:  # per-KV-head selection: the two heads of a layer choose differently
+        assert got[0, 0].tolist() != got[0, 1].tolist()
+
+
+# ----------------------------------------------------------------------------- H2O reference
+def _rope_np(x, pos, theta):
+    half = x.shape[-1] // 2
+    inv = 1.0 / theta ** (np.arange(half) / half)
+    ang = pos[:, None] * inv[None]
+    cos, sin = np.cos(ang)[:, None], np.sin(ang)[:, None]
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+def test_h2o_accumulated_attention_matches_reference_and_selects_heavy_hitters():
+    model = tiny_model(2)
+    cfg = model.cfg
+    tokens = np.random.default_rng(3).integers(0, 50257, 70, dtype=np.int32)
+    cache = prefill(model, tokens[:40], None, CacheConfig("full")).cache.resize(128)
+    cache = jax.tree.map(lambda x: x[None], cache)
+    _, cache = decode_teacher_forced(model, cache, tokens[None, 40:70])  # 30 decode steps
+    cache = jax.tree.map(lambda x: x[0], cache)
+
+    # Layer 0 from first principles: queries/keys from the embeddings, attention, column sums.
+    block = model.blocks[0]
+    x = np.asarray(model.embed)[tokens]
+    x = x / np.sqrt((x**2).mean(-1, keepdims=True) + cfg.norm_eps) * np.asarray(block.attn_norm.weight)
+    t, hd, g = len(tokens), cfg.head_dim, cfg.group_size
+    q = _rope_np((x @ np.asarray(block.attn.wq).T).reshape(t, cfg.n_heads, hd), np.arange(t), cfg.rope_theta)
+    k = _rope_np((x @ np.asarray(block.attn.wk).T).reshape(t, cfg.n_kv_heads, hd), np.arange(t), cfg.rope_theta)
+    expected = np.zeros((cfg.n_kv_heads, t))
+    for h in range(cfg.n_heads):
+        s = q[:, h] @ k[:, h // g].T / math.sqrt(hd)
+        s = np.where(np.tril(np.ones((t, t))) > 0, s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        expected[h // g] += (p / p.sum(-1, keepdims=True)).sum(0)
+    np.testing.assert_allclose(np.asarray(cache.score[0, :, :t]), expected, rtol=1e-4, atol=1e-4)
+
+    budget = 32
+    score = np.asarray(cache.score)
+    out = compress_one(cache, CacheConfig("h2o", budget=budget, sink_size=4, window_size=8))
+    for layer in range(cfg.n_layers):
+        for h in range(cfg.n_kv_heads):
+            cand = np.arange(4, t - 8)
+            heavy = cand[np.argsort(-score[layer, h, cand], kind="stable")[: budget - 12]]
+            expected_kept = sorted([*range(4), *heavy.tolist(), *range(t - 8, t)])
+            assert np.asarray(out.pos[layer, h, :budget]).tolist() == expected_kept
+
+
+# --------------------------------------------------------------- budget >= length: equals full
+@pytest.mark.parametrize("policy", EVICTING)
+def test_every_policy_equals_full_bit_for_bit_when_budget_covers_the_sequence(model, policy):
+    prompt = np.random.default_rng(5).integers(0, 50257, 30).tolist()
+    params = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+
+    def run(cfg):
+        return [(g.token, g.logprob) for g in generate_tokens(model, [prompt], [cfg], [params])]
+
+    assert run(CacheConfig(policy, budget=100)) == run(CacheConfig("full"))
