@@ -96,8 +96,7 @@ def decode_steps(model: ToyLLM, cache: KVCache, n_steps, tokens, remaining, keys
         cache, tokens, remaining, keys, out, logprobs, emitted = carry
         active = remaining > 0
         h, cache = jax.vmap(one_token)(tokens, active, cache)
-        # [vocab, d] @ [d, B] is ~1.6x faster on XLA's CPU backend than [B, d] @ [d, vocab].
-        logits = (model.embed @ model.norm(h).T).T
+        logits = model.logits(h)  # [B, vocab]
         split = jax.vmap(jax.random.split)(keys)  # [B, 2, 2]
         keys, subkeys = split[:, 0], split[:, 1]
         new, logprob = jax.vmap(partial(sample_token, spec=spec))(logits, subkeys, temperature, top_k, top_p)
@@ -127,7 +126,7 @@ def _decode_teacher_forced(model: ToyLLM, cache: KVCache, tokens):
 
     def step(cache, token):
         h, cache = jax.vmap(lambda t, c: model.extend(t[None], jnp.int32(1), c))(token, cache)
-        return cache, (model.embed @ model.norm(h[:, 0]).T).T
+        return cache, model.logits(h[:, 0])
 
     cache, logits = jax.lax.scan(step, cache, tokens.T)
     return logits.transpose(1, 0, 2), cache

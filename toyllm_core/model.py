@@ -155,7 +155,13 @@ class ToyLLM(eqx.Module):
         """Final norm and the tied output projection: h [..., d] -> [..., vocab]."""
         # Tying the output projection to the embedding saves vocab x d_model parameters, most of a
         # small model's weights.
-        return self.norm(h) @ self.embed.T
+        x = self.norm(h)
+        if x.ndim == 1:
+            return self.embed @ x
+        # [vocab, d] @ [d, N] rather than [N, d] @ [d, vocab]: measured 1.2-1.7x faster in the decode
+        # step on XLA's CPU backend, at batch 1 and 16.
+        flat = x.reshape(-1, x.shape[-1])
+        return (self.embed @ flat.T).T.reshape(*x.shape[:-1], self.embed.shape[0])
 
     def hidden(self, tokens: jax.Array) -> jax.Array:
         """Parallel causal forward of tokens [T] at positions 0..T-1 -> hidden states [T, d]."""
