@@ -13,6 +13,8 @@ power-of-two buckets, so the jitted steps compile once per bucket.
 
 from __future__ import annotations
 
+from functools import partial
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -38,19 +40,7 @@ class KVCache(eqx.Module):
 
     @staticmethod
     def empty(cfg: ModelConfig, capacity: int, batch: int | None = None) -> KVCache:
-        lead = () if batch is None else (batch,)
-        kv_shape = (*lead, cfg.n_layers, cfg.n_kv_heads, capacity, cfg.head_dim)
-        slot_shape = (*lead, cfg.n_layers, cfg.n_kv_heads, capacity)
-        return KVCache(
-            k=jnp.zeros(kv_shape, jnp.float32),
-            v=jnp.zeros(kv_shape, jnp.float32),
-            pos=jnp.full(slot_shape, -1, jnp.int32),
-            score=jnp.zeros(slot_shape, jnp.float32),
-            recent_q=jnp.zeros((*lead, cfg.n_layers, cfg.n_heads, RECENT_QUERIES, cfg.head_dim), jnp.float32),
-            recent_pos=jnp.full((*lead, RECENT_QUERIES), -1, jnp.int32),
-            length=jnp.zeros(lead, jnp.int32),
-            next_pos=jnp.zeros(lead, jnp.int32),
-        )
+        return _empty(cfg, capacity, batch)
 
     @property
     def capacity(self) -> int:
@@ -78,9 +68,44 @@ class KVCache(eqx.Module):
 
     def row(self, i: int) -> KVCache:
         """One sequence of a batched cache."""
-        return jax.tree.map(lambda x: x[i], self)
+        return take_row(self, np.int32(i))
 
 
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _empty(cfg: ModelConfig, capacity: int, batch: int | None) -> KVCache:
+    lead = () if batch is None else (batch,)
+    kv_shape = (*lead, cfg.n_layers, cfg.n_kv_heads, capacity, cfg.head_dim)
+    slot_shape = (*lead, cfg.n_layers, cfg.n_kv_heads, capacity)
+    return KVCache(
+        k=jnp.zeros(kv_shape, jnp.float32),
+        v=jnp.zeros(kv_shape, jnp.float32),
+        pos=jnp.full(slot_shape, -1, jnp.int32),
+        score=jnp.zeros(slot_shape, jnp.float32),
+        recent_q=jnp.zeros((*lead, cfg.n_layers, cfg.n_heads, RECENT_QUERIES, cfg.head_dim), jnp.float32),
+        recent_pos=jnp.full((*lead, RECENT_QUERIES), -1, jnp.int32),
+        length=jnp.zeros(lead, jnp.int32),
+        next_pos=jnp.zeros(lead, jnp.int32),
+    )
+
+
+# The whole-cache helpers below are jitted so that each is one compile per cache shape, rather than
+# one small compile per leaf shape for every eager op inside.
+@jax.jit
+def take_row(cache: KVCache, i) -> KVCache:
+    return jax.tree.map(lambda x: x[i], cache)
+
+
+@jax.jit
+def add_batch_axis(cache: KVCache) -> KVCache:
+    return jax.tree.map(lambda x: x[None], cache)
+
+
+@jax.jit
+def drop_batch_axis(cache: KVCache) -> KVCache:
+    return jax.tree.map(lambda x: x[0], cache)
+
+
+@partial(jax.jit, static_argnums=1)
 def _pad_slots(cache: KVCache, extra: int) -> KVCache:
     axis = 3 if cache.batched else 2
 
@@ -96,6 +121,7 @@ def _pad_slots(cache: KVCache, extra: int) -> KVCache:
     )
 
 
+@partial(jax.jit, static_argnums=1)
 def _slice_slots(cache: KVCache, capacity: int) -> KVCache:
     axis = 3 if cache.batched else 2
 
@@ -109,9 +135,22 @@ def _slice_slots(cache: KVCache, capacity: int) -> KVCache:
     )
 
 
+@jax.jit
 def stack(caches: list[KVCache]) -> KVCache:
     """Batch single-sequence caches of one capacity along a new leading axis."""
     return jax.tree.map(lambda *xs: jnp.stack(xs), *caches)
+
+
+@jax.jit
+def concat(a: KVCache, b: KVCache) -> KVCache:
+    """Join two batched caches of one capacity along the batch axis."""
+    return jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
+
+
+@jax.jit
+def take_rows(cache: KVCache, index) -> KVCache:
+    """Rows `index` [n] of a batched cache, as a batched cache."""
+    return jax.tree.map(lambda x: x[index], cache)
 
 
 def capacity_bucket(tokens: int) -> int:

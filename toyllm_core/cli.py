@@ -65,6 +65,7 @@ def generate(
     stats: Annotated[bool, typer.Option(help="Print cache statistics to stderr at the end.")] = False,
 ) -> None:
     """Stream a continuation of PROMPT to stdout."""
+    from . import jit_stats
     from .detokenize import TextStream
     from .generate import SamplingParams, generate_tokens
     from .policies import CacheConfig
@@ -80,6 +81,7 @@ def generate(
         ids = tokenizer.encode(prompt)
         stream = TextStream(tokenizer, params.stop)
         sys.stdout.write(prompt)
+        compiled_before = jit_stats.compilations()
         row = None
         for out in generate_tokens(model, [ids], [cache_cfg], [params]):
             row = out.row
@@ -96,7 +98,8 @@ def generate(
         typer.echo(json.dumps({"policy": policy, "tokens_seen": seen, "tokens_kept": row.length,
                                "bytes": row.length * cfg.kv_bytes_per_token,
                                "full_bytes": seen * cfg.kv_bytes_per_token,
-                               "compressions": row.compressions}), err=True)
+                               "compressions": row.compressions,
+                               "jit_compilations": jit_stats.compilations() - compiled_before}), err=True)
 
 
 @app.command("verify-cache")

@@ -29,7 +29,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .cache import KVCache, capacity_bucket, stack
+from .cache import (
+    KVCache,
+    add_batch_axis,
+    capacity_bucket,
+    concat,
+    drop_batch_axis,
+    stack,
+    take_row,
+    take_rows,
+)
 from .model import ToyLLM
 from .policies import CacheConfig, compress
 from .sampling import SamplerSpec, sample_token
@@ -196,8 +205,8 @@ def prefill(model: ToyLLM, tokens: Sequence[int], cache: KVCache | None, cache_c
             real = padded = _pow2_floor(real)
         chunk = np.zeros((1, padded), np.int32)
         chunk[0, :real] = tokens[done : done + real]
-        logits, batched = prefill_step(model, chunk, np.array([real], np.int32), _batch1(cache))
-        cache = _unbatch1(batched)
+        logits, batched = prefill_step(model, chunk, np.array([real], np.int32), add_batch_axis(cache))
+        cache = drop_batch_axis(batched)
         result.length += real
         done += real
         if cache_cfg.evicts and result.length > cache_cfg.budget:
@@ -211,14 +220,6 @@ def prefill(model: ToyLLM, tokens: Sequence[int], cache: KVCache | None, cache_c
         cache = cache.resize(capacity_bucket(cache_cfg.trigger))
     result.cache = cache
     return result
-
-
-def _batch1(cache: KVCache) -> KVCache:
-    return jax.tree.map(lambda x: x[None], cache)
-
-
-def _unbatch1(cache: KVCache) -> KVCache:
-    return jax.tree.map(lambda x: x[0], cache)
 
 
 # --------------------------------------------------------------------------------- decode batch
@@ -298,7 +299,7 @@ class DecodeBatch:
 
     def remove(self, row: Row) -> KVCache:
         """Take a row out; returns its cache (unbatched), trimmed to the bucket its length needs."""
-        cache = jax.tree.map(lambda x: x[row.slot], self.cache)
+        cache = take_row(self.cache, np.int32(row.slot))
         self.rows[row.slot] = None
         floor = capacity_bucket(row.length + 1)
         if cache.capacity > floor:
@@ -313,14 +314,14 @@ class DecodeBatch:
     def _grow_batch(self, size: int) -> None:
         extra = size - self.size
         empty = KVCache.empty(self.model.cfg, self.cache.capacity, batch=extra)
-        self.cache = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), self.cache, empty)
+        self.cache = concat(self.cache, empty)
         self.rows += [None] * extra
 
     def _compact(self) -> None:
         live = [r for r in self.rows if r is not None]
         size = _pow2_ceil(len(live))
         index = np.array([r.slot for r in live] + [live[0].slot] * (size - len(live)))
-        self.cache = jax.tree.map(lambda x: x[index], self.cache)
+        self.cache = take_rows(self.cache, index)
         self.rows = live + [None] * (size - len(live))
         for i, r in enumerate(live):
             r.slot = i
