@@ -89,3 +89,40 @@ def test_decode_never_recompiles_for_new_positions_in_a_bucket(model):
         _, cache = decode_teacher_forced(model, cache, _tokens(8, i).reshape(2, 4))
     assert jit_stats.compilations() == before
     assert int(cache.length[0]) == 20
+
+
+def test_rows_join_and_leave_between_steps_without_disturbing_the_others(model):
+    from toyllm_core.generate import DecodeBatch, Row, first_token, new_key
+
+    def start(prompt, cfg, n):
+        params = _greedy(n)
+        result = prefill(model, prompt, None, cfg)
+        token, _, key = first_token(result.logits, params, new_key(0))
+        return result.cache, Row(cfg, params, result.length, token, n - 1, key), [token]
+
+    prompts = [_tokens(n, 10 + n).tolist() for n in (12, 50, 70, 33)]
+    cfgs = [FULL, CacheConfig("snapkv", budget=32), CacheConfig("h2o", budget=40), FULL]
+    lengths = [60, 50, 45, 30]
+    batch = DecodeBatch(model, steps_per_call=4)
+    outputs = {}
+    rows = []
+    for i in (0, 1, 2):
+        cache, row, first = start(prompts[i], cfgs[i], lengths[i])
+        rows.append(batch.add(cache, row))
+        outputs[i] = first
+    steps = 0
+    while batch.active_rows:
+        for out in batch.step():
+            outputs[rows.index(out.row)].extend(out.tokens)
+        steps += 1
+        if steps == 3:  # a late joiner takes a free slot or grows the batch
+            cache, row, first = start(prompts[3], cfgs[3], lengths[3])
+            rows.append(batch.add(cache, row))
+            outputs[3] = first
+        for r in rows:  # finished rows leave; the batch compacts when mostly empty
+            if r.slot >= 0 and not r.active:
+                batch.remove(r)
+    for i in range(4):
+        (alone,) = _run(model, [prompts[i]], [cfgs[i]], [_greedy(lengths[i])])
+        assert outputs[i] == alone, f"row {i}"
+    assert batch.size == 0

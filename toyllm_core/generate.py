@@ -132,7 +132,6 @@ def decode_teacher_forced(model: ToyLLM, cache: KVCache, tokens) -> tuple[jax.Ar
 
 @partial(jax.jit, donate_argnames=("cache",))
 def _decode_teacher_forced(model: ToyLLM, cache: KVCache, tokens):
-
     def step(cache, token):
         h, cache = jax.vmap(lambda t, c: model.extend(t[None], jnp.int32(1), c))(token, cache)
         return cache, model.logits(h[:, 0])
