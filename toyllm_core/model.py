@@ -50,15 +50,17 @@ def attention_weights(q: jax.Array, k: jax.Array, q_pos: jax.Array, k_pos: jax.A
     """Causal softmax attention of grouped queries over keys, with empty slots masked.
 
     q: [kv_heads, group, T, head_dim]; k: [kv_heads, S, head_dim]; q_pos: [T]; k_pos: [kv_heads, S]
-    (-1 = empty slot). Returns weights [kv_heads, S, group, T] (softmax over S). A query sees the
-    keys at or before its position; callers make sure each query sees at least one key.
+    (-1 = empty slot). Returns weights [kv_heads, group, T, S]. A query sees the keys at or before
+    its position; callers make sure each query sees at least one key.
     """
-    # Keys as the left operand: XLA's CPU dot is several times faster at decode (T = 1) this way
-    # round than with [.., T, S] scores, because the contraction runs along the keys' minor axis.
-    scores = jax.lax.dot_general(k, q, (((2,), (3,)), ((0,), (0,)))) / math.sqrt(q.shape[-1])  # [kv, S, g, T]
-    visible = (k_pos[:, :, None] >= 0) & (k_pos[:, :, None] <= q_pos[None, None, :])  # [kv, S, T]
-    scores = jnp.where(visible[:, :, None, :], scores, -jnp.inf)
-    return jax.nn.softmax(scores, axis=1)
+    # Keys as the left operand of the dot, then the scores transposed so that the softmax reduces
+    # along the minor axis: on XLA's CPU backend, at decode (T = 1), either other arrangement was
+    # several times slower (a strided contraction, or a strided max/sum over S).
+    scores = jax.lax.dot_general(k, q, (((2,), (3,)), ((0,), (0,))))  # [kv, S, g, T]
+    scores = scores.transpose(0, 2, 3, 1) / math.sqrt(q.shape[-1])  # [kv, g, T, S]
+    visible = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[None, :, None])  # [kv, T, S]
+    scores = jnp.where(visible[:, None], scores, -jnp.inf)
+    return jax.nn.softmax(scores, axis=-1)
 
 
 class Attention(eqx.Module):
@@ -88,12 +90,12 @@ class Attention(eqx.Module):
         return rope(q, pos, c.rope_theta), rope(k, pos, c.rope_theta), v
 
     def attend(self, q: jax.Array, q_pos: jax.Array, k: jax.Array, v: jax.Array, k_pos: jax.Array):
-        """q [T, heads, hd] over k, v [kv_heads, S, hd] -> (output [T, d], weights [kv, S, group, T])."""
+        """q [T, heads, hd] over k, v [kv_heads, S, hd] -> (output [T, d], weights [kv, group, T, S])."""
         c = self.cfg
         t = q.shape[0]
         q = q.reshape(t, c.n_kv_heads, c.group_size, c.head_dim).transpose(1, 2, 0, 3)  # [kv, g, T, hd]
         weights = attention_weights(q, k, q_pos, k_pos)
-        out = jax.lax.dot_general(weights, v, (((1,), (1,)), ((0,), (0,))))  # [kv, g, T, hd]
+        out = jax.lax.dot_general(weights, v, (((3,), (1,)), ((0,), (0,))))  # [kv, g, T, hd]
         out = out.transpose(2, 0, 1, 3).reshape(t, c.n_heads * c.head_dim)
         return out @ self.wo.T, weights
 
@@ -215,7 +217,7 @@ class ToyLLM(eqx.Module):
 
             # Attention each key received from this chunk's real queries, summed over the query
             # heads of its KV group: H2O's accumulated score.
-            received = jnp.einsum("ksgt,t->ks", weights, valid.astype(jnp.float32))
+            received = jnp.einsum("kgts,t->ks", weights, valid.astype(jnp.float32))
             score = score.at[layer].add(received)
             # (Mixed indexing puts the ring axis first: the update is [C, heads, hd], which q already is.)
             recent_q = recent_q.at[layer, :, ring_slot].set(q, mode="drop")

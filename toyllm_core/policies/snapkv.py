@@ -30,7 +30,7 @@ class SnapKV(Policy):
         q_pos = jnp.where(observing, cache.recent_pos, 0)
         q = cache.recent_q.reshape(n_layers, n_kv, n_heads // n_kv, n_recent, head_dim)
         weights = jax.vmap(attention_weights, in_axes=(0, 0, None, 0))(q, cache.k, q_pos, cache.pos)
-        votes = jnp.einsum("lksgr,r->lks", weights, observing.astype(jnp.float32))  # [L, kv, capacity]
+        votes = jnp.einsum("lkgrs,r->lks", weights, observing.astype(jnp.float32))  # [L, kv, capacity]
 
         live, protected = protected_slots(cache, cfg)
         votes = jnp.where(live & ~protected, votes, 0.0)
