@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -163,6 +164,57 @@ def bench(
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps({"model": name, "results": as_dicts(results)}, indent=2) + "\n")
+
+
+@app.command()
+def train(
+    data: Annotated[list[str], typer.Option(help="Training data SPEC (file:PATH, offline:DIR); repeatable.")],
+    out: Annotated[Path, typer.Option(help="Run directory (metrics.jsonl, state/, final/).")],
+    preset: str = "seed",
+    heldout: Annotated[str | None, typer.Option(help="Held-out data SPEC [default: the held-out split of "
+                                                     "the first offline:DIR].")] = None,
+    tokenizer_dir: Annotated[Path | None, typer.Option("--tokenizer", help="Directory with tokenizer.json "
+                                                                           "[default: GPT-2 BPE].")] = None,
+    steps: int = 1000,
+    batch_size: int = 16,
+    seq_len: int = 256,
+    lr: float = 3e-3,
+    warmup_steps: int = 100,
+    weight_decay: float = 0.1,
+    clip_norm: float = 1.0,
+    label_smoothing: float = 0.0,
+    log_every: int = 10,
+    eval_every: int = 200,
+    checkpoint_every: int = 500,
+    seed: int = 0,
+    resume: Annotated[bool, typer.Option(help="Continue the run saved in OUT/state.")] = False,
+) -> None:
+    """Train a model; progress bar, JSONL metrics, periodic state, final checkpoint in OUT/final."""
+    from tqdm import tqdm
+
+    from .data import load_text
+    from .tokenizer import gpt2_tokenizer, load_tokenizer
+    from .train import TrainConfig, tokenize
+    from .train import train as run
+
+    try:
+        cfg = TrainConfig(preset=preset, seq_len=seq_len, batch_size=batch_size, steps=steps, lr=lr,
+                          warmup_steps=warmup_steps, weight_decay=weight_decay, clip_norm=clip_norm,
+                          label_smoothing=label_smoothing, log_every=log_every, eval_every=eval_every,
+                          checkpoint_every=checkpoint_every, seed=seed)
+        tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else gpt2_tokenizer()
+        cache = out / "tokens"
+        train_tokens = np.concatenate([tokenize(tok, load_text(spec), cache) for spec in data])
+        if heldout is None:
+            offline = next((s for s in data if s.startswith("offline:")), None)
+            heldout = offline  # the held-out split of that corpus
+        held_tokens = tokenize(tok, load_text(heldout, "heldout"), cache) if heldout else None
+        summary = run(cfg, train_tokens, held_tokens, out, tok, resume=resume,
+                      meta={"data": data, "heldout": heldout},
+                      progress=lambda total: tqdm(total=total, unit="step", dynamic_ncols=True))
+    except (ValueError, OSError) as e:
+        raise _fail(str(e)) from None
+    typer.echo(json.dumps({k: summary[k] for k in ("steps", "tokens_seen", "final_train_loss", "wall_s")}))
 
 
 @data_app.command("build-offline")

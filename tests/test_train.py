@@ -1,0 +1,65 @@
+"""Training: the loss goes down, resume continues the same run, the final checkpoint loads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from toyllm_core import checkpoint
+from toyllm_core.train import TrainConfig, train
+
+# A small, very learnable corpus: a repeating cycle of 50 token ids.
+TOKENS = np.tile(np.arange(1000, 1050, dtype=np.int32), 200)
+CFG = TrainConfig(preset="tiny", seq_len=32, batch_size=4, steps=30, lr=1e-2, warmup_steps=3, log_every=1,
+                  eval_every=10, eval_batches=2, checkpoint_every=10)
+
+
+def _losses(run_dir):
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tmp_path):
+    summary = train(CFG, TOKENS, TOKENS, tmp_path / "run")
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:3])
+    assert summary["final_heldout_loss"] < losses[0]
+    _, hf = checkpoint.load(tmp_path / "run" / "final")
+    assert hf["toyllm"]["steps"] == 30 and hf["toyllm"]["tokens_seen"] == 30 * 4 * 32
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    import toyllm_core.train as t
+
+    train(CFG, TOKENS, None, tmp_path / "straight")
+    # Interrupt the same run right after its step-20 state was saved, then resume it.
+
+    class Stop(Exception):
+        pass
+
+    original = t._save_state
+
+    def save_then_stop(directory, model, opt_state, step, *args):
+        original(directory, model, opt_state, step, *args)
+        if step == 20:
+            raise Stop
+
+    t._save_state = save_then_stop
+    try:
+        with pytest.raises(Stop):
+            train(CFG, TOKENS, None, tmp_path / "resumed")
+    finally:
+        t._save_state = original
+    train(CFG, TOKENS, None, tmp_path / "resumed", resume=True)
+    a, _ = checkpoint.load(tmp_path / "straight" / "final")
+    b, _ = checkpoint.load(tmp_path / "resumed" / "final")
+    np.testing.assert_allclose(np.asarray(a.embed), np.asarray(b.embed), rtol=1e-5, atol=1e-6)
+    assert _losses(tmp_path / "resumed")[-10:] == pytest.approx(_losses(tmp_path / "straight")[-10:], rel=1e-4)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    train(TrainConfig(**{**CFG.__dict__, "steps": 2}), TOKENS, None, tmp_path / "run")
+    with pytest.raises(ValueError, match="other settings"):
+        train(TrainConfig(**{**CFG.__dict__, "steps": 4}), TOKENS, None, tmp_path / "run", resume=True)

@@ -1,0 +1,210 @@
+"""Training: AdamW with linear warmup + cosine decay, global-norm clipping, label smoothing.
+
+Batches are random windows of the tokenized corpus, drawn from a PRNG seeded by (seed, step), so
+a resumed run sees exactly the batches the uninterrupted run would have. The run directory holds:
+
+  metrics.jsonl     one JSON object per logged step (loss, lr, grad norm, tokens/s) and per evaluation
+  state/            the latest training state (Equinox serialisation of model + optimiser state)
+  final/            the final checkpoint in the DESIGN §4 layout (when the run completes)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import numpy as np
+import optax
+
+from . import checkpoint
+from .config import get_preset
+from .model import ToyLLM
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    preset: str = "seed"
+    seq_len: int = 256
+    batch_size: int = 16
+    steps: int = 1000
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    label_smoothing: float = 0.0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 8
+    checkpoint_every: int = 500
+    seed: int = 0
+
+
+def tokenize(tokenizer, text: str, cache_dir: Path | None = None) -> np.ndarray:
+    """Token ids of `text` (documents split on blank lines, EOS between them), cached on disk."""
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    cached = cache_dir / f"tokens-{key}.npy" if cache_dir else None
+    if cached is not None and cached.exists():
+        return np.load(cached)
+    docs = [d for d in text.split("\n\n") if d.strip()]
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for start in range(0, len(docs), 1024):
+        for doc in tokenizer(docs[start : start + 1024], verbose=False)["input_ids"]:
+            ids.extend(doc)
+            ids.append(eos)
+    tokens = np.asarray(ids, np.int32)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cached, tokens)
+    return tokens
+
+
+def sample_batch(tokens: np.ndarray, step: int, cfg: TrainConfig, stream: int = 0) -> np.ndarray:
+    """[batch, seq_len + 1] random windows; depends only on (seed, stream, step)."""
+    if len(tokens) <= cfg.seq_len + 1:
+        raise ValueError(f"corpus has {len(tokens)} tokens, fewer than seq_len + 1 = {cfg.seq_len + 1}")
+    rng = np.random.default_rng([cfg.seed, stream, step])
+    starts = rng.integers(0, len(tokens) - cfg.seq_len - 1, cfg.batch_size)
+    return np.stack([tokens[s : s + cfg.seq_len + 1] for s in starts])
+
+
+def schedule(cfg: TrainConfig) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=max(cfg.warmup_steps, 1),
+        decay_steps=max(cfg.steps, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.min_lr_ratio,
+    )
+
+
+def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    # Decay matrices only: norms' gains should stay near 1.
+    def decay_mask(params):
+        return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.clip_norm),
+        optax.adamw(schedule(cfg), b1=0.9, b2=0.95, weight_decay=cfg.weight_decay, mask=decay_mask),
+    )
+
+
+def sequence_loss(model: ToyLLM, window: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Mean next-token cross-entropy of one window [T + 1] (with optional label smoothing)."""
+    logits = model(window[:-1])
+    targets = jax.nn.one_hot(window[1:], model.cfg.vocab_size)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def batch_loss(model: ToyLLM, batch: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    # One sequence at a time (rematerialised in the backward pass): a batch's logits at once would
+    # be batch x seq_len x vocab floats, gigabytes for the GPT-2 vocabulary.
+    per_row = jax.checkpoint(lambda w: sequence_loss(model, w, label_smoothing))
+    return jax.lax.map(per_row, batch).mean()
+
+
+@eqx.filter_jit(donate="all")
+def train_step(model, opt_state, batch, opt: optax.GradientTransformation, label_smoothing: float):
+    loss, grads = eqx.filter_value_and_grad(batch_loss)(model, batch, label_smoothing)
+    updates, opt_state = opt.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+    model = eqx.apply_updates(model, updates)
+    return model, opt_state, loss, optax.tree.norm(grads)
+
+
+@eqx.filter_jit
+def eval_loss(model, batch):
+    return batch_loss(model, batch)
+
+
+def _save_state(directory: Path, model, opt_state, step: int, cfg: TrainConfig, tokens_seen: int,
+                elapsed_s: float) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / "state.eqx.tmp"
+    eqx.tree_serialise_leaves(tmp, (model, opt_state))
+    tmp.replace(directory / "state.eqx")  # atomic: a crash never leaves half a state
+    (directory / "state.json").write_text(json.dumps({"step": step, "tokens_seen": tokens_seen,
+                                                      "elapsed_s": elapsed_s, "config": asdict(cfg)}, indent=2))
+
+
+def train(cfg: TrainConfig, train_tokens: np.ndarray, heldout_tokens: np.ndarray | None, out: Path,
+          tokenizer=None, resume: bool = False, meta: dict | None = None,
+          progress: Callable[[int], object] | None = None) -> dict:
+    """Train (or resume) a run in `out`; returns the summary written into the final checkpoint."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_cfg = get_preset(cfg.preset).replace(context_length=max(get_preset(cfg.preset).context_length, cfg.seq_len))
+    model = ToyLLM(model_cfg, jax.random.PRNGKey(cfg.seed))
+    opt = optimizer(cfg)
+    opt_state = opt.init(eqx.filter(model, eqx.is_array))
+    step, tokens_seen, elapsed_before = 0, 0, 0.0
+    state_dir = out / "state"
+    if resume:
+        if not (state_dir / "state.eqx").exists():
+            raise FileNotFoundError(f"{state_dir / 'state.eqx'}: nothing to resume; run without --resume first")
+        saved = json.loads((state_dir / "state.json").read_text())
+        if saved["config"] != asdict(cfg):
+            raise ValueError(f"{state_dir / 'state.json'}: the run was started with other settings; "
+                             "resume with the same options")
+        model, opt_state = eqx.tree_deserialise_leaves(state_dir / "state.eqx", (model, opt_state))
+        step, tokens_seen = saved["step"], saved["tokens_seen"]
+        elapsed_before = saved.get("elapsed_s", 0.0)
+
+    log = (out / "metrics.jsonl").open("a")
+    bar = progress(cfg.steps) if progress else None
+    if bar is not None:
+        bar.update(step)
+    start = time.perf_counter()
+    window_tokens, window_start = 0, time.perf_counter()
+    loss = float("nan")
+    try:
+        while step < cfg.steps:
+            batch = sample_batch(train_tokens, step, cfg)
+            model, opt_state, loss_arr, grad_norm = train_step(model, opt_state, batch, opt, cfg.label_smoothing)
+            step += 1
+            tokens_seen += batch.shape[0] * cfg.seq_len
+            window_tokens += batch.shape[0] * cfg.seq_len
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                loss = float(loss_arr)
+                now = time.perf_counter()
+                rate = window_tokens / (now - window_start)
+                window_tokens, window_start = 0, now
+                record = {"step": step, "loss": loss, "lr": float(schedule(cfg)(step)),
+                          "grad_norm": float(grad_norm), "tokens_seen": tokens_seen, "tokens_per_s": rate,
+                          "elapsed_s": elapsed_before + now - start}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
+            if heldout_tokens is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                held = evaluate(model, heldout_tokens, cfg)
+                log.write(json.dumps({"step": step, "heldout_loss": held}) + "\n")
+                log.flush()
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                _save_state(state_dir, model, opt_state, step, cfg, tokens_seen,
+                            elapsed_before + time.perf_counter() - start)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        log.close()
+        if bar is not None:
+            bar.close()
+
+    summary = {"preset": cfg.preset, "steps": step, "tokens_seen": tokens_seen, "final_train_loss": loss,
+               "wall_s": elapsed_before + time.perf_counter() - start, "train_config": asdict(cfg), **(meta or {})}
+    if heldout_tokens is not None:
+        summary["final_heldout_loss"] = evaluate(model, heldout_tokens, cfg)
+    checkpoint.save(model, out / "final", tokenizer, meta=summary)
+    return summary
+
+
+def evaluate(model: ToyLLM, tokens: np.ndarray, cfg: TrainConfig) -> float:
+    """Mean next-token loss over `eval_batches` fixed held-out batches."""
+    losses = [float(eval_loss(model, sample_batch(tokens, i, cfg, stream=1))) for i in range(cfg.eval_batches)]
+    return float(np.mean(losses)) if losses else math.nan
