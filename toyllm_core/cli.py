@@ -217,6 +217,54 @@ def train(
     typer.echo(json.dumps({k: summary[k] for k in ("steps", "tokens_seen", "final_train_loss", "wall_s")}))
 
 
+@app.command("eval")
+def eval_(
+    data: Annotated[str | None, typer.Option(help="Evaluation data SPEC (file:PATH, offline:DIR); not needed "
+                                                  "for --protocol copy.")] = None,
+    protocol: Annotated[str, typer.Option(help="streaming, prefill or copy.")] = "streaming",
+    policies: Annotated[str, typer.Option(help="Comma-separated policies.")] = "streaming,snapkv,h2o",
+    budgets: Annotated[str, typer.Option(help="Comma-separated budgets.")] = "32,64,128,256",
+    seq_len: Annotated[int, typer.Option(help="Sequence length (streaming; prefill: context + continuation).")] = 1024,
+    context: Annotated[int | None, typer.Option(help="Prefill/copy: tokens prefilled before compressing "
+                                                     "[default: half the sequence].")] = None,
+    max_sequences: int = 32,
+    batch: int = 8,
+    checkpoint: CheckpointOpt = None,
+    preset: PresetOpt = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the rows here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write perplexity against budget here (PNG).")] = None,
+) -> None:
+    """Perplexity against cache budget for each policy, with the change against the full cache."""
+    from .data import load_text
+    from .evaluate import as_dicts as rows_as_dicts
+    from .evaluate import copy_sequences, evaluate, format_table, windows
+    from .plots import perplexity_vs_budget
+    from .policies import CacheConfig
+
+    try:
+        model, tokenizer, name = _load(checkpoint, preset)
+        configs = [CacheConfig(p, int(b)).validate() for p in policies.split(",") for b in budgets.split(",")]
+        if protocol == "copy":
+            half = context or seq_len // 2
+            sequences = copy_sequences(model.cfg.vocab_size, max_sequences, half)
+        else:
+            if data is None:
+                raise ValueError(f"--data is required for the {protocol} protocol")
+            tokens = np.asarray(tokenizer(load_text(data, "heldout" if data.startswith("offline:") else "train"),
+                                          verbose=False)["input_ids"], np.int32)
+            sequences = windows(tokens, seq_len, max_sequences)
+        rows = evaluate(model, protocol, sequences, configs, context, batch)
+    except (ValueError, OSError) as e:
+        raise _fail(str(e)) from None
+    typer.echo(f"{name}, {len(sequences)} sequences of {sequences.shape[1]} tokens")
+    typer.echo(format_table(rows))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps({"model": name, "data": data, "rows": rows_as_dicts(rows)}, indent=2) + "\n")
+    if plot:
+        perplexity_vs_budget(rows_as_dicts(rows), plot, f"{name}: {protocol} protocol")
+
+
 @data_app.command("build-offline")
 def build_offline(
     out: Annotated[Path, typer.Option(help="Directory for train.txt, heldout.txt, manifest.json.")],

@@ -1,0 +1,63 @@
+"""Evaluation protocols: full (and any policy with budget >= length) equals the parallel forward."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from toyllm_core.evaluate import copy_sequences, evaluate, perplexity, prefill_scores, streaming_scores
+from toyllm_core.policies import CacheConfig
+
+SEQS = np.random.default_rng(0).integers(0, 50257, (5, 96), dtype=np.int32)
+
+
+def _reference_ppl(model, sequences, start=1):
+    """exp(mean NLL) of tokens start..T-1 from the parallel causal forward."""
+    logits = np.asarray(jax.jit(jax.vmap(model.__call__))(sequences), np.float64)
+    top = logits.max(-1)
+    logz = np.log(np.exp(logits - top[..., None]).sum(-1)) + top
+    nll = logz[:, :-1] - np.take_along_axis(logits[:, :-1], sequences[:, 1:, None], -1)[..., 0]
+    return float(np.exp(nll[:, start - 1 :].mean()))
+
+
+@pytest.mark.parametrize("cfg", [CacheConfig("full"), CacheConfig("snapkv", budget=128), CacheConfig("h2o", budget=100)])
+def test_streaming_with_full_or_large_budget_equals_parallel_forward(model, cfg):
+    ppl = perplexity(streaming_scores(model, SEQS, cfg, batch=4))
+    assert ppl == pytest.approx(_reference_ppl(model, SEQS), rel=1e-4)
+
+
+def test_prefill_protocol_with_full_equals_parallel_forward_on_the_continuation(model):
+    scores = prefill_scores(model, SEQS, context=60, cfg=CacheConfig("full"), batch=4)
+    assert (scores.tokens == 36).all()
+    assert perplexity(scores) == pytest.approx(_reference_ppl(model, SEQS, start=60), rel=1e-4)
+
+
+def test_compressing_changes_the_streaming_perplexity_and_keeps_the_budget(model):
+    rows = evaluate(model, "streaming", SEQS, [CacheConfig("streaming", budget=32)], batch=4)
+    full, streaming = rows
+    assert full.policy == "full" and full.delta_pct is None
+    assert streaming.kept_tokens <= 32 + 16 and streaming.perplexity != full.perplexity
+    low, high = streaming.delta_ci95
+    assert low <= streaming.delta_pct <= high
+
+
+def test_copy_sequences_repeat_themselves():
+    seqs = copy_sequences(50257, 3, 40)
+    assert seqs.shape == (3, 80) and (seqs[:, :40] == seqs[:, 40:]).all()
+
+
+def test_cli_eval_writes_json_and_plot(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "toyllm_core.cli", "eval", "--preset", "tiny", "--protocol", "copy",
+         "--policies", "snapkv", "--budgets", "24,40", "--seq-len", "128", "--max-sequences", "4", "--batch", "4",
+         "--json", str(tmp_path / "e.json"), "--plot", str(tmp_path / "e.png")],
+        capture_output=True, text=True, check=False, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "e.json").read_text())["rows"]
+    assert [(r["policy"], r["budget"]) for r in rows] == [("full", None), ("snapkv", 24), ("snapkv", 40)]
+    assert (tmp_path / "e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

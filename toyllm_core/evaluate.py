@@ -1,0 +1,212 @@
+"""Perplexity against cache budget, under three protocols, batched across sequences.
+
+- `streaming`: teacher-forced token-by-token decoding through the policy (compressing whenever the
+  cache reaches budget + slack, as generation does); the NLL of every next token.
+- `prefill`: prefill `context` tokens, compress once to the budget, then teacher-force the next
+  `continuation` tokens; perplexity on those.
+- `copy`: a random token sequence, then the same sequence again; accuracy and perplexity on the
+  second copy, which the model can only get right by retrieving from the compressed cache.
+
+Every (policy, budget) runs over the same sequences, so changes against `full` are paired: their
+95% interval comes from a bootstrap over sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .cache import KVCache, capacity_bucket
+from .generate import prefill_step
+from .model import ToyLLM
+from .policies import CacheConfig, compress
+
+PROTOCOLS = ("streaming", "prefill", "copy")
+
+
+@partial(jax.jit, donate_argnames=("cache",))
+def teacher_forced_nll(model: ToyLLM, cache: KVCache, inputs, targets):
+    """Decode inputs [B, T] one step at a time; NLL [B, T] and argmax-correct [B, T] of targets."""
+
+    def step(cache, xy):
+        x, y = xy
+        h, cache = jax.vmap(lambda t, c: model.extend(t[None], jnp.int32(1), c))(x, cache)
+        logits = model.logits(h[:, 0])  # [B, vocab]
+        nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
+        return cache, (nll, jnp.argmax(logits, axis=-1) == y)
+
+    cache, (nll, correct) = jax.lax.scan(step, cache, (inputs.T, targets.T))
+    return nll.T, correct.T, cache
+
+
+@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def compress_all(cache: KVCache, cfg: CacheConfig) -> KVCache:
+    return jax.vmap(lambda c: compress(c, cfg))(cache)
+
+
+@jax.jit
+def _first_prediction(logits, targets):
+    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    return nll, jnp.argmax(logits, axis=-1) == targets
+
+
+@dataclass
+class SequenceScores:
+    nll: np.ndarray  # [N] summed NLL per sequence
+    tokens: np.ndarray  # [N] scored tokens per sequence
+    correct: np.ndarray  # [N] argmax hits per sequence
+    kept: int  # cache slots per layer and KV head at the end
+
+
+def streaming_scores(model: ToyLLM, sequences: np.ndarray, cfg: CacheConfig, batch: int = 8) -> SequenceScores:
+    """Teacher-forced decoding of every sequence [N, T] through the policy; scores tokens 1..T-1."""
+    n, t = sequences.shape
+    piece_max = cfg.slack if cfg.evicts else 64
+    capacity = capacity_bucket(min(t, cfg.trigger) if cfg.evicts else t)
+    nll, tokens, correct = np.zeros(n), np.zeros(n), np.zeros(n)
+    kept = 0
+    for lo in range(0, n, batch):
+        rows = _pad_rows(sequences[lo : lo + batch], batch)
+        cache = KVCache.empty(model.cfg, capacity, batch=batch)
+        length, done = 0, 0
+        while done < t - 1:
+            piece = min(piece_max, t - 1 - done)
+            if cfg.evicts:
+                piece = min(piece, cfg.trigger - length)
+            x, y = rows[:, done : done + piece], rows[:, done + 1 : done + 1 + piece]
+            step_nll, step_correct, cache = teacher_forced_nll(model, cache, x, y)
+            take = min(batch, n - lo)
+            nll[lo : lo + take] += np.asarray(step_nll, np.float64)[:take].sum(1)
+            correct[lo : lo + take] += np.asarray(step_correct)[:take].sum(1)
+            done += piece
+            length += piece
+            if cfg.evicts and length >= cfg.trigger:
+                cache = compress_all(cache, cfg)
+                length = cfg.budget
+        tokens[lo : lo + batch] = t - 1
+        kept = length
+    return SequenceScores(nll, tokens[:n], correct, kept)
+
+
+def prefill_scores(model: ToyLLM, sequences: np.ndarray, context: int, cfg: CacheConfig,
+                   batch: int = 8) -> SequenceScores:
+    """Prefill the first `context` tokens of each sequence [N, context + M], compress once, then
+    teacher-force the remaining M; scores those M tokens."""
+    n, t = sequences.shape
+    m = t - context
+    if m < 1 or context < 1:
+        raise ValueError(f"sequences of {t} tokens leave no continuation after a context of {context}")
+    nll, correct = np.zeros(n), np.zeros(n)
+    kept = context
+    for lo in range(0, n, batch):
+        rows = _pad_rows(sequences[lo : lo + batch], batch)
+        take = min(batch, n - lo)
+        cache = KVCache.empty(model.cfg, capacity_bucket(context + m), batch=batch)
+        logits, cache = prefill_step(model, rows[:, :context], np.full(batch, context, np.int32), cache)
+        first_nll, first_correct = _first_prediction(logits, rows[:, context])
+        if cfg.evicts and context > cfg.budget:
+            cache = compress_all(cache, cfg)
+            kept = cfg.budget
+        rest_nll, rest_correct, _ = teacher_forced_nll(model, cache, rows[:, context : t - 1], rows[:, context + 1 :])
+        nll[lo : lo + take] = (np.asarray(first_nll, np.float64) + np.asarray(rest_nll, np.float64).sum(1))[:take]
+        correct[lo : lo + take] = (np.asarray(first_correct) + np.asarray(rest_correct).sum(1))[:take]
+    return SequenceScores(nll, np.full(n, m), correct, kept)
+
+
+def _pad_rows(rows: np.ndarray, batch: int) -> np.ndarray:
+    """Fill a short last batch with copies of its first row (their scores are dropped)."""
+    if len(rows) == batch:
+        return rows
+    return np.concatenate([rows, np.repeat(rows[:1], batch - len(rows), axis=0)])
+
+
+def windows(tokens: np.ndarray, length: int, max_sequences: int) -> np.ndarray:
+    """Non-overlapping windows [N, length] from the start of a token stream."""
+    n = min(len(tokens) // length, max_sequences)
+    if n == 0:
+        raise ValueError(f"the data has {len(tokens)} tokens, fewer than one sequence of {length}")
+    return tokens[: n * length].reshape(n, length)
+
+
+def copy_sequences(vocab: int, n: int, length: int, seed: int = 0) -> np.ndarray:
+    """n rows of a random token sequence of `length` followed by the same sequence again."""
+    first = np.random.default_rng(seed).integers(0, vocab, (n, length), dtype=np.int32)
+    return np.concatenate([first, first], axis=1)
+
+
+@dataclass
+class Row:
+    protocol: str
+    policy: str
+    budget: int | None
+    perplexity: float
+    delta_pct: float | None
+    delta_ci95: tuple[float, float] | None
+    accuracy: float
+    kept_tokens: int
+    cache_bytes: int
+    sequences: int
+
+
+def perplexity(scores: SequenceScores) -> float:
+    return float(np.exp(scores.nll.sum() / scores.tokens.sum()))
+
+
+def bootstrap_delta(scores: SequenceScores, reference: SequenceScores, samples: int = 1000,
+                    seed: int = 0) -> tuple[float, float]:
+    """95% interval of the perplexity change (%) against `reference`, resampling sequences (paired)."""
+    rng = np.random.default_rng(seed)
+    n = len(scores.nll)
+    idx = rng.integers(0, n, (samples, n))
+    ppl = np.exp(scores.nll[idx].sum(1) / scores.tokens[idx].sum(1))
+    ref = np.exp(reference.nll[idx].sum(1) / reference.tokens[idx].sum(1))
+    delta = 100 * (ppl / ref - 1)
+    return float(np.percentile(delta, 2.5)), float(np.percentile(delta, 97.5))
+
+
+def evaluate(model: ToyLLM, protocol: str, sequences: np.ndarray, configs: list[CacheConfig],
+             context: int | None = None, batch: int = 8) -> list[Row]:
+    """One Row per config (a `full` reference is always run first)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+
+    def score(cfg: CacheConfig) -> SequenceScores:
+        if protocol == "streaming":
+            return streaming_scores(model, sequences, cfg, batch)
+        return prefill_scores(model, sequences, context or sequences.shape[1] // 2, cfg, batch)
+
+    reference = score(CacheConfig("full"))
+    full_ppl = perplexity(reference)
+    rows = []
+    for cfg in [CacheConfig("full"), *(c for c in configs if c.policy != "full")]:
+        scores = reference if cfg.policy == "full" else score(cfg)
+        ppl = perplexity(scores)
+        is_full = cfg.policy == "full"
+        rows.append(Row(
+            protocol=protocol, policy=cfg.policy, budget=None if is_full else cfg.budget, perplexity=ppl,
+            delta_pct=None if is_full else 100 * (ppl / full_ppl - 1),
+            delta_ci95=None if is_full else bootstrap_delta(scores, reference),
+            accuracy=float(scores.correct.sum() / scores.tokens.sum()), kept_tokens=scores.kept,
+            cache_bytes=scores.kept * model.cfg.kv_bytes_per_token, sequences=len(sequences),
+        ))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    header = (f"{'protocol':<10} {'policy':<10} {'budget':>6} {'ppl':>10} {'Δ%':>8} {'95% CI':>18} "
+              f"{'acc':>6} {'kept':>6} {'bytes':>10}")
+    lines = [header]
+    for r in rows:
+        ci = f"[{r.delta_ci95[0]:+.1f}, {r.delta_ci95[1]:+.1f}]" if r.delta_ci95 else ""
+        delta = f"{r.delta_pct:+.2f}" if r.delta_pct is not None else ""
+        lines.append(f"{r.protocol:<10} {r.policy:<10} {r.budget or '-':>6} {r.perplexity:>10.3f} {delta:>8} "
+                     f"{ci:>18} {r.accuracy:>6.3f} {r.kept_tokens:>6} {r.cache_bytes:>10,}")
+    return "\n".join(lines)
+
+
+def as_dicts(rows: list[Row]) -> list[dict]:
+    return [asdict(r) for r in rows]
