@@ -10,11 +10,14 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
+import jax
 import numpy as np
 
 from .generate import DecodeBatch, Row, SamplingParams, new_key, prefill
 from .model import ToyLLM
 from .policies import CacheConfig
+
+NO_CACHE = "none"  # the baseline: recompute the whole context for every new token
 
 
 @dataclass
@@ -76,6 +79,36 @@ def decode_latency(model: ToyLLM, cache_cfg: CacheConfig, batch: int, context: i
         cache_bytes_per_sequence=kept * cfg.kv_bytes_per_token,
         full_cache_bytes_per_sequence=min(context, cfg.context_length) * cfg.kv_bytes_per_token,
     )
+
+
+def recompute_latency(model: ToyLLM, batch: int, context: int, repeats: int = 5, seed: int = 0) -> DecodeLatency:
+    """Per-step latency without a KV cache: a full causal forward over `context` tokens per new token
+    (logits for the last position only, which is all a decoder needs)."""
+    if context > model.cfg.context_length:
+        raise ValueError(f"no-cache recomputation needs context <= {model.cfg.context_length}")
+    step = jax.jit(jax.vmap(lambda t: model.logits(model.hidden(t)[-1])))
+    tokens = np.random.default_rng(seed).integers(0, model.cfg.vocab_size, (batch, context), dtype=np.int32)
+    jax.block_until_ready(step(tokens))
+    n = max(3, min(64, int(2048 / context)))  # enough steps to time, few at long contexts
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(n):
+            out = step(tokens)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / n)
+    times_ms = sorted(t * 1e3 for t in times)
+    median = statistics.median(times_ms)
+    return DecodeLatency(
+        policy=NO_CACHE, budget=None, batch=batch, context=context, steps=n, median_ms_per_step=median,
+        p90_ms_per_step=times_ms[min(len(times_ms) - 1, int(0.9 * len(times_ms)))],
+        median_ms_per_token=median / batch, cache_bytes_per_sequence=0, full_cache_bytes_per_sequence=0,
+    )
+
+
+def supports(policy: str, evicts: bool, context: int, model: ToyLLM) -> bool:
+    """Contexts past the model's are only for compressing policies."""
+    return evicts or context <= model.cfg.context_length
 
 
 def as_dicts(results: list[DecodeLatency]) -> list[dict]:

@@ -132,8 +132,10 @@ def verify_cache(
 
 @app.command()
 def bench(
-    lengths: Annotated[str, typer.Option(help="Comma-separated context lengths.")] = "256,1024",
-    policies: Annotated[str, typer.Option(help="Comma-separated policies.")] = "full,snapkv",
+    lengths: Annotated[str, typer.Option(help="Comma-separated context lengths (past the model context only "
+                                              "for compressing policies).")] = "64,256,1024,4096,8192",
+    policies: Annotated[str, typer.Option(help="Comma-separated policies; `none` = recompute without a "
+                                               "cache.")] = "none,full,streaming,snapkv,h2o",
     batches: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,16",
     budget: int = 64,
     steps: Annotated[int, typer.Option(help="Timed decode steps per run.")] = 64,
@@ -142,9 +144,11 @@ def bench(
     checkpoint: CheckpointOpt = None,
     preset: PresetOpt = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write latency and cache bytes against context here (PNG).")] = None,
 ) -> None:
     """Per-token decode latency and cache bytes against context length, policy and batch."""
-    from .bench import as_dicts, decode_latency
+    from .bench import NO_CACHE, as_dicts, decode_latency, recompute_latency, supports
+    from .plots import bench_curves
     from .policies import CacheConfig
 
     try:
@@ -153,17 +157,50 @@ def bench(
         for batch in (int(b) for b in batches.split(",")):
             for context in (int(n) for n in lengths.split(",")):
                 for policy in policies.split(","):
-                    cache_cfg = CacheConfig(policy, budget).validate()
-                    r = decode_latency(model, cache_cfg, batch, context, steps, repeats, steps_per_call)
+                    if policy == NO_CACHE:
+                        if context > model.cfg.context_length:
+                            continue
+                        r = recompute_latency(model, batch, context, repeats)
+                    else:
+                        cache_cfg = CacheConfig(policy, budget).validate()
+                        if not supports(policy, cache_cfg.evicts, context, model):
+                            continue
+                        r = decode_latency(model, cache_cfg, batch, context, steps, repeats, steps_per_call)
                     results.append(r)
                     typer.echo(f"{name} batch={batch:<3d} context={context:<5d} {policy:<9s} "
-                               f"{r.median_ms_per_step:7.3f} ms/step (p90 {r.p90_ms_per_step:.3f})  "
+                               f"{r.median_ms_per_step:8.3f} ms/step (p90 {r.p90_ms_per_step:.3f})  "
                                f"{r.median_ms_per_token:7.3f} ms/token  cache {r.cache_bytes_per_sequence:,} B/seq")
     except (ValueError, OSError) as e:
         raise _fail(str(e)) from None
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps({"model": name, "results": as_dicts(results)}, indent=2) + "\n")
+        json_out.write_text(json.dumps({"model": name, "budget": budget, "results": as_dicts(results)}, indent=2) + "\n")
+    if plot:
+        bench_curves(as_dicts(results), plot, name)
+
+
+@app.command()
+def dashboard(
+    text_file: Annotated[Path, typer.Option(help="Text to decode through the policy.")],
+    out: Annotated[Path, typer.Option(help="Directory for the four figures and dashboard.json.")],
+    policy: str = "snapkv",
+    budget: int = 64,
+    max_tokens: Annotated[int, typer.Option(help="Decode at most this many tokens of the text.")] = 1024,
+    checkpoint: CheckpointOpt = None,
+    preset: PresetOpt = None,
+) -> None:
+    """The compression dashboard: stability, retention map, kept-position histogram, performance."""
+    from .dashboard import run
+    from .policies import CacheConfig
+
+    try:
+        cfg = CacheConfig(policy, budget).validate()
+        model, tokenizer, name = _load(checkpoint, preset)
+        tokens = np.asarray(tokenizer(text_file.read_text(encoding="utf-8"), verbose=False)["input_ids"][:max_tokens])
+        numbers = run(model, tokens, cfg, out, name)
+    except (ValueError, OSError) as e:
+        raise _fail(str(e)) from None
+    typer.echo(json.dumps(numbers))
 
 
 @app.command()

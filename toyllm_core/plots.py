@@ -8,6 +8,16 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter
+
+_PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
+
+
+def _plain_log_axes(ax) -> None:
+    """Log axes labelled 64, 1024, 0.5 ... rather than 2^6 or 6x10^-1."""
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(_PLAIN)
+        axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
 
 
 def perplexity_vs_budget(rows: list[dict], out: str | Path, title: str = "") -> None:
@@ -29,6 +39,41 @@ def perplexity_vs_budget(rows: list[dict], out: str | Path, title: str = "") -> 
     ax.set_title(title or f"{rows[0]['protocol']} protocol")
     ax.grid(True, alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def bench_curves(results: list[dict], out: str | Path, title: str = "") -> None:
+    """Per-token latency (one panel per batch size) and cache bytes against context, log axes."""
+    batches = sorted({r["batch"] for r in results})
+    fig, axes = plt.subplots(1, len(batches) + 1, figsize=(5 * (len(batches) + 1), 4.2), dpi=110)
+    policies = sorted({r["policy"] for r in results})
+    for ax, batch in zip(axes, batches, strict=False):
+        for policy in policies:
+            points = sorted((r["context"], r["median_ms_per_step"]) for r in results
+                            if r["policy"] == policy and r["batch"] == batch)
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=policy)
+        ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per decode step",
+               title=f"decode latency, batch {batch}")
+        _plain_log_axes(ax)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    ax = axes[-1]
+    for policy in policies:
+        points = sorted({(r["context"], r["cache_bytes_per_sequence"]) for r in results
+                         if r["policy"] == policy and r["cache_bytes_per_sequence"] > 0})
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=policy)
+    ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="KV-cache bytes per sequence",
+           title="cache memory (h2o, snapkv and streaming keep the same budget)")
+    _plain_log_axes(ax)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
