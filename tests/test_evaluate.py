@@ -10,7 +10,14 @@ import jax
 import numpy as np
 import pytest
 
-from toyllm_core.evaluate import copy_sequences, evaluate, perplexity, prefill_scores, streaming_scores
+from toyllm_core.evaluate import (
+    copy_sequences,
+    corpus_perplexity,
+    evaluate,
+    perplexity,
+    prefill_scores,
+    streaming_scores,
+)
 from toyllm_core.policies import CacheConfig
 
 SEQS = np.random.default_rng(0).integers(0, 50257, (5, 96), dtype=np.int32)
@@ -61,3 +68,14 @@ def test_cli_eval_writes_json_and_plot(tmp_path):
     rows = json.loads((tmp_path / "e.json").read_text())["rows"]
     assert [(r["policy"], r["budget"]) for r in rows] == [("full", None), ("snapkv", 24), ("snapkv", 40)]
     assert (tmp_path / "e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_corpus_perplexity_scores_every_token_once_and_matches_one_forward(model):
+    tokens = SEQS[0]
+    whole = corpus_perplexity(model, tokens, words=40, seq_len=128)
+    assert whole.token_perplexity == pytest.approx(_reference_ppl(model, tokens[None]), rel=1e-4)
+    assert whole.word_perplexity == pytest.approx(np.exp(whole.nll / 40), rel=1e-9)
+    strided = corpus_perplexity(model, tokens, words=40, seq_len=32, batch=2)
+    # Every token but the first is scored exactly once, with less context than one forward gives.
+    assert np.log(strided.token_perplexity) * (len(tokens) - 1) == pytest.approx(strided.nll, rel=1e-6)
+    assert strided.token_perplexity == pytest.approx(whole.token_perplexity, rel=0.05)

@@ -258,7 +258,8 @@ def train(
 def eval_(
     data: Annotated[str | None, typer.Option(help="Evaluation data SPEC (file:PATH, offline:DIR); not needed "
                                                   "for --protocol copy.")] = None,
-    protocol: Annotated[str, typer.Option(help="streaming, prefill or copy.")] = "streaming",
+    protocol: Annotated[str, typer.Option(help="streaming, prefill, copy, or corpus (full-cache token- and "
+                                               "word-level perplexity of the whole text).")] = "streaming",
     policies: Annotated[str, typer.Option(help="Comma-separated policies.")] = "streaming,snapkv,h2o",
     budgets: Annotated[str, typer.Option(help="Comma-separated budgets.")] = "32,64,128,256",
     seq_len: Annotated[int, typer.Option(help="Sequence length (streaming; prefill: context + continuation).")] = 1024,
@@ -272,14 +273,28 @@ def eval_(
     plot: Annotated[Path | None, typer.Option(help="Write perplexity against budget here (PNG).")] = None,
 ) -> None:
     """Perplexity against cache budget for each policy, with the change against the full cache."""
+    from dataclasses import asdict
+
     from .data import load_text
     from .evaluate import as_dicts as rows_as_dicts
-    from .evaluate import copy_sequences, evaluate, format_table, windows
+    from .evaluate import copy_sequences, corpus_perplexity, evaluate, format_table, windows
     from .plots import perplexity_vs_budget
     from .policies import CacheConfig
 
     try:
         model, tokenizer, name = _load(checkpoint, preset)
+        if protocol == "corpus":
+            if data is None:
+                raise ValueError("--data is required for the corpus protocol")
+            text = load_text(data, "heldout" if data.startswith("offline:") else "train")
+            tokens = np.asarray(tokenizer(text, verbose=False)["input_ids"], np.int32)
+            result = corpus_perplexity(model, tokens, len(text.split()), min(seq_len, model.cfg.context_length), batch)
+            typer.echo(f"{name} on {data}: {result.tokens:,} tokens, {result.words:,} words; "
+                       f"token-level perplexity {result.token_perplexity:.3f}, word-level {result.word_perplexity:.3f}")
+            if json_out:
+                json_out.parent.mkdir(parents=True, exist_ok=True)
+                json_out.write_text(json.dumps({"model": name, "data": data, **asdict(result)}, indent=2) + "\n")
+            return
         configs = [CacheConfig(p, int(b)).validate() for p in policies.split(",") for b in budgets.split(",")]
         if protocol == "copy":
             half = context or seq_len // 2

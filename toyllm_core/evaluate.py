@@ -28,6 +28,49 @@ from .policies import CacheConfig, compress
 PROTOCOLS = ("streaming", "prefill", "copy")
 
 
+@dataclass
+class CorpusPerplexity:
+    tokens: int
+    words: int
+    nll: float  # summed over every token but the first
+    token_perplexity: float
+    word_perplexity: float  # exp(total NLL / whitespace words): comparable across tokenizers
+
+
+def corpus_perplexity(model: ToyLLM, tokens: np.ndarray, words: int, seq_len: int = 1024,
+                      batch: int = 4) -> CorpusPerplexity:
+    """Full-cache perplexity of a whole token stream with strided windows: each window of seq_len
+    tokens scores only its second half (the first window scores everything), so every token but the
+    first is scored once, with at least seq_len / 2 tokens of context where the text allows."""
+    stride = seq_len // 2
+    nll_fn = jax.jit(jax.vmap(_window_nll, in_axes=(None, 0)))
+    starts = list(range(0, max(len(tokens) - seq_len, 0) + 1, stride))
+    if starts[-1] + seq_len < len(tokens):
+        starts.append(len(tokens) - seq_len)
+    total, scored, covered = 0.0, 0, 1  # covered: tokens [0, covered) already scored or skipped
+    for lo in range(0, len(starts), batch):
+        group = starts[lo : lo + batch]
+        windows_ = np.stack([_window(tokens, s, seq_len) for s in group + [group[0]] * (batch - len(group))])
+        nll = np.asarray(nll_fn(model, windows_), np.float64)  # [batch, seq_len - 1]; nll[i, j] is token s + j + 1
+        for i, start in enumerate(group):
+            first = max(covered, start + 1)
+            end = min(start + seq_len, len(tokens))
+            total += nll[i, first - start - 1 : end - start - 1].sum()
+            scored += end - first
+            covered = end
+    return CorpusPerplexity(len(tokens), words, total, float(np.exp(total / scored)), float(np.exp(total / words)))
+
+
+def _window(tokens: np.ndarray, start: int, length: int) -> np.ndarray:
+    w = tokens[start : start + length]
+    return np.pad(w, (0, length - len(w)))  # only the last window of a short text is padded
+
+
+def _window_nll(model: ToyLLM, window):
+    logits = model(window)[:-1]
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, window[1:, None], axis=-1)[:, 0]
+
+
 @partial(jax.jit, donate_argnames=("cache",))
 def teacher_forced_nll(model: ToyLLM, cache: KVCache, inputs, targets):
     """Decode inputs [B, T] one step at a time; NLL [B, T] and argmax-correct [B, T] of targets."""
