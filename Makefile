@@ -33,7 +33,7 @@ test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check toyllm_core server tests
+	$(BIN)/ruff check toyllm_core server tests benchmarks
 
 bench: $(VENV)/.installed
 	$(BIN)/toyllm bench --preset seed --lengths 256,1024 --policies full,snapkv --batches 1,16 --json out/bench-decode.json

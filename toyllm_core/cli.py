@@ -28,6 +28,19 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _spec_text_and_tokens(tokenizer, spec: str) -> tuple[str, np.ndarray]:
+    """The evaluation text of a data spec (an offline corpus's held-out split) and its token ids."""
+    from .data import load_text
+
+    text = load_text(spec, "heldout" if spec.startswith("offline:") else "train")
+    return text, np.asarray(tokenizer(text, verbose=False)["input_ids"], np.int32)
+
+
 def _load(checkpoint: Path | None, preset: str | None, seed: int = 0):
     """(model, tokenizer, name) from a checkpoint, or random weights of a preset."""
     import jax
@@ -173,8 +186,7 @@ def bench(
     except (ValueError, OSError) as e:
         raise _fail(str(e)) from None
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps({"model": name, "budget": budget, "results": as_dicts(results)}, indent=2) + "\n")
+        _write_json(json_out, {"model": name, "budget": budget, "results": as_dicts(results)})
     if plot:
         bench_curves(as_dicts(results), plot, name)
 
@@ -275,7 +287,6 @@ def eval_(
     """Perplexity against cache budget for each policy, with the change against the full cache."""
     from dataclasses import asdict
 
-    from .data import load_text
     from .evaluate import as_dicts as rows_as_dicts
     from .evaluate import copy_sequences, corpus_perplexity, evaluate, format_table, windows
     from .plots import perplexity_vs_budget
@@ -286,14 +297,12 @@ def eval_(
         if protocol == "corpus":
             if data is None:
                 raise ValueError("--data is required for the corpus protocol")
-            text = load_text(data, "heldout" if data.startswith("offline:") else "train")
-            tokens = np.asarray(tokenizer(text, verbose=False)["input_ids"], np.int32)
+            text, tokens = _spec_text_and_tokens(tokenizer, data)
             result = corpus_perplexity(model, tokens, len(text.split()), min(seq_len, model.cfg.context_length), batch)
             typer.echo(f"{name} on {data}: {result.tokens:,} tokens, {result.words:,} words; "
                        f"token-level perplexity {result.token_perplexity:.3f}, word-level {result.word_perplexity:.3f}")
             if json_out:
-                json_out.parent.mkdir(parents=True, exist_ok=True)
-                json_out.write_text(json.dumps({"model": name, "data": data, **asdict(result)}, indent=2) + "\n")
+                _write_json(json_out, {"model": name, "data": data, **asdict(result)})
             return
         configs = [CacheConfig(p, int(b)).validate() for p in policies.split(",") for b in budgets.split(",")]
         if protocol == "copy":
@@ -302,8 +311,7 @@ def eval_(
         else:
             if data is None:
                 raise ValueError(f"--data is required for the {protocol} protocol")
-            tokens = np.asarray(tokenizer(load_text(data, "heldout" if data.startswith("offline:") else "train"),
-                                          verbose=False)["input_ids"], np.int32)
+            _, tokens = _spec_text_and_tokens(tokenizer, data)
             sequences = windows(tokens, seq_len, max_sequences)
         rows = evaluate(model, protocol, sequences, configs, context, batch)
     except (ValueError, OSError) as e:
@@ -311,8 +319,7 @@ def eval_(
     typer.echo(f"{name}, {len(sequences)} sequences of {sequences.shape[1]} tokens")
     typer.echo(format_table(rows))
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps({"model": name, "data": data, "rows": rows_as_dicts(rows)}, indent=2) + "\n")
+        _write_json(json_out, {"model": name, "data": data, "rows": rows_as_dicts(rows)})
     if plot:
         perplexity_vs_budget(rows_as_dicts(rows), plot, f"{name}: {protocol} protocol")
 
