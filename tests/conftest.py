@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import functools
+import os
+
+# Tests never reach a model or data hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import jax
 import pytest

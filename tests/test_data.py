@@ -93,3 +93,13 @@ def test_data_specs(tmp_path):
         data.load_text("s3://bucket")
     with pytest.raises(FileNotFoundError, match="no such file"):
         data.load_text(f"offline:{tmp_path}", "heldout")
+
+
+def test_hf_datasets_text_loader_keeps_the_text_exactly(tmp_path):
+    # The wikitext-103 spec goes through the same function with ("wikitext", "wikitext-103-raw-v1");
+    # here datasets' local `text` builder stands in for the hub, which this machine cannot reach.
+    raw = " = Tikal = \n\n Tikal is the ruin of an ancient city .\n It was one of the largest .\n"
+    (tmp_path / "wiki.raw").write_text(raw)
+    text = data.load_hf_text("text", None, "train", data_files=str(tmp_path / "wiki.raw"), keep_linebreaks=True,
+                             cache_dir=str(tmp_path / "cache"))
+    assert text == raw

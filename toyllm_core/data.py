@@ -9,6 +9,8 @@ checks its sha256, pulls the English prose out of it, and writes a deterministic
   ATTRIBUTION.md   where the text comes from and under which licence
 
 Data specs name where training or evaluation text comes from:
+  wikitext-103   WikiText-103 (raw) through Hugging Face `datasets` (needs the network and the
+                 `data` extra; split train | validation | test)
   file:PATH      a local text file
   offline:DIR    a corpus built by `toyllm data build-offline`
 """
@@ -207,9 +209,21 @@ def _attribution(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+def load_hf_text(name: str, config: str | None = None, split: str = "train", **kwargs) -> str:
+    """A Hugging Face `datasets` text dataset joined into one string, lines kept as they are."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise ValueError("this data spec needs Hugging Face datasets: pip install 'toyllm-serve[data]'") from None
+    return "".join(load_dataset(name, config, split=split, **kwargs)["text"])
+
+
 def load_text(spec: str, split: str = "train") -> str:
-    """The text a data spec names (`file:PATH` or `offline:DIR`; split = train | heldout)."""
+    """The text a data spec names (split: train | heldout for offline:DIR; train | validation | test
+    for wikitext-103, where heldout means validation)."""
     kind, _, where = spec.partition(":")
+    if spec == "wikitext-103":
+        return load_hf_text("wikitext", "wikitext-103-raw-v1", "validation" if split == "heldout" else split)
     if kind == "file" and where:
         path = Path(where)
     elif kind == "offline" and where:
@@ -217,7 +231,7 @@ def load_text(spec: str, split: str = "train") -> str:
             raise ValueError(f"split must be train or heldout, not {split!r}")
         path = Path(where) / f"{split}.txt"
     else:
-        raise ValueError(f"unknown data spec {spec!r}; use file:PATH or offline:DIR")
+        raise ValueError(f"unknown data spec {spec!r}; use wikitext-103, file:PATH or offline:DIR")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (data spec {spec!r})")
     return path.read_text(encoding="utf-8")
