@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import tiny_model
 
-from toyllm_core.cache import RECENT_QUERIES, KVCache
+from toyllm_core.cache import RECENT_QUERIES, KVCache, kept_positions
 from toyllm_core.generate import SamplingParams, compress_one, decode_teacher_forced, generate_tokens, prefill
 from toyllm_core.policies import CacheConfig, policy_names
 
@@ -41,6 +41,7 @@ def test_policy_keeps_exactly_budget_with_sinks_and_window(model, policy, budget
     n = 150
     assert int(out.length) == budget
     pos = np.asarray(out.pos)
+    np.testing.assert_array_equal(kept_positions(out), pos[..., :budget])  # what the cache reports
     live = pos[..., :budget]
     assert (pos[..., budget:] == -1).all()
     for layer in range(model.cfg.n_layers):

@@ -50,10 +50,6 @@ class KVCache(eqx.Module):
     def batched(self) -> bool:
         return self.length.ndim == 1
 
-    def nbytes(self) -> int:
-        """Bytes allocated for keys and values (the capacity, not the live slots)."""
-        return self.k.nbytes + self.v.nbytes
-
     def resize(self, capacity: int) -> KVCache:
         """The same cache with another capacity (pads with empty slots, or drops empty ones)."""
         old = self.capacity
@@ -65,10 +61,6 @@ class KVCache(eqx.Module):
                 raise ValueError(f"cannot shrink a cache holding {keep} tokens to capacity {capacity}")
             return _slice_slots(self, capacity)
         return _pad_slots(self, capacity - old)
-
-    def row(self, i: int) -> KVCache:
-        """One sequence of a batched cache."""
-        return take_row(self, np.int32(i))
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
@@ -165,8 +157,3 @@ def kept_positions(cache: KVCache) -> np.ndarray:
     """Original positions of the live slots of one sequence: [layers, kv_heads, length]."""
     n = int(cache.length)
     return np.asarray(cache.pos[..., :n])
-
-
-def live_bytes(cfg: ModelConfig, tokens: int) -> int:
-    """Bytes that `tokens` live cache slots hold across all layers (keys + values)."""
-    return tokens * cfg.kv_bytes_per_token
