@@ -18,32 +18,17 @@ from pathlib import Path
 import numpy as np
 
 from .bench import decode_latency, recompute_latency
-from .cache import KVCache, capacity_bucket
-from .evaluate import compress_all, teacher_forced_nll
+from .evaluate import decode_through_policy
 from .model import ToyLLM
 from .policies import CacheConfig
 
 
 def trace(model: ToyLLM, tokens: np.ndarray, cfg: CacheConfig, piece_max: int = 16):
     """Per-token NLL [T-1], and (step, kept positions [layers, kv_heads, n]) after every piece."""
-    t = len(tokens)
-    capacity = capacity_bucket(min(t, cfg.trigger) if cfg.evicts else t)
-    cache = KVCache.empty(model.cfg, capacity, batch=1)
-    rows = tokens[None].astype(np.int32)
     nll, snapshots = [], []
-    length = done = 0
-    while done < t - 1:
-        piece = min(piece_max, t - 1 - done)
-        if cfg.evicts:
-            piece = min(piece, cfg.trigger - length)
-        step_nll, _, cache = teacher_forced_nll(model, cache, rows[:, done : done + piece], rows[:, done + 1 : done + 1 + piece])
-        nll.extend(np.asarray(step_nll)[0].tolist())
-        done += piece
-        length += piece
-        if cfg.evicts and length >= cfg.trigger:
-            cache = compress_all(cache, cfg)
-            length = cfg.budget
-        snapshots.append((done, np.asarray(cache.pos[0, :, :, :length])))
+    for piece in decode_through_policy(model, tokens[None].astype(np.int32), cfg, piece_max):
+        nll.extend(piece.nll[0].tolist())
+        snapshots.append((piece.end, np.asarray(piece.cache.pos[0, :, :, : piece.length])))
     return np.asarray(nll), snapshots
 
 

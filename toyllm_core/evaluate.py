@@ -105,34 +105,50 @@ class SequenceScores:
     kept: int  # cache slots per layer and KV head at the end
 
 
+@dataclass
+class StreamPiece:
+    """One teacher-forced piece of `decode_through_policy`: scores of its tokens, and the cache after."""
+
+    end: int  # tokens fed so far (the piece scored tokens end - len + 1 .. end)
+    nll: np.ndarray  # [B, piece]
+    correct: np.ndarray  # [B, piece]
+    cache: KVCache  # after the piece (and any compression); valid until the next piece is run
+    length: int  # live slots in it
+
+
+def decode_through_policy(model: ToyLLM, rows: np.ndarray, cfg: CacheConfig, piece_max: int | None = None):
+    """Teacher-force rows [B, T] token by token through the policy, compressing whenever the cache
+    reaches budget + slack (as generation does); yields a StreamPiece per jitted call."""
+    t = rows.shape[1]
+    piece_max = piece_max or (cfg.slack if cfg.evicts else 64)
+    cache = KVCache.empty(model.cfg, capacity_bucket(min(t, cfg.trigger) if cfg.evicts else t), batch=len(rows))
+    length = done = 0
+    while done < t - 1:
+        piece = min(piece_max, t - 1 - done)
+        if cfg.evicts:
+            piece = min(piece, cfg.trigger - length)
+        nll, correct, cache = teacher_forced_nll(model, cache, rows[:, done : done + piece],
+                                                 rows[:, done + 1 : done + 1 + piece])
+        done += piece
+        length += piece
+        if cfg.evicts and length >= cfg.trigger:
+            cache = compress_all(cache, cfg)
+            length = cfg.budget
+        yield StreamPiece(done, np.asarray(nll, np.float64), np.asarray(correct), cache, length)
+
+
 def streaming_scores(model: ToyLLM, sequences: np.ndarray, cfg: CacheConfig, batch: int = 8) -> SequenceScores:
     """Teacher-forced decoding of every sequence [N, T] through the policy; scores tokens 1..T-1."""
     n, t = sequences.shape
-    piece_max = cfg.slack if cfg.evicts else 64
-    capacity = capacity_bucket(min(t, cfg.trigger) if cfg.evicts else t)
-    nll, tokens, correct = np.zeros(n), np.zeros(n), np.zeros(n)
+    nll, correct = np.zeros(n), np.zeros(n)
     kept = 0
     for lo in range(0, n, batch):
-        rows = _pad_rows(sequences[lo : lo + batch], batch)
-        cache = KVCache.empty(model.cfg, capacity, batch=batch)
-        length, done = 0, 0
-        while done < t - 1:
-            piece = min(piece_max, t - 1 - done)
-            if cfg.evicts:
-                piece = min(piece, cfg.trigger - length)
-            x, y = rows[:, done : done + piece], rows[:, done + 1 : done + 1 + piece]
-            step_nll, step_correct, cache = teacher_forced_nll(model, cache, x, y)
-            take = min(batch, n - lo)
-            nll[lo : lo + take] += np.asarray(step_nll, np.float64)[:take].sum(1)
-            correct[lo : lo + take] += np.asarray(step_correct)[:take].sum(1)
-            done += piece
-            length += piece
-            if cfg.evicts and length >= cfg.trigger:
-                cache = compress_all(cache, cfg)
-                length = cfg.budget
-        tokens[lo : lo + batch] = t - 1
-        kept = length
-    return SequenceScores(nll, tokens[:n], correct, kept)
+        take = min(batch, n - lo)
+        for piece in decode_through_policy(model, _pad_rows(sequences[lo : lo + batch], batch), cfg):
+            nll[lo : lo + take] += piece.nll[:take].sum(1)
+            correct[lo : lo + take] += piece.correct[:take].sum(1)
+            kept = piece.length
+    return SequenceScores(nll, np.full(n, t - 1), correct, kept)
 
 
 def prefill_scores(model: ToyLLM, sequences: np.ndarray, context: int, cfg: CacheConfig,
