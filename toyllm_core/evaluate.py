@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .cache import KVCache, capacity_bucket
-from .generate import prefill_step
+from .generate import decode_rows, prefill_step
 from .model import ToyLLM
 from .policies import CacheConfig, compress
 
@@ -77,10 +77,8 @@ def teacher_forced_nll(model: ToyLLM, cache: KVCache, inputs, targets):
 
     def step(cache, xy):
         x, y = xy
-        h, cache = jax.vmap(lambda t, c: model.extend(t[None], jnp.int32(1), c))(x, cache)
-        logits = model.logits(h[:, 0])  # [B, vocab]
-        nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
-        return cache, (nll, jnp.argmax(logits, axis=-1) == y)
+        logits, cache = decode_rows(model, x, jnp.ones(x.shape, bool), cache)
+        return cache, _score(logits, y)
 
     cache, (nll, correct) = jax.lax.scan(step, cache, (inputs.T, targets.T))
     return nll.T, correct.T, cache
@@ -91,10 +89,13 @@ def compress_all(cache: KVCache, cfg: CacheConfig) -> KVCache:
     return jax.vmap(lambda c: compress(c, cfg))(cache)
 
 
-@jax.jit
-def _first_prediction(logits, targets):
+def _score(logits, targets):
+    """NLL [B] of targets [B] under logits [B, vocab], and whether each is the argmax."""
     nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
     return nll, jnp.argmax(logits, axis=-1) == targets
+
+
+_first_prediction = jax.jit(_score)
 
 
 @dataclass

@@ -84,6 +84,18 @@ def prefill_step(model: ToyLLM, tokens, n_valid, cache: KVCache, all_logits: boo
     return jax.vmap(one)(tokens, n_valid, cache)
 
 
+def decode_rows(model: ToyLLM, tokens, active, cache: KVCache):
+    """One decode step for every row (traced inside the jitted steps): feed tokens [B]; rows whose
+    `active` [B] is False write nothing. Returns (logits [B, vocab], cache)."""
+
+    def one(token, row_active, row_cache):
+        h, row_cache = model.extend(token[None], row_active.astype(jnp.int32), row_cache)
+        return h[0], row_cache
+
+    h, cache = jax.vmap(one)(tokens, active, cache)
+    return model.logits(h), cache
+
+
 @partial(jax.jit, static_argnames=("max_steps", "spec"), donate_argnames=("cache",))
 def decode_steps(model: ToyLLM, cache: KVCache, n_steps, tokens, remaining, keys, temperature, top_k, top_p, eos,
                  *, max_steps: int, spec: SamplerSpec):
@@ -97,15 +109,10 @@ def decode_steps(model: ToyLLM, cache: KVCache, n_steps, tokens, remaining, keys
     """
     batch = tokens.shape[0]
 
-    def one_token(token, active, row_cache):
-        h, row_cache = model.extend(token[None], active.astype(jnp.int32), row_cache)
-        return h[0], row_cache
-
     def step(i, carry):
         cache, tokens, remaining, keys, out, logprobs, emitted = carry
         active = remaining > 0
-        h, cache = jax.vmap(one_token)(tokens, active, cache)
-        logits = model.logits(h)  # [B, vocab]
+        logits, cache = decode_rows(model, tokens, active, cache)
         split = jax.vmap(jax.random.split)(keys)  # [B, 2, 2]
         keys, subkeys = split[:, 0], split[:, 1]
         new, logprob = jax.vmap(partial(sample_token, spec=spec))(logits, subkeys, temperature, top_k, top_p)
@@ -133,8 +140,8 @@ def decode_teacher_forced(model: ToyLLM, cache: KVCache, tokens) -> tuple[jax.Ar
 @partial(jax.jit, donate_argnames=("cache",))
 def _decode_teacher_forced(model: ToyLLM, cache: KVCache, tokens):
     def step(cache, token):
-        h, cache = jax.vmap(lambda t, c: model.extend(t[None], jnp.int32(1), c))(token, cache)
-        return cache, model.logits(h[:, 0])
+        logits, cache = decode_rows(model, token, jnp.ones(token.shape, bool), cache)
+        return cache, logits
 
     cache, logits = jax.lax.scan(step, cache, tokens.T)
     return logits.transpose(1, 0, 2), cache
