@@ -119,6 +119,39 @@ def generate(
                                "jit_compilations": jit_stats.compilations() - compiled_before}), err=True)
 
 
+@app.command()
+def serve(
+    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint directory [default: weights/toyllm-base; "
+                                                         "env TOYLLM_CHECKPOINT].")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address [default 127.0.0.1; env TOYLLM_HOST].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [default 8000; env TOYLLM_PORT].")] = None,
+    preset: PresetOpt = None,
+    log_level: str = "info",
+) -> None:
+    """Start the HTTP server; every setting is also read from TOYLLM_* environment variables."""
+    import logging
+
+    import uvicorn
+    from pydantic import ValidationError
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    overrides = {k: v for k, v in {"checkpoint": checkpoint, "host": host, "port": port, "preset": preset}.items()
+                 if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        raise _fail("invalid settings: " + "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                                                      for err in e.errors())) from None
+    if settings.preset is None and not settings.checkpoint.is_dir():
+        raise _fail(f"{settings.checkpoint}: no checkpoint there; pass --checkpoint DIR (or --preset seed for "
+                    "random weights)")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
+                timeout_graceful_shutdown=10)
+
+
 @app.command("verify-cache")
 def verify_cache(
     length: Annotated[int, typer.Option(help="Positions to compare.")] = 1024,
@@ -247,11 +280,11 @@ def train(
     from .train import train as run
 
     try:
-        cfg = TrainConfig(preset=preset, seq_len=seq_len, batch_size=batch_size, steps=steps, lr=lr,
+        tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else gpt2_tokenizer()
+        cfg = TrainConfig(preset=preset, vocab_size=len(tok), eos_token_id=tok.eos_token_id, seq_len=seq_len, batch_size=batch_size, steps=steps, lr=lr,
                           warmup_steps=warmup_steps, weight_decay=weight_decay, clip_norm=clip_norm,
                           label_smoothing=label_smoothing, log_every=log_every, eval_every=eval_every,
                           checkpoint_every=checkpoint_every, seed=seed)
-        tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else gpt2_tokenizer()
         cache = out / "tokens"
         train_tokens = np.concatenate([tokenize(tok, load_text(spec), cache) for spec in data])
         if heldout is None:
@@ -341,6 +374,25 @@ def build_offline(
     except (CorpusError, OSError, subprocess.CalledProcessError) as e:
         raise _fail(str(e)) from None
     typer.echo(f"{out}: train {manifest['train_bytes'] / 1e6:.1f} MB, held out {manifest['heldout_bytes'] / 1e6:.2f} MB")
+
+
+@data_app.command("train-tokenizer")
+def train_tokenizer(
+    data: Annotated[list[str], typer.Option(help="Training data SPEC (file:PATH, offline:DIR); repeatable.")],
+    out: Annotated[Path, typer.Option(help="Directory for tokenizer.json + tokenizer_config.json.")],
+    vocab_size: Annotated[int, typer.Option(min=257, help="Vocabulary size, special token included.")] = 8192,
+) -> None:
+    """Train a byte-level BPE on the training data (never on evaluation data)."""
+    from .data import load_text
+    from .tokenizer import save_tokenizer, train_bpe
+
+    try:
+        docs = [d for spec in data for d in load_text(spec).split("\n\n") if d.strip()]
+        tok = train_bpe(docs, vocab_size)
+        save_tokenizer(tok, out)
+    except (ValueError, OSError) as e:
+        raise _fail(str(e)) from None
+    typer.echo(f"{out}: byte-level BPE, {len(tok)} tokens, trained on {len(docs)} documents")
 
 
 def main() -> None:

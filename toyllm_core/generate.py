@@ -21,7 +21,8 @@ rows when they reach `budget + slack`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -272,6 +273,9 @@ class DecodeBatch:
     rows: list[Row | None] = field(default_factory=list)
     cache: KVCache | None = None
     compressions: int = 0
+    # Called as on_compress(row, seconds) after each decode-time compression; setting it makes the
+    # batch wait for each compression to finish so that it can be timed.
+    on_compress: Callable[[Row, float], None] | None = None
 
     @property
     def size(self) -> int:
@@ -325,7 +329,9 @@ class DecodeBatch:
 
     def _compact(self) -> None:
         live = [r for r in self.rows if r is not None]
-        size = _pow2_ceil(len(live))
+        # Always a quarter of the size (not the smallest power of two that fits), so that the
+        # compaction compiles one shape per batch size.
+        size = max(self.size // 4, 1)
         index = np.array([r.slot for r in live] + [live[0].slot] * (size - len(live)))
         self.cache = take_rows(self.cache, index)
         self.rows = live + [None] * (size - len(live))
@@ -388,7 +394,11 @@ class DecodeBatch:
             r.key = keys[i]
             outputs.append(StepOutput(r, out[i, :n].tolist(), logprobs[i, :n].tolist()))
             if r.cache_cfg.evicts and r.length >= r.cache_cfg.trigger:
+                started = time.perf_counter()
                 self.cache = compress_row(self.cache, np.int32(i), r.cache_cfg)
+                if self.on_compress is not None:
+                    self.cache.length.block_until_ready()
+                    self.on_compress(r, time.perf_counter() - started)
                 r.tokens_evicted += r.length - r.cache_cfg.budget
                 r.compressions += 1
                 self.compressions += 1

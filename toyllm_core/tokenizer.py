@@ -25,6 +25,22 @@ def gpt2_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def train_bpe(texts, vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2's scheme, so any text encodes) trained on an iterable of documents.
+
+    `<|endoftext|>` is id 0 and doubles as EOS, BOS and UNK, as in GPT-2.
+    """
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
+                            special_tokens=[EOS_TOKEN], show_progress=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, unk_token=EOS_TOKEN,
+        model_max_length=1024, clean_up_tokenization_spaces=False,
+    )
+
+
 def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
     """The tokenizer saved in a checkpoint directory (tokenizer.json + tokenizer_config.json)."""
     directory = Path(directory)

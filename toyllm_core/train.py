@@ -31,6 +31,8 @@ from .model import ToyLLM
 @dataclass(frozen=True)
 class TrainConfig:
     preset: str = "seed"
+    vocab_size: int | None = None  # the tokenizer's; None keeps the preset's (GPT-2's 50257)
+    eos_token_id: int | None = None
     seq_len: int = 256
     batch_size: int = 16
     steps: int = 1000
@@ -65,6 +67,17 @@ def tokenize(tokenizer, text: str, cache_dir: Path | None = None) -> np.ndarray:
         cached.parent.mkdir(parents=True, exist_ok=True)
         np.save(cached, tokens)
     return tokens
+
+
+def model_config(cfg: TrainConfig):
+    """The preset, sized for the run's tokenizer and sequence length."""
+    preset = get_preset(cfg.preset)
+    changes = {"context_length": max(preset.context_length, cfg.seq_len)}
+    if cfg.vocab_size is not None:
+        changes["vocab_size"] = cfg.vocab_size
+    if cfg.eos_token_id is not None:
+        changes["eos_token_id"] = cfg.eos_token_id
+    return preset.replace(**changes)
 
 
 def sample_batch(tokens: np.ndarray, step: int, cfg: TrainConfig, stream: int = 0) -> np.ndarray:
@@ -139,7 +152,7 @@ def train(cfg: TrainConfig, train_tokens: np.ndarray, heldout_tokens: np.ndarray
     """Train (or resume) a run in `out`; returns the summary written into the final checkpoint."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model_cfg = get_preset(cfg.preset).replace(context_length=max(get_preset(cfg.preset).context_length, cfg.seq_len))
+    model_cfg = model_config(cfg)
     model = ToyLLM(model_cfg, jax.random.PRNGKey(cfg.seed))
     opt = optimizer(cfg)
     opt_state = opt.init(eqx.filter(model, eqx.is_array))

@@ -1,0 +1,165 @@
+"""The FastAPI app: `create_app(settings)` builds it; the lifespan loads the checkpoint, starts the
+engine, warms it up (compiles the serving shapes), and only then lets /ready answer 200."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from contextlib import asynccontextmanager, suppress
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from toyllm_core import checkpoint as ckpt
+from toyllm_core.policies import CacheConfig, policy_names
+
+from .engine import Engine
+from .errors import error_body, install
+from .metrics import Metrics
+from .routes import generate, health, openai, sessions
+from .sessions import SessionStore
+from .settings import Settings
+from .state import ServerState
+
+log = logging.getLogger("toyllm.server")
+
+
+def _load_model(settings: Settings):
+    """(model, tokenizer, name, checkpoint sha256) from the checkpoint, or random preset weights."""
+    if settings.preset is not None:
+        import jax
+
+        from toyllm_core.config import get_preset
+        from toyllm_core.model import ToyLLM
+        from toyllm_core.tokenizer import gpt2_tokenizer
+
+        return ToyLLM(get_preset(settings.preset), jax.random.PRNGKey(0)), gpt2_tokenizer(), \
+            f"random-{settings.preset}", "none"
+    from toyllm_core.tokenizer import load_tokenizer
+
+    directory = settings.checkpoint
+    if not directory.is_dir():
+        raise ckpt.CheckpointError(f"{directory}: no checkpoint there; set TOYLLM_CHECKPOINT or --checkpoint")
+    model, _ = ckpt.load(directory)
+    sums = directory / ckpt.CHECKSUMS
+    digest = hashlib.sha256((sums if sums.exists() else directory / "model.safetensors").read_bytes()).hexdigest()
+    return model, load_tokenizer(directory), directory.name, digest
+
+
+def _start(state: ServerState) -> None:
+    """Load, start the engine and warm up (runs in a worker thread: it takes seconds to minutes)."""
+    s = state.settings
+    started = time.perf_counter()
+    model, tokenizer, name, digest = _load_model(s)
+    state.model, state.tokenizer, state.model_name, state.checkpoint_sha256 = model, tokenizer, name, digest
+    state.default_cache = CacheConfig(s.cache_policy, s.cache_budget, s.cache_sink_size, s.cache_window_size,
+                                      s.cache_slack).validate()
+    m = state.metrics
+    state.store = SessionStore(s.max_sessions, s.session_ttl_s, s.max_cache_bytes, model.cfg.kv_bytes_per_token,
+                               on_created=m.sessions_created.inc,
+                               on_evicted=lambda reason: m.sessions_evicted.labels(reason).inc())
+    state.engine = Engine(model, tokenizer, state.store, m, max_running=s.max_concurrent_requests,
+                          queue_size=s.queue_size, steps_per_call=s.steps_per_call, max_chunk=s.max_prefill_chunk)
+    cfg = model.cfg
+    state.info = {
+        "model": {"name": name, "vocab_size": cfg.vocab_size, "context_length": cfg.context_length,
+                  "d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
+                  "n_kv_heads": cfg.n_kv_heads, "parameters": cfg.num_params()},
+        "checkpoint": {"path": None if s.preset else str(s.checkpoint), "sha256": digest},
+        "kv_bytes_per_token": cfg.kv_bytes_per_token,
+        "policies": policy_names(),
+        "default_cache": state.default_cache.__dict__,
+        "limits": {"max_sessions": s.max_sessions, "session_ttl_s": s.session_ttl_s,
+                   "max_cache_bytes": s.max_cache_bytes, "max_concurrent_requests": s.max_concurrent_requests,
+                   "queue_size": s.queue_size, "max_prompt_tokens": s.max_prompt_tokens,
+                   "max_new_tokens": s.max_new_tokens, "max_body_bytes": s.max_body_bytes},
+        "engine": {"steps_per_call": s.steps_per_call, "max_prefill_chunk": s.max_prefill_chunk},
+    }
+    state.engine.start()
+    if s.warmup:
+        state.engine.warmup(state.default_cache, s.max_prompt_tokens)
+    log.info("%s ready in %.1f s", name, time.perf_counter() - started)
+
+
+async def _expire_sessions(state: ServerState) -> None:
+    while True:
+        await asyncio.sleep(min(30.0, state.settings.session_ttl_s / 4))
+        if state.store is not None:
+            state.store.expire()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    state = ServerState(settings=settings, metrics=Metrics())
+    state.metrics.watch(state.live)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # Load in the background so that /health and /ready answer while the model warms up.
+        async def start():
+            try:
+                await run_in_threadpool(_start, state)
+                state.ready = True
+            except Exception as e:  # noqa: BLE001 - reported by /ready and the log
+                state.load_error = str(e)
+                log.error("cannot start: %s", e)
+
+        loading = asyncio.create_task(start())
+        expiring = asyncio.create_task(_expire_sessions(state))
+        try:
+            yield
+        finally:
+            state.shutting_down = True
+            expiring.cancel()
+            with suppress(asyncio.CancelledError, Exception):
+                await loading
+            if state.engine is not None:
+                await run_in_threadpool(state.engine.stop)
+
+    app = FastAPI(title="ToyLLM Serve", version="0.1.0", lifespan=lifespan,
+                  description="A small-model inference server with KV-cache compression.")
+    app.state.toyllm = state
+    install(app)
+    for module in (health, generate, sessions, openai):
+        app.include_router(module.router)
+    app.add_middleware(RequestMetrics, state=state)
+    return app
+
+
+class RequestMetrics:
+    """ASGI middleware: counts requests by route and status, and refuses bodies over max_body_bytes."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.state.settings.max_body_bytes
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await _reply(send, 413, "payload_too_large", f"the request body is over {limit} bytes")
+        status = {"code": 500}
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.state.metrics.requests.labels(endpoint, str(status["code"])).inc()
+
+
+async def _reply(send, status: int, type_: str, message: str) -> None:
+    import json
+
+    body = json.dumps(error_body(type_, message)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,39 @@
+"""Route dependencies: the shared state, readiness, and the API key."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from .errors import ApiError, unavailable
+from .state import ServerState
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.toyllm
+
+
+State = Annotated[ServerState, Depends(get_state)]
+
+
+def require_api_key(request: Request, state: State) -> None:
+    key = state.settings.api_key
+    if not key:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), key):
+        raise ApiError(401, "unauthorized", "missing or wrong API key: send `Authorization: Bearer <key>`",
+                       {"WWW-Authenticate": "Bearer"})
+
+
+def ready_state(state: State) -> ServerState:
+    if state.shutting_down:
+        raise unavailable("the server is shutting down")
+    if not state.ready:
+        raise unavailable("the model is still loading or warming up; retry when /ready answers 200")
+    return state
+
+
+ReadyState = Annotated[ServerState, Depends(ready_state)]

@@ -1,0 +1,100 @@
+"""POST /generate: stream tokens as server-sent events, or answer the whole generation as JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+
+from ..deps import ReadyState, require_api_key
+from ..engine import Failed, Finished, TokenOut
+from ..errors import ApiError, bad_request, busy, error_body, not_found, queue_full
+from ..generation import EventStream, cache_config, check_fits, sampling_params, tokenize
+from ..schemas import GenerateDone, GenerateRequest
+from ..sessions import SessionBusy, SessionNotFound
+
+router = APIRouter(tags=["generate"], dependencies=[Depends(require_api_key)])
+
+
+def done_payload(session_id: str | None, done: Finished) -> dict:
+    usage = {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+             "total_tokens": done.prompt_tokens + done.completion_tokens}
+    return GenerateDone(session_id=session_id, generated_text=done.generated_text, finish_reason=done.finish_reason,
+                        usage=usage, cache=done.cache, timings=done.timings).model_dump()
+
+
+async def wait_unless_disconnected(request: Request, stream: EventStream):
+    """Await the final event of a non-streaming request, cancelling it if the client goes away."""
+    import asyncio
+
+    while True:
+        try:
+            event = await asyncio.wait_for(stream.next(), timeout=0.25)
+        except TimeoutError:
+            if await request.is_disconnected():
+                stream.cancel()
+                return None
+            continue
+        if isinstance(event, Finished | Failed):
+            return event
+
+
+@router.post("/generate", response_model=GenerateDone,
+             responses={200: {"content": {"text/event-stream": {}}}})
+async def generate(body: GenerateRequest, request: Request, state: ReadyState):
+    """Generate from a prompt, continuing `session_id` when given (a new session otherwise)."""
+    store = state.store
+    sampling = sampling_params(body.max_new_tokens, body.temperature, body.top_k, body.top_p, body.seed, body.stop)
+    if body.session_id is not None:
+        try:
+            session = store.acquire(body.session_id)
+        except SessionNotFound as e:
+            raise not_found(str(e.args[0])) from None
+        except SessionBusy as e:
+            raise busy(str(e)) from None
+        created = False
+    else:
+        cfg = cache_config(state, body.cache)
+        if not state.engine_has_room():
+            raise queue_full("the server is at capacity; retry later")
+        session = store.create(cfg, busy=True)
+        created = True
+    try:
+        if body.cache is not None and not created and cache_config(state, body.cache) != session.cache_cfg:
+            raise bad_request("a session's cache configuration is fixed when it is created; leave `cache` out "
+                              "to continue this session")
+        prompt_ids = tokenize(state, body.prompt)
+        check_fits(state, session, len(prompt_ids), body.max_new_tokens)
+        stream = EventStream(state, session, prompt_ids, sampling).submit()
+    except ApiError:
+        if created:
+            store.discard(session)
+        else:
+            store.release(session)
+        raise
+    headers = {"X-Session-ID": session.id}
+
+    if not body.stream:
+        event = await wait_unless_disconnected(request, stream)
+        if event is None:
+            return JSONResponse(error_body("cancelled", "client disconnected"), 499, headers=headers)
+        if isinstance(event, Failed):
+            return JSONResponse(error_body("generation_failed", event.message), 500, headers=headers)
+        return JSONResponse(done_payload(session.id, event), headers=headers)
+
+    async def events():
+        try:
+            async for event in stream:
+                if isinstance(event, TokenOut):
+                    yield {"event": "token", "data": json.dumps(asdict(event))}
+                elif isinstance(event, Finished):
+                    yield {"event": "done", "data": json.dumps(done_payload(session.id, event))}
+                else:
+                    yield {"event": "error", "data": json.dumps(error_body("generation_failed", event.message))}
+        finally:
+            stream.cancel()  # a no-op once finished; stops the generation if the client went away
+
+    return EventSourceResponse(events(), headers=headers, ping=15)

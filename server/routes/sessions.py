@@ -1,0 +1,79 @@
+"""Sessions: create, inspect (stats and the kept positions of the cache), delete."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Response
+from starlette.concurrency import run_in_threadpool
+
+from toyllm_core.cache import kept_positions
+
+from ..deps import ReadyState, require_api_key
+from ..errors import busy, not_found
+from ..generation import cache_config
+from ..schemas import CreateSessionRequest, SessionCache, SessionCreated, SessionInfo
+from ..sessions import Session, SessionBusy, SessionNotFound
+from ..state import ServerState
+
+router = APIRouter(prefix="/sessions", tags=["sessions"], dependencies=[Depends(require_api_key)])
+
+
+def _get(state: ServerState, session_id: str) -> Session:
+    try:
+        return state.store.get(session_id)
+    except SessionNotFound as e:
+        raise not_found(str(e.args[0])) from None
+
+
+@router.post("", response_model=SessionCreated, status_code=201)
+async def create_session(state: ReadyState, body: CreateSessionRequest | None = None):
+    """Create an empty session with its cache configuration (the server's default when left out)."""
+    cfg = cache_config(state, body.cache if body else None)
+    session = state.store.create(cfg)
+    return Response(SessionCreated(session_id=session.id).model_dump_json(), 201,
+                    media_type="application/json", headers={"X-Session-ID": session.id})
+
+
+@router.get("/{session_id}", response_model=SessionInfo)
+async def get_session(session_id: str, state: ReadyState):
+    """A session's statistics."""
+    s = _get(state, session_id)
+    return SessionInfo(session_id=s.id, created_at=s.created_at, last_used_at=s.last_used_at, busy=s.busy,
+                       turns=s.turns, cache=s.stats(), cache_config=s.cache_cfg.__dict__)
+
+
+@router.get("/{session_id}/cache", response_model=SessionCache)
+async def get_session_cache(session_id: str, state: ReadyState):
+    """The original positions the cache keeps, per layer and KV head, with their token texts."""
+    s = _get(state, session_id)
+    if s.busy:
+        raise busy(f"session {session_id!r} is busy with a request; its cache is in use")
+    heads = await run_in_threadpool(_kept_heads, state, s) if s.cache is not None else []
+    return SessionCache(session_id=s.id, policy=s.cache_cfg.policy, tokens_seen=s.tokens_in_cache, heads=heads)
+
+
+def _kept_heads(state: ServerState, s: Session) -> list[dict]:
+    kept = kept_positions(s.cache)  # [layers, kv_heads, length]: a device read, off the event loop
+    texts: dict[int, str] = {}
+    heads = []
+    for layer in range(kept.shape[0]):
+        for head in range(kept.shape[1]):
+            slots = []
+            for p in kept[layer, head].tolist():
+                token = s.tokens[p]
+                if token not in texts:
+                    texts[token] = state.tokenizer.decode([token])
+                slots.append({"position": p, "token_id": token, "text": texts[token]})
+            heads.append({"layer": layer, "kv_head": head, "kept": slots})
+    return heads
+
+
+@router.delete("/{session_id}", status_code=204)
+async def delete_session(session_id: str, state: ReadyState):
+    """Delete a session and free its cache."""
+    try:
+        state.store.delete(session_id)
+    except SessionNotFound as e:
+        raise not_found(str(e.args[0])) from None
+    except SessionBusy as e:
+        raise busy(str(e)) from None
+    return Response(status_code=204)

@@ -1,0 +1,167 @@
+"""Sessions (DESIGN §6): a conversation's cached, possibly compressed, context kept across requests.
+
+A session holds its KV cache between requests, the token at every original position (so the kept
+positions can be shown as text), and the last generated token, which is not in the cache yet: the
+next request feeds it first, then its own prompt, so a conversation is exactly the concatenation of
+its turns. While a request runs, the cache lives in the engine's decode batch and the session is busy.
+
+Idle sessions expire after a TTL and are evicted least-recently-used when there are more than
+`max_sessions` or their caches together hold more than `max_cache_bytes`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from toyllm_core.cache import KVCache
+from toyllm_core.policies import CacheConfig
+
+
+class SessionNotFound(KeyError):
+    pass
+
+
+class SessionBusy(RuntimeError):
+    pass
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    cache_cfg: CacheConfig
+    bytes_per_token: int
+    created_at: float = field(default_factory=time.time)
+    last_used_at: float = field(default_factory=time.time)
+    cache: KVCache | None = None  # unbatched; None before the first request and while one runs
+    length: int = 0  # live cache slots
+    tokens: list[int] = field(default_factory=list)  # token id at every original position seen
+    pending: int | None = None  # last generated token, in `tokens` but not yet in the cache
+    busy: bool = False
+    turns: int = 0
+    capacity: int = 0  # allocated slots of the idle cache
+
+    @property
+    def tokens_in_cache(self) -> int:
+        """Tokens written into the cache so far (what a full cache would hold)."""
+        return len(self.tokens) - (self.pending is not None)
+
+    @property
+    def bytes(self) -> int:
+        return self.length * self.bytes_per_token
+
+    @property
+    def full_bytes(self) -> int:
+        return self.tokens_in_cache * self.bytes_per_token
+
+    def stats(self) -> dict:
+        full = self.full_bytes
+        return {"policy": self.cache_cfg.policy, "budget": self.cache_cfg.budget if self.cache_cfg.evicts else None,
+                "tokens_seen": self.tokens_in_cache, "tokens_kept": self.length, "bytes": self.bytes,
+                "full_bytes": full, "compression_ratio": full / self.bytes if self.bytes else 1.0}
+
+
+class SessionStore:
+    """Thread-safe: routes create and acquire sessions, the engine thread releases them."""
+
+    def __init__(self, max_sessions: int, ttl_s: float, max_cache_bytes: int, bytes_per_token: int,
+                 on_created=lambda: None, on_evicted=lambda reason: None):
+        self.max_sessions = max_sessions
+        self.ttl_s = ttl_s
+        self.max_cache_bytes = max_cache_bytes
+        self.bytes_per_token = bytes_per_token
+        self._on_created = on_created
+        self._on_evicted = on_evicted
+        self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def create(self, cache_cfg: CacheConfig, busy: bool = False) -> Session:
+        """A new session (busy at once when a request is about to use it)."""
+        session = Session(secrets.token_urlsafe(16), cache_cfg, self.bytes_per_token, busy=busy)
+        with self._lock:
+            self._evict_idle(lambda: len(self._sessions) >= self.max_sessions, "max_sessions")
+            self._sessions[session.id] = session
+        self._on_created()
+        return session
+
+    def get(self, session_id: str) -> Session:
+        with self._lock:
+            return self._get(session_id)
+
+    def _get(self, session_id: str) -> Session:
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise SessionNotFound(f"session {session_id!r} does not exist (never created, deleted or expired)") \
+                from None
+
+    def acquire(self, session_id: str) -> Session:
+        """Mark a session busy for one request; SessionBusy if another request has it."""
+        with self._lock:
+            session = self._get(session_id)
+            if session.busy:
+                raise SessionBusy(f"session {session_id!r} is busy with another request; retry when it finishes")
+            session.busy = True
+            session.last_used_at = time.time()
+            self._sessions.move_to_end(session_id)
+            return session
+
+    def release(self, session: Session) -> None:
+        """The request using the session is over (its cache is back in the session)."""
+        with self._lock:
+            session.busy = False
+            session.last_used_at = time.time()
+            session.capacity = 0 if session.cache is None else session.cache.capacity
+            if session.id in self._sessions:
+                self._sessions.move_to_end(session.id)
+                self._evict_idle(lambda: self._total_bytes() > self.max_cache_bytes, "memory")
+
+    def delete(self, session_id: str) -> None:
+        with self._lock:
+            session = self._get(session_id)
+            if session.busy:
+                raise SessionBusy(f"session {session_id!r} is busy with a request; delete it when that finishes")
+            del self._sessions[session_id]
+
+    def discard(self, session: Session) -> None:
+        """Drop a session that a failed request leaves unusable (no eviction counted)."""
+        with self._lock:
+            self._sessions.pop(session.id, None)
+
+    def expire(self, now: float | None = None) -> int:
+        """Remove idle sessions past their TTL; returns how many."""
+        now = time.time() if now is None else now
+        with self._lock:
+            old = [s for s in self._sessions.values() if not s.busy and now - s.last_used_at > self.ttl_s]
+            for s in old:
+                del self._sessions[s.id]
+                self._on_evicted("ttl")
+        return len(old)
+
+    def _evict_idle(self, too_many, reason: str) -> None:
+        for session in list(self._sessions.values()):  # least recently used first
+            if not too_many():
+                return
+            if not session.busy:
+                del self._sessions[session.id]
+                self._on_evicted(reason)
+
+    def _total_bytes(self) -> int:
+        return sum(s.bytes for s in self._sessions.values())
+
+    def snapshot(self) -> dict:
+        """What the metrics read: per policy (kept bytes, full-equivalent bytes), idle capacity bytes."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        per_policy: dict[str, tuple[int, int]] = {}
+        for s in sessions:
+            kept, full = per_policy.get(s.cache_cfg.policy, (0, 0))
+            per_policy[s.cache_cfg.policy] = (kept + s.bytes, full + s.full_bytes)
+        idle_capacity = sum(s.capacity for s in sessions if not s.busy) * self.bytes_per_token
+        return {"sessions": len(sessions), "cache_bytes": per_policy, "idle_capacity_bytes": idle_capacity}

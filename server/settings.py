@@ -1,0 +1,46 @@
+"""Server settings: every field can be set by an environment variable `TOYLLM_<FIELD>`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "weights" / "toyllm-base"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TOYLLM_", extra="ignore")
+
+    checkpoint: Path = DEFAULT_CHECKPOINT
+    preset: str | None = Field(None, description="Serve random weights of this preset instead (tests, demos).")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+    # The cache configuration a session gets when its request does not name one.
+    cache_policy: str = "snapkv"
+    cache_budget: int = Field(64, ge=1)
+    cache_sink_size: int = Field(4, ge=0)
+    cache_window_size: int = Field(16, ge=0)
+    cache_slack: int = Field(16, ge=1)
+
+    # Sessions (DESIGN §6).
+    max_sessions: int = Field(1024, ge=1)
+    session_ttl_s: float = Field(900.0, gt=0)
+    max_cache_bytes: int = Field(512 * 2**20, ge=1, description="Idle sessions are evicted, least recently "
+                                                                  "used first, above this total.")
+
+    # Admission: at most max_concurrent_requests decode together; queue_size more may wait.
+    max_concurrent_requests: int = Field(32, ge=1)
+    queue_size: int = Field(64, ge=0)
+    max_prompt_tokens: int = Field(4096, ge=1)
+    max_new_tokens: int = Field(2048, ge=1, le=2048)
+    max_body_bytes: int = Field(1_000_000, ge=1)
+    api_key: str | None = None
+
+    # Engine.
+    steps_per_call: int = Field(4, ge=1, le=64, description="Decode steps per jitted call (fewer host "
+                                                            "round trips; tokens arrive in bursts).")
+    max_prefill_chunk: int = Field(512, ge=16)
+    warmup: bool = Field(True, description="Compile the serving shapes before /ready answers 200.")

@@ -1,0 +1,46 @@
+"""What the routes share: the loaded model, the engine, the session store, metrics and settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from toyllm_core.policies import CacheConfig
+
+from .engine import Engine
+from .metrics import Metrics
+from .sessions import SessionStore
+from .settings import Settings
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    metrics: Metrics
+    model_name: str = ""
+    checkpoint_sha256: str = ""
+    model: object = None
+    tokenizer: object = None
+    engine: Engine | None = None
+    store: SessionStore | None = None
+    default_cache: CacheConfig | None = None
+    ready: bool = False
+    shutting_down: bool = False
+    load_error: str | None = None
+    info: dict = field(default_factory=dict)
+
+    def engine_has_room(self) -> bool:
+        return self.engine is not None and self.engine.has_room()
+
+    def live(self) -> dict:
+        """Live-state gauges (read at scrape time)."""
+        snap = self.store.snapshot() if self.store else {"sessions": 0, "cache_bytes": {}, "idle_capacity_bytes": 0}
+        engine = self.engine
+        return {
+            "cache_bytes": snap["cache_bytes"],
+            "capacity_bytes": snap["idle_capacity_bytes"] + (engine.capacity_bytes() if engine else 0),
+            "sessions": snap["sessions"],
+            "running": engine.running if engine else 0,
+            "waiting": engine.waiting if engine else 0,
+            "model": {"name": self.model_name, "checkpoint_sha256": self.checkpoint_sha256[:16],
+                      **{k: str(v) for k, v in self.info.get("model", {}).items()}},
+        }

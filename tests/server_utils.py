@@ -1,0 +1,65 @@
+"""Helpers for the server tests: in-process apps on the tiny random model, SSE parsing."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.settings import Settings
+
+
+def tiny_settings(**changes) -> Settings:
+    return Settings(**{"preset": "tiny", "warmup": False, "max_concurrent_requests": 4, **changes})
+
+
+def ready_client(**changes) -> TestClient:
+    """A TestClient (enter it with `with`) whose app is loaded; use as a context manager."""
+    return TestClient(create_app(tiny_settings(**changes)))
+
+
+def wait_ready(client, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if client.get("/ready").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise TimeoutError("the server did not become ready")
+
+
+def parse_sse(text: str) -> list[tuple[str, dict | str]]:
+    """[(event, data)] from a text/event-stream body (pings and comments skipped)."""
+    events = []
+    for block in re.split(r"\r?\n\r?\n", text):
+        name, data = "message", []
+        for line in block.splitlines():
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].lstrip())
+        if data:
+            raw = "\n".join(data)
+            try:
+                events.append((name, json.loads(raw)))
+            except json.JSONDecodeError:
+                events.append((name, raw))
+    return events
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """The value of one sample in Prometheus text format (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        key, _, value = line.rpartition(" ")
+        sample, _, label_text = key.partition("{")
+        if sample != name:
+            continue
+        got = ",".join(sorted(label_text.rstrip("}").split(","))) if label_text else ""
+        if got == want:
+            return float(value)
+    return 0.0

@@ -1,0 +1,237 @@
+"""The HTTP API in-process (TestClient): SSE framing, JSON, sessions, the error contract, metrics."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from server_utils import metric, parse_sse, ready_client, wait_ready
+
+from toyllm_core.generate import SamplingParams, generate_tokens
+from toyllm_core.policies import CacheConfig
+
+
+@pytest.fixture(scope="module")
+def client():
+    with ready_client() as c:
+        wait_ready(c)
+        yield c
+
+
+def test_sse_stream_framing_and_done_payload(client):
+    r = client.post("/generate", json={"prompt": "The history of", "max_new_tokens": 6, "temperature": 0})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = parse_sse(r.text)
+    names = [name for name, _ in events]
+    assert names == ["token"] * 6 + ["done"]
+    tokens = [data for name, data in events if name == "token"]
+    assert [t["index"] for t in tokens] == list(range(6))
+    assert all(set(t) == {"index", "id", "text", "logprob"} and t["logprob"] <= 0 for t in tokens)
+    done = events[-1][1]
+    assert done["session_id"] == r.headers["x-session-id"]
+    assert done["generated_text"] == "".join(t["text"] for t in tokens)
+    assert done["finish_reason"] == "length"
+    assert done["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}
+    assert set(done["cache"]) == {"policy", "budget", "tokens_seen", "tokens_kept", "bytes", "full_bytes",
+                                  "compression_ratio"}
+    assert done["cache"]["tokens_seen"] == 3 + 5  # the last token is not in the cache yet
+    assert set(done["timings"]) == {"queue_s", "prefill_s", "ttft_s", "total_s", "tokens_per_s"}
+
+
+def test_non_streaming_answers_the_done_object(client):
+    r = client.post("/generate", json={"prompt": "Hello", "max_new_tokens": 4, "temperature": 0, "stream": False})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert body["session_id"] == r.headers["x-session-id"] and body["usage"]["completion_tokens"] == 4
+    # The same greedy request streamed gives the same text.
+    streamed = parse_sse(client.post("/generate", json={"prompt": "Hello", "max_new_tokens": 4,
+                                                        "temperature": 0}).text)[-1][1]
+    assert streamed["generated_text"] == body["generated_text"]
+
+
+def _turn(client, prompt, session_id=None, **extra):
+    body = {"prompt": prompt, "max_new_tokens": 5, "temperature": 0, **extra}
+    if session_id:
+        body["session_id"] = session_id
+    r = client.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    events = parse_sse(r.text)
+    return r.headers["x-session-id"], [d["id"] for n, d in events if n == "token"], events[-1][1]
+
+
+def test_multi_turn_full_equals_one_request_over_all_turns(client, model, tokenizer):
+    turns = ["Once upon a time", " there was a", " and then"]
+    sid, history, outs = None, [], []
+    for prompt in turns:
+        sid, ids, _ = _turn(client, prompt, sid, cache={"policy": "full"})
+        history += tokenizer(prompt)["input_ids"] + ids
+        outs.append(ids)
+    # One request whose prompt is every turn's tokens (the last turn's output left out).
+    prompt_ids = history[: -len(outs[-1])]
+    expected = [g.token for g in generate_tokens(model, [prompt_ids], [CacheConfig("full")],
+                                                 [SamplingParams(max_new_tokens=5, temperature=0)])]
+    assert outs[-1] == expected
+
+
+def test_snapkv_session_keeps_its_cache_at_the_budget(client):
+    cache = {"policy": "snapkv", "budget": 24, "sink_size": 4, "window_size": 8, "slack": 8}
+    sid = None
+    for i in range(3):
+        sid, _, done = _turn(client, " word" * 30, sid, cache=cache, max_new_tokens=1 if i == 2 else 12)
+        assert done["cache"]["tokens_kept"] <= 24 + 8
+    info = client.get(f"/sessions/{sid}").json()
+    assert info["turns"] == 3 and info["cache"]["tokens_kept"] == 24  # compressed right after the last prefill
+    assert info["cache"]["tokens_seen"] == 30 + 12 + 30 + 12 + 30
+    kept = client.get(f"/sessions/{sid}/cache").json()
+    assert len(kept["heads"]) == 2 * 2  # layers x KV heads
+    for head in kept["heads"]:
+        positions = [slot["position"] for slot in head["kept"]]
+        assert len(positions) == 24 and positions == sorted(positions)
+        assert positions[:4] == [0, 1, 2, 3]  # sinks
+        assert positions[-8:] == list(range(info["cache"]["tokens_seen"] - 8, info["cache"]["tokens_seen"]))
+        assert all(slot["text"] for slot in head["kept"])
+
+
+def test_session_lifecycle_and_cache_gauges(client):
+    def gauges():
+        text = client.get("/metrics").text
+        return metric(text, "toyllm_kv_cache_bytes", policy="h2o"), metric(text, "toyllm_sessions_active")
+
+    before_bytes, before_sessions = gauges()
+    r = client.post("/sessions", json={"cache": {"policy": "h2o", "budget": 32}})
+    assert r.status_code == 201
+    sid = r.json()["session_id"]
+    assert len(sid) >= 22 and client.get(f"/sessions/{sid}").json()["cache"]["tokens_kept"] == 0
+    _, _, done = _turn(client, "Some words to cache", sid)
+    after_bytes, after_sessions = gauges()
+    assert after_sessions == before_sessions + 1
+    assert after_bytes - before_bytes == done["cache"]["bytes"] > 0
+    assert client.delete(f"/sessions/{sid}").status_code == 204
+    assert gauges() == (before_bytes, before_sessions)
+    assert client.get(f"/sessions/{sid}").status_code == 404
+    assert client.delete(f"/sessions/{sid}").status_code == 404
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"prompt": ""}, 422),
+    ({"prompt": "x", "max_new_tokens": 0}, 422),
+    ({"prompt": "x", "max_new_tokens": 2049}, 422),
+    ({"prompt": "x", "temperature": -1}, 422),
+    ({"prompt": "x", "top_p": 0}, 422),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 422),
+    ({"prompt": "x", "unknown": 1}, 422),
+    ({"prompt": "x", "cache": {"policy": "nope"}}, 400),
+    ({"prompt": "x", "cache": {"policy": "snapkv", "budget": 8, "sink_size": 4, "window_size": 8}}, 400),
+    ({"prompt": "x " * 300, "max_new_tokens": 300, "cache": {"policy": "full"}}, 400),  # past the 512 context
+    ({"prompt": "x", "session_id": "no-such-session"}, 404),
+])
+def test_errors_follow_the_contract(client, body, status):
+    r = client.post("/generate", json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"type", "message"} and error["message"]
+
+
+def test_errors_lose_nothing(client):
+    sid, _, done = _turn(client, "Keep this context", cache={"policy": "full"})
+    r = client.post("/generate", json={"prompt": "x " * 600, "session_id": sid, "max_new_tokens": 4})
+    assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+    r = client.post("/generate", json={"prompt": "x", "session_id": sid, "cache": {"policy": "snapkv"}})
+    assert r.status_code == 400 and "fixed" in r.json()["error"]["message"]
+    info = client.get(f"/sessions/{sid}").json()
+    assert info["busy"] is False and info["cache"]["tokens_seen"] == done["cache"]["tokens_seen"]
+    assert _turn(client, " more", sid)[2]["cache"]["tokens_seen"] > done["cache"]["tokens_seen"]
+
+
+def test_second_request_on_a_busy_session_is_409(client):
+    sid, _, _ = _turn(client, "Start")
+    started = threading.Event()
+    result = {}
+
+    def long_request():
+        with client.stream("POST", "/generate", json={"prompt": "go", "session_id": sid, "max_new_tokens": 300,
+                                                       "temperature": 0}) as r:
+            for line in r.iter_lines():
+                if line.startswith("event: token"):
+                    started.set()
+            result["status"] = r.status_code
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    assert started.wait(60)
+    r = client.post("/generate", json={"prompt": "again", "session_id": sid})
+    assert r.status_code == 409 and r.json()["error"]["type"] == "session_busy"
+    assert client.delete(f"/sessions/{sid}").status_code == 409
+    thread.join(120)
+    assert result["status"] == 200
+    assert client.post("/generate", json={"prompt": "again", "session_id": sid, "max_new_tokens": 2}).status_code == 200
+
+
+def test_queue_full_is_429_with_retry_after():
+    with ready_client(max_concurrent_requests=1, queue_size=0) as c:
+        wait_ready(c)
+        started = threading.Event()
+
+        def long_request():
+            with c.stream("POST", "/generate", json={"prompt": "go", "max_new_tokens": 200}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("event: token"):
+                        started.set()
+
+        thread = threading.Thread(target=long_request)
+        thread.start()
+        assert started.wait(60)
+        r = c.post("/generate", json={"prompt": "more"})
+        thread.join(120)
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert r.json()["error"]["type"] == "queue_full"
+        assert metric(c.get("/metrics").text, "toyllm_sessions_active") == 1  # the refused one was not kept
+
+
+def test_api_key_is_required_when_set():
+    with ready_client(api_key="s3cret") as c:
+        wait_ready(c)
+        assert c.post("/generate", json={"prompt": "x"}).status_code == 401
+        r = c.post("/generate", json={"prompt": "x", "max_new_tokens": 1}, headers={"Authorization": "Bearer nope"})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized"
+        ok = c.post("/generate", json={"prompt": "x", "max_new_tokens": 1, "stream": False},
+                    headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert c.get("/health").status_code == 200 and c.get("/metrics").status_code == 200
+
+
+def test_not_ready_is_503():
+    from fastapi.testclient import TestClient
+    from server_utils import tiny_settings
+
+    from server.app import create_app
+
+    c = TestClient(create_app(tiny_settings()))  # the lifespan never runs: nothing is loaded
+    assert c.get("/health").status_code == 200
+    assert c.get("/ready").status_code == 503
+    r = c.post("/generate", json={"prompt": "x"})
+    assert r.status_code == 503 and r.json()["error"]["type"] == "unavailable"
+
+
+def test_missing_checkpoint_is_reported_by_ready(tmp_path):
+    with ready_client(preset=None, checkpoint=tmp_path / "missing") as c:
+        for _ in range(100):
+            r = c.get("/ready")
+            if "failed" in r.text:
+                break
+        assert r.status_code == 503 and "no checkpoint" in r.json()["error"]["message"]
+
+
+def test_body_size_limit_is_413(client):
+    r = client.post("/generate", content=b'{"prompt": "' + b"x" * 1_100_000 + b'"}',
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large"
+
+
+def test_info_and_openapi(client):
+    info = client.get("/info").json()
+    assert info["model"]["name"] == "random-tiny" and set(info["policies"]) >= {"full", "streaming", "snapkv", "h2o"}
+    assert info["default_cache"]["policy"] == "snapkv"
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/generate", "/sessions", "/sessions/{session_id}", "/sessions/{session_id}/cache",
+            "/v1/completions", "/v1/models", "/health", "/ready", "/info", "/metrics"} <= set(paths)
