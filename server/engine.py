@@ -369,8 +369,13 @@ class Engine:
                     run([s], [rng.integers(0, vocab, n).tolist()], [greedy])
         samplers = [{"temperature": 0}, {"temperature": 1.0}, {"temperature": 1.0, "top_k": 40, "top_p": 0.9}]
         for sampler in samplers:
-            size = self.max_running
-            run([session() for _ in range(size)], [rng.integers(0, vocab, 64).tolist() for _ in range(size)],
-                [SamplingParams(max_new_tokens=decode + 2 * i, ignore_eos=True, seed=i, **sampler)
-                 for i in range(size)])
+            size = 1
+            while True:  # every power-of-two batch size up to max_running; rows leave one by one
+                size = min(size, self.max_running)
+                run([session() for _ in range(size)], [rng.integers(0, vocab, 64).tolist() for _ in range(size)],
+                    [SamplingParams(max_new_tokens=decode + 2 * i, ignore_eos=True, seed=i, **sampler)
+                     for i in range(size)])
+                if size == self.max_running:
+                    break
+                size *= 2
         log_fn(f"warm-up done in {time.perf_counter() - started:.1f} s")

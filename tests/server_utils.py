@@ -49,7 +49,7 @@ def parse_sse(text: str) -> list[tuple[str, dict | str]]:
     return events
 
 
-def metric(text: str, name: str, **labels) -> float:
+def metric(text: str, name: str, /, **labels) -> float:
     """The value of one sample in Prometheus text format (0 when absent)."""
     want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     for line in text.splitlines():

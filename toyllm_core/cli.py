@@ -152,6 +152,37 @@ def serve(
                 timeout_graceful_shutdown=10)
 
 
+@app.command()
+def loadtest(
+    url: Annotated[str, typer.Option(help="Server base URL.")] = "http://127.0.0.1:8000",
+    concurrency: Annotated[int, typer.Option(min=1, help="Concurrent streams.")] = 4,
+    requests: Annotated[int, typer.Option(min=1, help="Requests in all.")] = 32,
+    prompt_tokens: Annotated[int, typer.Option(min=1, help="Prompt length in words (~tokens).")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=2048)] = 128,
+    policy: Annotated[str, typer.Option(help="Cache policy of each new session.")] = "snapkv",
+    budget: int = 64,
+    turns: Annotated[int, typer.Option(min=1, help="Requests per session (multi-turn when > 1).")] = 1,
+    temperature: float = 0.0,
+    api_key: Annotated[str | None, typer.Option(envvar="TOYLLM_API_KEY")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+) -> None:
+    """Load-test a running server: TTFT, inter-token and end-to-end latency, tokens/s, errors."""
+    import asyncio
+
+    import httpx
+
+    from server.loadtest import format_report, run
+
+    try:
+        report = asyncio.run(run(url, concurrency, requests, prompt_tokens, max_new_tokens, policy,
+                                 None if policy == "full" else budget, turns, temperature, api_key))
+    except httpx.HTTPError as e:
+        raise _fail(f"{url}: {e.__class__.__name__}: {e or 'cannot reach the server'}") from None
+    typer.echo(format_report(report))
+    if json_out:
+        _write_json(json_out, report)
+
+
 @app.command("verify-cache")
 def verify_cache(
     length: Annotated[int, typer.Option(help="Positions to compare.")] = 1024,
