@@ -63,3 +63,20 @@ def test_resume_refuses_other_settings(tmp_path):
     train(TrainConfig(**{**CFG.__dict__, "steps": 2}), TOKENS, None, tmp_path / "run")
     with pytest.raises(ValueError, match="other settings"):
         train(TrainConfig(**{**CFG.__dict__, "steps": 4}), TOKENS, None, tmp_path / "run", resume=True)
+
+
+def test_a_trained_bpe_sizes_the_model_and_has_its_own_token_cache(tmp_path, tokenizer):
+    from toyllm_core.tokenizer import load_tokenizer, save_tokenizer, train_bpe
+    from toyllm_core.train import model_config, tokenize
+
+    text = "\n\n".join(f"The river {i} flows past the old mill and the church." for i in range(200))
+    bpe = train_bpe(text.split("\n\n"), vocab_size=300)
+    save_tokenizer(bpe, tmp_path / "tok")
+    bpe = load_tokenizer(tmp_path / "tok")
+    assert len(bpe) == 300 and bpe.eos_token_id == 0
+    assert bpe.decode(bpe("flows past the mill")["input_ids"]) == "flows past the mill"
+    ours, gpt2 = tokenize(bpe, text, tmp_path / "cache"), tokenize(tokenizer, text, tmp_path / "cache")
+    assert ours.max() < 300 and not np.array_equal(ours[:50], gpt2[:50])
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # one cached array per tokenizer
+    cfg = model_config(TrainConfig(preset="tiny", vocab_size=len(bpe), eos_token_id=bpe.eos_token_id))
+    assert cfg.vocab_size == 300 and cfg.eos_token_id == 0

@@ -51,7 +51,9 @@ class TrainConfig:
 
 def tokenize(tokenizer, text: str, cache_dir: Path | None = None) -> np.ndarray:
     """Token ids of `text` (documents split on blank lines, EOS between them), cached on disk."""
-    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    # The key names the tokenizer too: the same text under another vocabulary is other tokens.
+    vocab = tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else repr(tokenizer)
+    key = hashlib.sha256(text.encode() + b"\0" + vocab.encode()).hexdigest()[:16]
     cached = cache_dir / f"tokens-{key}.npy" if cache_dir else None
     if cached is not None and cached.exists():
         return np.load(cached)
