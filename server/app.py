@@ -94,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     state = ServerState(settings=settings, metrics=Metrics())
     state.metrics.watch(state.live)
+    state.metrics.init_labels(policy_names())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -40,8 +40,10 @@ async def _one(client: httpx.AsyncClient, body: dict) -> RequestResult:
     start = time.perf_counter()
     last = None
     result = RequestResult(ok=False)
+    # The header too, so that a session-routing proxy (deploy/nginx) finds the session's replica.
+    headers = {"X-Session-ID": body["session_id"]} if "session_id" in body else {}
     try:
-        async with client.stream("POST", "/generate", json=body) as r:
+        async with client.stream("POST", "/generate", json=body, headers=headers) as r:
             if r.status_code != 200:
                 await r.aread()
                 try:

@@ -35,7 +35,7 @@ class LiveState(Collector):
                                   labels=["policy"])
         full = GaugeMetricFamily("toyllm_kv_cache_full_equivalent_bytes",
                                  "Bytes full caches would hold for the same tokens.", labels=["policy"])
-        for policy, (kept, full_bytes) in sorted(state["cache_bytes"].items()):
+        for policy, (kept, full_bytes) in sorted(state["cache_bytes"].items()):  # every policy, 0 when unused
             cache.add_metric([policy], kept)
             full.add_metric([policy], full_bytes)
         yield cache
@@ -84,3 +84,15 @@ class Metrics:
 
     def watch(self, read: Callable[[], dict]) -> None:
         self.registry.register(LiveState(read))
+
+    def init_labels(self, policies: list[str]) -> None:
+        """Export every known label value from the start (at 0), so that dashboards show zeros
+        rather than no data before the first event."""
+        for reason in ("length", "stop", "eos", "cancelled"):
+            self.finished.labels(reason)
+        for reason in ("ttl", "memory", "max_sessions"):
+            self.sessions_evicted.labels(reason)
+        for policy in policies:
+            self.compressions.labels(policy)
+            self.evicted.labels(policy)
+            self.compression_duration.labels(policy)

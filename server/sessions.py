@@ -11,6 +11,7 @@ Idle sessions expire after a TTL and are evicted least-recently-used when there 
 
 from __future__ import annotations
 
+import re
 import secrets
 import threading
 import time
@@ -19,6 +20,9 @@ from dataclasses import dataclass, field
 
 from toyllm_core.cache import KVCache
 from toyllm_core.policies import CacheConfig
+
+# A proposed id must look like one of ours: URL-safe, at least 128 bits' worth of characters.
+_ID = re.compile(r"[A-Za-z0-9_-]{22,64}")
 
 
 class SessionNotFound(KeyError):
@@ -81,10 +85,16 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def create(self, cache_cfg: CacheConfig, busy: bool = False) -> Session:
-        """A new session (busy at once when a request is about to use it)."""
-        session = Session(secrets.token_urlsafe(16), cache_cfg, self.bytes_per_token, busy=busy)
+    def create(self, cache_cfg: CacheConfig, busy: bool = False, proposed_id: str | None = None) -> Session:
+        """A new session (busy at once when a request is about to use it).
+
+        `proposed_id` is an id a routing proxy minted (see deploy/nginx): used when it is well
+        formed and free, so that the proxy can route the session's later requests here.
+        """
         with self._lock:
+            usable = proposed_id is not None and _ID.fullmatch(proposed_id) and proposed_id not in self._sessions
+            session = Session(proposed_id if usable else secrets.token_urlsafe(16), cache_cfg, self.bytes_per_token,
+                              busy=busy)
             self._evict_idle(lambda: len(self._sessions) >= self.max_sessions, "max_sessions")
             self._sessions[session.id] = session
         self._on_created()

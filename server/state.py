@@ -35,8 +35,10 @@ class ServerState:
         """Live-state gauges (read at scrape time)."""
         snap = self.store.snapshot() if self.store else {"sessions": 0, "cache_bytes": {}, "idle_capacity_bytes": 0}
         engine = self.engine
+        from toyllm_core.policies import policy_names
+
         return {
-            "cache_bytes": snap["cache_bytes"],
+            "cache_bytes": {p: snap["cache_bytes"].get(p, (0, 0)) for p in policy_names()},
             "capacity_bytes": snap["idle_capacity_bytes"] + (engine.capacity_bytes() if engine else 0),
             "sessions": snap["sessions"],
             "running": engine.running if engine else 0,

@@ -235,3 +235,20 @@ def test_info_and_openapi(client):
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/generate", "/sessions", "/sessions/{session_id}", "/sessions/{session_id}/cache",
             "/v1/completions", "/v1/models", "/health", "/ready", "/info", "/metrics"} <= set(paths)
+
+
+def test_session_header_continues_and_a_proxy_may_name_new_sessions(client):
+    proposed = "proxy-minted-id-0123456789abcdef"
+    r = client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 2, "stream": False},
+                    headers={"X-New-Session-ID": proposed})
+    assert r.json()["session_id"] == proposed
+    r = client.post("/generate", json={"prompt": " again", "max_new_tokens": 2, "stream": False},
+                    headers={"X-Session-ID": proposed})
+    assert r.status_code == 200 and r.json()["session_id"] == proposed
+    assert client.get(f"/sessions/{proposed}").json()["turns"] == 2
+    # A malformed or taken id is not used: the server mints its own.
+    for bad in ("short", proposed):
+        r = client.post("/sessions", headers={"X-New-Session-ID": bad})
+        assert r.status_code == 201 and r.json()["session_id"] not in ("short", proposed)
+    r = client.post("/generate", json={"prompt": "x", "session_id": proposed}, headers={"X-Session-ID": "other"})
+    assert r.status_code == 400

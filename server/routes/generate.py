@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
@@ -44,13 +45,19 @@ async def wait_unless_disconnected(request: Request, stream: EventStream):
 
 @router.post("/generate", response_model=GenerateDone,
              responses={200: {"content": {"text/event-stream": {}}}})
-async def generate(body: GenerateRequest, request: Request, state: ReadyState):
+async def generate(body: GenerateRequest, request: Request, state: ReadyState,
+                   x_session_id: Annotated[str | None, Header()] = None,
+                   x_new_session_id: Annotated[str | None, Header(include_in_schema=False)] = None):
     """Generate from a prompt, continuing `session_id` when given (a new session otherwise)."""
     store = state.store
     sampling = sampling_params(body.max_new_tokens, body.temperature, body.top_k, body.top_p, body.seed, body.stop)
-    if body.session_id is not None:
+    # Behind a routing proxy clients name the session in the X-Session-ID header (see deploy/nginx).
+    session_id = body.session_id or x_session_id
+    if body.session_id and x_session_id and body.session_id != x_session_id:
+        raise bad_request("session_id in the body and the X-Session-ID header differ")
+    if session_id is not None:
         try:
-            session = store.acquire(body.session_id)
+            session = store.acquire(session_id)
         except SessionNotFound as e:
             raise not_found(str(e.args[0])) from None
         except SessionBusy as e:
@@ -60,7 +67,7 @@ async def generate(body: GenerateRequest, request: Request, state: ReadyState):
         cfg = cache_config(state, body.cache)
         if not state.engine_has_room():
             raise queue_full("the server is at capacity; retry later")
-        session = store.create(cfg, busy=True)
+        session = store.create(cfg, busy=True, proposed_id=x_new_session_id)
         created = True
     try:
         if body.cache is not None and not created and cache_config(state, body.cache) != session.cache_cfg:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Response
 from starlette.concurrency import run_in_threadpool
 
 from toyllm_core.cache import kept_positions
@@ -25,10 +27,11 @@ def _get(state: ServerState, session_id: str) -> Session:
 
 
 @router.post("", response_model=SessionCreated, status_code=201)
-async def create_session(state: ReadyState, body: CreateSessionRequest | None = None):
+async def create_session(state: ReadyState, body: CreateSessionRequest | None = None,
+                         x_new_session_id: Annotated[str | None, Header(include_in_schema=False)] = None):
     """Create an empty session with its cache configuration (the server's default when left out)."""
     cfg = cache_config(state, body.cache if body else None)
-    session = state.store.create(cfg)
+    session = state.store.create(cfg, proposed_id=x_new_session_id)
     return Response(SessionCreated(session_id=session.id).model_dump_json(), 201,
                     media_type="application/json", headers={"X-Session-ID": session.id})
 

@@ -1,0 +1,36 @@
+# ToyLLM Serve: the server and the shipped weights in one image.
+# Any Debian-based image with Python 3.11 works as the base (only `python3 -m venv` is used).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+# ---- build: a virtual environment with the package and its dependencies (no torch) ----
+FROM ${BASE_IMAGE} AS build
+# Optional pip settings for builds behind a proxy or a private index (unset by default).
+ARG PIP_CERT
+ARG PIP_INDEX_URL
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+WORKDIR /src
+RUN python3 -m venv /opt/toyllm
+COPY pyproject.toml README.md ./
+COPY toyllm_core ./toyllm_core
+COPY server ./server
+RUN /opt/toyllm/bin/pip install --no-compile . \
+    && /opt/toyllm/bin/python -c "import toyllm_core.cli, server.app"
+
+# ---- runtime: the environment, the weights, a non-root user ----
+FROM ${BASE_IMAGE}
+RUN groupadd --system toyllm && useradd --system --gid toyllm --home-dir /app --shell /usr/sbin/nologin toyllm
+COPY --from=build /opt/toyllm /opt/toyllm
+COPY --chown=toyllm:toyllm weights /app/weights
+WORKDIR /app
+USER toyllm
+ENV PATH=/opt/toyllm/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    HF_HUB_OFFLINE=1 \
+    TOYLLM_CHECKPOINT=/app/weights/toyllm-base \
+    TOYLLM_HOST=0.0.0.0 \
+    TOYLLM_PORT=8000
+EXPOSE 8000
+# /ready answers 200 only once the model is loaded and warmed up (compiling takes a minute or two).
+HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
+    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('TOYLLM_PORT', '8000')}/ready\", timeout=4)"]
+CMD ["toyllm", "serve"]
