@@ -80,3 +80,10 @@ def test_a_trained_bpe_sizes_the_model_and_has_its_own_token_cache(tmp_path, tok
     assert len(list((tmp_path / "cache").iterdir())) == 2  # one cached array per tokenizer
     cfg = model_config(TrainConfig(preset="tiny", vocab_size=len(bpe), eos_token_id=bpe.eos_token_id))
     assert cfg.vocab_size == 300 and cfg.eos_token_id == 0
+
+
+def test_a_time_limit_stops_early_and_still_writes_the_checkpoint(tmp_path):
+    summary = train(CFG, TOKENS, None, tmp_path / "run", time_limit_s=0.0)
+    assert summary["stopped_early"] and summary["steps"] == 0
+    _, hf = checkpoint.load(tmp_path / "run" / "final")
+    assert hf["toyllm"]["stopped_early"] is True

@@ -301,6 +301,8 @@ def train(
     checkpoint_every: int = 500,
     seed: int = 0,
     resume: Annotated[bool, typer.Option(help="Continue the run saved in OUT/state.")] = False,
+    max_minutes: Annotated[float | None, typer.Option(help="Stop early (and still write OUT/final) after this "
+                                                           "much training wall time.")] = None,
 ) -> None:
     """Train a model; progress bar, JSONL metrics, periodic state, final checkpoint in OUT/final."""
     from tqdm import tqdm
@@ -324,10 +326,12 @@ def train(
         held_tokens = tokenize(tok, load_text(heldout, "heldout"), cache) if heldout else None
         summary = run(cfg, train_tokens, held_tokens, out, tok, resume=resume,
                       meta={"data": data, "heldout": heldout},
-                      progress=lambda total: tqdm(total=total, unit="step", dynamic_ncols=True))
+                      progress=lambda total: tqdm(total=total, unit="step", dynamic_ncols=True),
+                      time_limit_s=None if max_minutes is None else 60 * max_minutes)
     except (ValueError, OSError) as e:
         raise _fail(str(e)) from None
-    typer.echo(json.dumps({k: summary[k] for k in ("steps", "tokens_seen", "final_train_loss", "wall_s")}))
+    typer.echo(json.dumps({k: summary[k] for k in ("steps", "tokens_seen", "final_train_loss", "wall_s",
+                                                   "stopped_early")}))
 
 
 @app.command("eval")

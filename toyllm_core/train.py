@@ -150,8 +150,12 @@ def _save_state(directory: Path, model, opt_state, step: int, cfg: TrainConfig, 
 
 def train(cfg: TrainConfig, train_tokens: np.ndarray, heldout_tokens: np.ndarray | None, out: Path,
           tokenizer=None, resume: bool = False, meta: dict | None = None,
-          progress: Callable[[int], object] | None = None) -> dict:
-    """Train (or resume) a run in `out`; returns the summary written into the final checkpoint."""
+          progress: Callable[[int], object] | None = None, time_limit_s: float | None = None) -> dict:
+    """Train (or resume) a run in `out`; returns the summary written into the final checkpoint.
+
+    `time_limit_s` bounds the wall time of this run (resumed parts included): when it is reached the
+    run stops early, saves its state and writes the final checkpoint, marked `stopped_early`.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model_cfg = model_config(cfg)
@@ -179,7 +183,13 @@ def train(cfg: TrainConfig, train_tokens: np.ndarray, heldout_tokens: np.ndarray
     window_tokens, window_start = 0, time.perf_counter()
     loss = float("nan")
     try:
+        stopped_early = False
         while step < cfg.steps:
+            if time_limit_s is not None and elapsed_before + time.perf_counter() - start >= time_limit_s:
+                stopped_early = True
+                _save_state(state_dir, model, opt_state, step, cfg, tokens_seen,
+                            elapsed_before + time.perf_counter() - start)
+                break
             batch = sample_batch(train_tokens, step, cfg)
             model, opt_state, loss_arr, grad_norm = train_step(model, opt_state, batch, opt, cfg.label_smoothing)
             step += 1
@@ -212,7 +222,8 @@ def train(cfg: TrainConfig, train_tokens: np.ndarray, heldout_tokens: np.ndarray
             bar.close()
 
     summary = {"preset": cfg.preset, "steps": step, "tokens_seen": tokens_seen, "final_train_loss": loss,
-               "wall_s": elapsed_before + time.perf_counter() - start, "train_config": asdict(cfg), **(meta or {})}
+               "wall_s": elapsed_before + time.perf_counter() - start, "stopped_early": stopped_early,
+               "train_config": asdict(cfg), **(meta or {})}
     if heldout_tokens is not None:
         summary["final_heldout_loss"] = evaluate(model, heldout_tokens, cfg)
     checkpoint.save(model, out / "final", tokenizer, meta=summary)
