@@ -18,11 +18,12 @@ RUN /opt/toyllm/bin/pip install --no-compile . \
 
 # ---- runtime: the environment, the weights, a non-root user ----
 FROM ${BASE_IMAGE}
-RUN groupadd --system toyllm && useradd --system --gid toyllm --home-dir /app --shell /usr/sbin/nologin toyllm
+RUN groupadd --system --gid 10001 toyllm \
+    && useradd --system --uid 10001 --gid toyllm --home-dir /app --shell /usr/sbin/nologin toyllm
 COPY --from=build /opt/toyllm /opt/toyllm
-COPY --chown=toyllm:toyllm weights /app/weights
+COPY --chown=10001:10001 weights /app/weights
 WORKDIR /app
-USER toyllm
+USER 10001:10001
 ENV PATH=/opt/toyllm/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \

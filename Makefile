@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint bench verify-cache clean
+.PHONY: serve test test-deploy test-image lint bench verify-cache clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,19 +18,40 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev,hf]'
 	touch $@ $(VENV)/.installed
 
-# Until the HTTP server lands, `serve` demonstrates generation on the shipped weights (or, while
-# none are shipped, on random weights of the seed preset) and says so.
-serve: $(VENV)/.installed
-	@if [ -d weights/toyllm-base ]; then \
-	  echo "toyllm: the HTTP server is not built yet; streaming a demo generation from weights/toyllm-base"; \
-	  $(BIN)/toyllm generate --prompt "The history of the city" --max-new-tokens 64 --stats; \
-	else \
-	  echo "toyllm: the HTTP server and trained weights are not built yet; demo generation with RANDOM seed-preset weights"; \
-	  $(BIN)/toyllm generate --preset seed --prompt "The history of the city" --max-new-tokens 64 --stats; \
-	fi
+$(VENV)/.installed-deploy: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev,deploy]'
+	touch $@
 
+# The HTTP server on the shipped weights (settings: TOYLLM_* environment variables, see README).
+serve: $(VENV)/.installed
+	$(BIN)/toyllm serve
+
+# Unit, engine and server tests (in-process and against a real uvicorn).
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not deploy and not image"
+
+# Debian tools the deployment tests drive (root; the package registries are reachable).
+DEB_DEPLOY := prometheus nginx-light
+DEB_IMAGE := podman buildah debootstrap runc fuse-overlayfs slirp4netns uidmap curl
+
+define apt_ensure
+	@missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing $$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null \
+	    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; }; \
+	fi
+endef
+
+# Compose file, Dockerfile lint, promtool, a real Prometheus against a live server, nginx scale-out.
+test-deploy: $(VENV)/.installed-dev $(VENV)/.installed-deploy
+	$(call apt_ensure,$(DEB_DEPLOY))
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -m deploy
+
+# Build the image with Podman on a debootstrap base, run it, stream a generation.
+test-image:
+	$(call apt_ensure,$(DEB_IMAGE))
+	bash tests/image_test.sh
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check toyllm_core server tests benchmarks
