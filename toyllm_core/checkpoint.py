@@ -124,6 +124,7 @@ def save(model: ToyLLM, directory: str | Path, tokenizer=None, meta: dict | None
     (directory / "config.json").write_text(json.dumps(config_to_hf(cfg, meta), indent=2) + "\n")
     tensors = {name: np.asarray(get(model), np.float32) for name, get in _hf_names(cfg).items()}
     save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
+    (directory / WEIGHTS).chmod(0o644)  # safetensors writes 0600; a checkpoint is meant to be shared
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     if card is None and not (directory / "MODEL_CARD.md").exists():

@@ -330,6 +330,9 @@ def train(
                       time_limit_s=None if max_minutes is None else 60 * max_minutes)
     except (ValueError, OSError) as e:
         raise _fail(str(e)) from None
+    from .plots import training_curves
+
+    training_curves(out / "metrics.jsonl", out / "loss_curve.png", f"{preset}: training")
     typer.echo(json.dumps({k: summary[k] for k in ("steps", "tokens_seen", "final_train_loss", "wall_s",
                                                    "stopped_early")}))
 

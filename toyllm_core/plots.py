@@ -78,3 +78,38 @@ def bench_curves(results: list[dict], out: str | Path, title: str = "") -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)
+
+
+def training_curves(metrics_jsonl: str | Path, out: str | Path, title: str = "") -> None:
+    """Training loss (with a moving average) and held-out loss against tokens seen; learning rate below."""
+    import json
+
+    import numpy as np
+
+    records = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
+    train = [r for r in records if "loss" in r]
+    held = [r for r in records if "heldout_loss" in r]
+    tokens_at = {r["step"]: r["tokens_seen"] for r in train}
+    fig, (ax, lr_ax) = plt.subplots(2, 1, figsize=(7, 5.5), dpi=120, sharex=True,
+                                    gridspec_kw={"height_ratios": [3, 1]})
+    x = np.array([r["tokens_seen"] for r in train]) / 1e6
+    loss = np.array([r["loss"] for r in train])
+    ax.plot(x, loss, color="tab:blue", alpha=0.35, lw=0.8, label="train (per logged step)")
+    k = max(1, len(loss) // 20)
+    if len(loss) >= k:
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+        ax.plot(x[k - 1 :], smooth, color="tab:blue", lw=1.8, label=f"train (moving average of {k})")
+    if held:
+        hx = [tokens_at.get(r["step"], np.nan) / 1e6 for r in held]
+        ax.plot(hx, [r["heldout_loss"] for r in held], "o-", color="tab:orange", label="held out")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title or "training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    lr_ax.plot(x, [r["lr"] for r in train], color="tab:green")
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.set_xlabel("tokens seen (millions)")
+    lr_ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
