@@ -87,3 +87,15 @@ def test_a_time_limit_stops_early_and_still_writes_the_checkpoint(tmp_path):
     assert summary["stopped_early"] and summary["steps"] == 0
     _, hf = checkpoint.load(tmp_path / "run" / "final")
     assert hf["toyllm"]["stopped_early"] is True
+
+
+def test_the_seed_preset_trains_end_to_end(tmp_path):
+    from toyllm_core.config import get_preset
+
+    cfg = TrainConfig(preset="seed", seq_len=64, batch_size=2, steps=12, lr=1e-2, warmup_steps=2, log_every=1,
+                      eval_every=12, eval_batches=1, checkpoint_every=12)
+    summary = train(cfg, TOKENS, TOKENS, tmp_path / "seed")
+    losses = _losses(tmp_path / "seed")
+    assert np.mean(losses[-3:]) < losses[0]
+    model, hf = checkpoint.load(tmp_path / "seed" / "final")
+    assert model.cfg == get_preset("seed") and hf["toyllm"]["steps"] == 12 and np.isfinite(summary["final_heldout_loss"])

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The server issue's measurements: `toyllm loadtest` against `toyllm serve` on a checkpoint at
+# several concurrencies (64-token prompts, 128 new tokens, snapkv budget 64), then the KV-cache bytes
+# of 100 idle 1024-token sessions under snapkv and full. The load generator shares this machine.
+#   benchmarks/serve_measurements.sh weights/toyllm-base out/serve
+set -euo pipefail
+CKPT=${1:-weights/toyllm-base}
+OUT=${2:-out/serve}
+PORT=${PORT:-8765}
+T=${TOYLLM:-.venv/bin/toyllm}
+URL=http://127.0.0.1:$PORT
+mkdir -p "$OUT"
+start=$(date +%s.%N)
+$T serve --checkpoint "$CKPT" --port "$PORT" > "$OUT/server.log" 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+until curl -fs "$URL/ready" > /dev/null; do
+  kill -0 $server 2>/dev/null || { tail -20 "$OUT/server.log"; exit 1; }
+  sleep 0.5
+done
+echo "ready (load + warm-up) in $(python3 -c "print(f'{$(date +%s.%N) - $start:.1f}')") s" | tee "$OUT/ready.txt"
+for c in 1 4 16 32; do
+  n=$(( c < 4 ? 8 : 2 * c ))
+  echo "+ $T loadtest --url $URL --concurrency $c --requests $n --prompt-tokens 64 --max-new-tokens 128 --policy snapkv --budget 64" | tee -a "$OUT/commands.txt"
+  $T loadtest --url "$URL" --concurrency $c --requests $n --prompt-tokens 64 --max-new-tokens 128 \
+      --policy snapkv --budget 64 --json "$OUT/load_c$c.json" | tee "$OUT/load_c$c.txt"
+done
+.venv/bin/python benchmarks/idle_sessions.py --url "$URL" --sessions 100 --tokens 1024 --policies snapkv,full \
+    --budget 64 --json "$OUT/idle_sessions.json" | tee "$OUT/idle_sessions.txt"
+curl -fs "$URL/metrics" | grep -E "^toyllm_jit_compilations_total|^toyllm_decode_step_duration_seconds_(sum|count)" \
+    | tee "$OUT/metrics_end.txt"
