@@ -20,7 +20,7 @@ until curl -fs "$URL/ready" > /dev/null; do
 done
 echo "ready (load + warm-up) in $(python3 -c "print(f'{$(date +%s.%N) - $start:.1f}')") s" | tee "$OUT/ready.txt"
 for c in 1 4 16 32; do
-  n=$(( c < 4 ? 8 : 2 * c ))
+  n=${REQUESTS:-$(( c < 4 ? 8 : 2 * c ))}
   echo "+ $T loadtest --url $URL --concurrency $c --requests $n --prompt-tokens 64 --max-new-tokens 128 --policy snapkv --budget 64" | tee -a "$OUT/commands.txt"
   $T loadtest --url "$URL" --concurrency $c --requests $n --prompt-tokens 64 --max-new-tokens 128 \
       --policy snapkv --budget 64 --json "$OUT/load_c$c.json" | tee "$OUT/load_c$c.txt"
