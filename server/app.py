@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import time
 from contextlib import asynccontextmanager, suppress
@@ -158,8 +159,6 @@ class RequestMetrics:
 
 
 async def _reply(send, status: int, type_: str, message: str) -> None:
-    import json
-
     body = json.dumps(error_body(type_, message)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from toyllm_core.cache import MIN_CAPACITY, capacity_bucket
 from toyllm_core.detokenize import TextStream
 from toyllm_core.generate import (
     DecodeBatch,
@@ -294,14 +293,8 @@ class Engine:
             policy = session.cache_cfg.policy
             self.metrics.compressions.labels(policy).inc(row.compressions)
             self.metrics.evicted.labels(policy).inc(row.tokens_evicted)
-        if request.ephemeral:
-            cache = None
-        else:
-            # Give back what decoding needed beyond the bucket the kept tokens fill.
-            floor = capacity_bucket(max(row.length + 1, MIN_CAPACITY))
-            if cache.capacity > floor:
-                cache = cache.resize(floor)
-        session.cache = cache
+        # DecodeBatch.remove already trimmed the cache to the bucket its kept tokens need.
+        session.cache = None if request.ephemeral else cache
         self.store.release(session)
         now = time.perf_counter()
         total = now - request.arrived

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from toyllm_core.policies import CacheConfig
+from toyllm_core.policies import CacheConfig, policy_names
 
 from .engine import Engine
 from .metrics import Metrics
@@ -35,8 +35,6 @@ class ServerState:
         """Live-state gauges (read at scrape time)."""
         snap = self.store.snapshot() if self.store else {"sessions": 0, "cache_bytes": {}, "idle_capacity_bytes": 0}
         engine = self.engine
-        from toyllm_core.policies import policy_names
-
         return {
             "cache_bytes": {p: snap["cache_bytes"].get(p, (0, 0)) for p in policy_names()},
             "capacity_bytes": snap["idle_capacity_bytes"] + (engine.capacity_bytes() if engine else 0),

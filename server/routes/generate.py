@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import asdict
 from typing import Annotated
@@ -29,8 +30,6 @@ def done_payload(session_id: str | None, done: Finished) -> dict:
 
 async def wait_unless_disconnected(request: Request, stream: EventStream):
     """Await the final event of a non-streaming request, cancelling it if the client goes away."""
-    import asyncio
-
     while True:
         try:
             event = await asyncio.wait_for(stream.next(), timeout=0.25)
