@@ -56,10 +56,10 @@ def check_fits(state: ServerState, session: Session, prompt_tokens: int, max_new
 
 
 def sampling_params(max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
-                    stop: list[str]) -> SamplingParams:
+                    stop: list[str], ignore_eos: bool = False) -> SamplingParams:
     try:
         return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                              seed=seed, stop=tuple(stop)).validate()
+                              seed=seed, stop=tuple(stop), ignore_eos=ignore_eos).validate()
     except ValueError as e:
         raise bad_request(str(e)) from None
 

@@ -98,7 +98,8 @@ def _scrape(text: str) -> dict[str, float]:
 
 async def run(url: str, concurrency: int, requests: int, prompt_tokens: int = 64, max_new_tokens: int = 128,
               policy: str | None = "snapkv", budget: int | None = 64, turns: int = 1, temperature: float = 0.0,
-              api_key: str | None = None, timeout_s: float = 600.0, seed: int = 0) -> dict:
+              api_key: str | None = None, timeout_s: float = 600.0, seed: int = 0,
+              ignore_eos: bool = False) -> dict:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     rng = np.random.default_rng(seed)
     conversations = [[make_prompt(rng, prompt_tokens) for _ in range(turns)] for _ in range(-(-requests // turns))]
@@ -118,6 +119,8 @@ async def run(url: str, concurrency: int, requests: int, prompt_tokens: int = 64
                         return
                     body = {"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": temperature,
                             "seed": int(rng.integers(1 << 30))}
+                    if ignore_eos:  # only when asked: servers before the field existed reject unknown fields
+                        body["ignore_eos"] = True
                     if session_id is None:
                         body["cache"] = cache
                     else:
@@ -146,7 +149,7 @@ async def run(url: str, concurrency: int, requests: int, prompt_tokens: int = 64
     return {
         "url": url, "concurrency": concurrency, "requests": len(results), "ok": len(ok), "errors": errors,
         "prompt_words": prompt_tokens, "max_new_tokens": max_new_tokens, "turns": turns,
-        "cache": cache, "temperature": temperature, "wall_s": wall,
+        "ignore_eos": ignore_eos, "cache": cache, "temperature": temperature, "wall_s": wall,
         "generated_tokens": tokens, "tokens_per_s": tokens / wall if wall > 0 else 0.0,
         "ttft_s": _percentiles([r.ttft_s for r in ok]),
         "itl_s": _percentiles([x for r in ok for x in r.itl_s]),

@@ -32,6 +32,8 @@ class GenerateRequest(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = None
     stop: list[str] = Field(default_factory=list, max_length=4)
+    ignore_eos: bool = Field(False, description="Keep generating past the end-of-text token (load tests, "
+                                                "benchmarks: every request makes max_new_tokens tokens).")
     stream: bool = True
     cache: CacheSpec | None = Field(None, description="Fixed when the session is created.")
 

@@ -59,6 +59,19 @@ def _turn(client, prompt, session_id=None, **extra):
     return r.headers["x-session-id"], [d["id"] for n, d in events if n == "token"], events[-1][1]
 
 
+def test_ignore_eos_generates_past_the_end_of_text_token(client):
+    _, ids, _ = _turn(client, "Hello there")
+    engine = client.app.state.toyllm.engine
+    eos, engine.eos = engine.eos, ids[0]  # the token greedy decoding makes first now ends the text
+    try:
+        _, _, stopped = _turn(client, "Hello there")
+        _, kept_going, done = _turn(client, "Hello there", ignore_eos=True)
+    finally:
+        engine.eos = eos
+    assert stopped["finish_reason"] == "eos" and stopped["usage"]["completion_tokens"] == 1
+    assert done["finish_reason"] == "length" and kept_going == ids
+
+
 def test_multi_turn_full_equals_one_request_over_all_turns(client, model, tokenizer):
     turns = ["Once upon a time", " there was a", " and then"]
     sid, history, outs = None, [], []

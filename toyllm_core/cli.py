@@ -163,6 +163,8 @@ def loadtest(
     budget: int = 64,
     turns: Annotated[int, typer.Option(min=1, help="Requests per session (multi-turn when > 1).")] = 1,
     temperature: float = 0.0,
+    ignore_eos: Annotated[bool, typer.Option(help="Every request makes max_new_tokens tokens (no early "
+                                                  "end-of-text), so runs are comparable.")] = False,
     api_key: Annotated[str | None, typer.Option(envvar="TOYLLM_API_KEY")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
 ) -> None:
@@ -175,7 +177,8 @@ def loadtest(
 
     try:
         report = asyncio.run(run(url, concurrency, requests, prompt_tokens, max_new_tokens, policy,
-                                 None if policy == "full" else budget, turns, temperature, api_key))
+                                 None if policy == "full" else budget, turns, temperature, api_key,
+                                 ignore_eos=ignore_eos))
     except httpx.HTTPError as e:
         raise _fail(f"{url}: {e.__class__.__name__}: {e or 'cannot reach the server'}") from None
     typer.echo(format_report(report))

@@ -49,7 +49,8 @@ async def generate(body: GenerateRequest, request: Request, state: ReadyState,
                    x_new_session_id: Annotated[str | None, Header(include_in_schema=False)] = None):
     """Generate from a prompt, continuing `session_id` when given (a new session otherwise)."""
     store = state.store
-    sampling = sampling_params(body.max_new_tokens, body.temperature, body.top_k, body.top_p, body.seed, body.stop)
+    sampling = sampling_params(body.max_new_tokens, body.temperature, body.top_k, body.top_p, body.seed, body.stop,
+                               body.ignore_eos)
     # Behind a routing proxy clients name the session in the X-Session-ID header (see deploy/nginx).
     session_id = body.session_id or x_session_id
     if body.session_id and x_session_id and body.session_id != x_session_id:
