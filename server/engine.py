@@ -37,6 +37,7 @@ from toyllm_core.generate import (
     first_token,
     new_key,
     prefill,
+    warm_prefill,
 )
 from toyllm_core.model import ToyLLM
 from toyllm_core.policies import CacheConfig
@@ -325,9 +326,10 @@ class Engine:
 
     # ---------------------------------------------------------------------------------- warm-up
     def warmup(self, default_cfg: CacheConfig, max_prompt: int, log_fn=log.info) -> None:
-        """Compile the shapes serving will use, by running synthetic requests through this engine:
-        every prefill bucket for a new and a continued session, then batches growing to
-        `max_running` and shrinking again, for greedy, sampled and top-k/top-p sampled decoding."""
+        """Compile the shapes serving will use for the default cache configuration: every prefill
+        shape (see `plan_prefill`), then synthetic requests through this engine in batches growing to
+        `max_running` and shrinking again, for greedy, sampled and top-k/top-p sampled decoding.
+        Call it before the server takes requests: the prefill part runs outside the engine thread."""
         vocab = self.model.cfg.vocab_size
         rng = np.random.default_rng(0)
         decode = default_cfg.trigger + 8 if default_cfg.evicts else 32  # past one decode-time compression
@@ -354,12 +356,18 @@ class Engine:
             return Session("warmup", default_cfg, self.model.cfg.kv_bytes_per_token)
 
         started = time.perf_counter()
-        greedy = SamplingParams(max_new_tokens=decode, temperature=0, ignore_eos=True)
-        for n in (8, 16, 32, 64, 128, 256, 512, 1024):
-            if n <= min(max_prompt, self.max_chunk):
-                s = session()
-                for _turn in range(2):  # a new session, then the same session continued
-                    run([s], [rng.integers(0, vocab, n).tolist()], [greedy])
+        if default_cfg.evicts:
+            # Every shape prefill can reach for any session state and prompt length (bounded because
+            # the cache is); run on the engine thread's behalf here, before the engine serves anyone.
+            n = warm_prefill(self.model, default_cfg, max_prompt, self.max_chunk)
+            log_fn(f"warm-up: {n} prefill shapes in {time.perf_counter() - started:.1f} s")
+        else:  # a full cache grows with the conversation: warm the common prompt buckets
+            greedy = SamplingParams(max_new_tokens=decode, temperature=0, ignore_eos=True)
+            for n in (8, 16, 32, 64, 128, 256, 512, 1024):
+                if n <= min(max_prompt, self.max_chunk):
+                    s = session()
+                    for _turn in range(2):  # a new session, then the same session continued
+                        run([s], [rng.integers(0, vocab, n).tolist()], [greedy])
         samplers = [{"temperature": 0}, {"temperature": 1.0}, {"temperature": 1.0, "top_k": 40, "top_p": 0.9}]
         for sampler in samplers:
             size = 1

@@ -183,6 +183,43 @@ class PrefillResult:
     compressions: int = 0
 
 
+@dataclass(frozen=True)
+class PrefillChunk:
+    real: int  # prompt tokens in this chunk
+    padded: int  # its compiled length
+    capacity: int  # the cache capacity it runs against (the cache grows to it first when smaller)
+    compress: bool  # compress to the budget after it
+
+
+def plan_prefill(n_tokens: int, length: int, capacity: int | None, cache_cfg: CacheConfig,
+                 max_chunk: int = 512) -> tuple[list[PrefillChunk], int]:
+    """The chunks `prefill` runs for n_tokens on a cache of `length` live slots and `capacity`
+    (None = a new cache), and the capacity it returns. Pure host arithmetic: the server's warm-up
+    enumerates every shape prefill can compile with it."""
+    if capacity is None:
+        # A full cache is sized for the whole prompt at once; a compressing one for one chunk on
+        # top of what it keeps.
+        capacity = capacity_bucket(length + (min(n_tokens, max_chunk) if cache_cfg.evicts else n_tokens))
+    chunks, done, compressed = [], 0, False
+    while done < n_tokens:
+        real = min(n_tokens - done, max_chunk)
+        if length + real > capacity:
+            capacity = capacity_bucket(length + real)
+        padded = max(_pow2_ceil(real), MIN_CHUNK)
+        if length + padded > capacity:  # padding would overflow: take an exact piece
+            real = padded = _pow2_floor(real)
+        length += real
+        done += real
+        compress = cache_cfg.evicts and length > cache_cfg.budget
+        if compress:
+            length, compressed = cache_cfg.budget, True
+        chunks.append(PrefillChunk(real, padded, capacity, compress))
+    if compressed and capacity > capacity_bucket(cache_cfg.trigger):
+        # Give back what the prompt needed: decoding needs budget + slack slots at most.
+        capacity = capacity_bucket(cache_cfg.trigger)
+    return chunks, capacity
+
+
 def prefill(model: ToyLLM, tokens: Sequence[int], cache: KVCache | None, cache_cfg: CacheConfig,
             length: int = 0, max_chunk: int = 512) -> PrefillResult:
     """Append a prompt to one sequence's cache (None = a new sequence) and compress if it overflows.
@@ -194,39 +231,94 @@ def prefill(model: ToyLLM, tokens: Sequence[int], cache: KVCache | None, cache_c
     """
     if len(tokens) == 0:
         raise ValueError("prefill needs at least one token")
-    n_tokens = len(tokens)
-    # A full cache is sized for the whole prompt at once; a compressing one for one chunk on top
-    # of what it keeps.
-    need = length + (min(n_tokens, max_chunk) if cache_cfg.evicts else n_tokens)
+    chunks, final_capacity = plan_prefill(len(tokens), length, None if cache is None else cache.capacity,
+                                          cache_cfg, max_chunk)
     if cache is None:
-        cache = KVCache.empty(model.cfg, capacity_bucket(need))
+        cache = KVCache.empty(model.cfg, chunks[0].capacity)
     tokens = np.asarray(tokens, np.int32)
     result = PrefillResult(logits=None, cache=cache, length=length)  # type: ignore[arg-type]
     done = 0
-    while done < n_tokens:
-        real = min(n_tokens - done, max_chunk)
-        if result.length + real > cache.capacity:
-            cache = cache.resize(capacity_bucket(result.length + real))
-        padded = max(_pow2_ceil(real), MIN_CHUNK)
-        if result.length + padded > cache.capacity:  # padding would overflow: take an exact piece
-            real = padded = _pow2_floor(real)
-        chunk = np.zeros((1, padded), np.int32)
-        chunk[0, :real] = tokens[done : done + real]
-        logits, batched = prefill_step(model, chunk, np.array([real], np.int32), add_batch_axis(cache))
+    for piece in chunks:
+        cache = cache.resize(piece.capacity)
+        chunk = np.zeros((1, piece.padded), np.int32)
+        chunk[0, : piece.real] = tokens[done : done + piece.real]
+        logits, batched = prefill_step(model, chunk, np.array([piece.real], np.int32), add_batch_axis(cache))
         cache = drop_batch_axis(batched)
-        result.length += real
-        done += real
-        if cache_cfg.evicts and result.length > cache_cfg.budget:
+        result.length += piece.real
+        done += piece.real
+        if piece.compress:
             cache = compress_one(cache, cache_cfg)
             result.evicted += result.length - cache_cfg.budget
             result.compressions += 1
             result.length = cache_cfg.budget
         result.logits = logits[0]
-    if result.compressions and cache.capacity > capacity_bucket(cache_cfg.trigger):
-        # Give back what the prompt needed: decoding needs budget + slack slots at most.
-        cache = cache.resize(capacity_bucket(cache_cfg.trigger))
-    result.cache = cache
+    result.cache = cache.resize(final_capacity)
     return result
+
+
+def idle_capacities(length: int, cache_cfg: CacheConfig) -> list[int]:
+    """Capacities a compressing policy's idle cache of `length` slots can have between requests:
+    from what its length needs up to the bucket decoding grows it to."""
+    caps, cap = [], capacity_bucket(length + 1)
+    while cap <= capacity_bucket(cache_cfg.trigger):
+        caps.append(cap)
+        cap *= 2
+    return caps
+
+
+def prefill_shapes(cache_cfg: CacheConfig, max_prompt: int, max_chunk: int = 512) -> set[tuple]:
+    """Every shape-determining operation prefill (and a decode batch's join and leave) can run for
+    sessions under one compressing cache configuration and prompts of up to max_prompt tokens:
+    ("new", capacity), ("resize", from, to), ("chunk", padded, capacity), ("compress", capacity)."""
+    if not cache_cfg.evicts:
+        raise ValueError("only a compressing policy's prefill shapes are bounded")
+    decode_capacity = capacity_bucket(cache_cfg.trigger)
+    # Past two chunks every state repeats: after a full chunk and its compression the cache is at
+    # the budget again. (+1: a continued session feeds its pending token first.)
+    longest = min(max_prompt + 1, 2 * max_chunk + cache_cfg.trigger + 1)
+    ops: set[tuple] = set()
+    for length in range(cache_cfg.trigger + 1):
+        for start in [None] if length == 0 else idle_capacities(length, cache_cfg):
+            for n in range(1, longest + 1):
+                chunks, final = plan_prefill(n, length, start, cache_cfg, max_chunk)
+                cap = start
+                if cap is None:
+                    ops.add(("new", chunks[0].capacity))
+                    cap = chunks[0].capacity
+                for piece in chunks:
+                    if piece.capacity != cap:
+                        ops.add(("resize", cap, piece.capacity))
+                        cap = piece.capacity
+                    ops.add(("chunk", piece.padded, cap))
+                    if piece.compress:
+                        ops.add(("compress", cap))
+                if final != cap:
+                    ops.add(("resize", cap, final))
+    for length in range(cache_cfg.trigger + 1):  # joining a decode batch, and leaving it trimmed
+        for cap in idle_capacities(length, cache_cfg):
+            if cap != decode_capacity:
+                ops.update({("resize", cap, decode_capacity), ("resize", decode_capacity, cap)})
+    return ops
+
+
+def warm_prefill(model: ToyLLM, cache_cfg: CacheConfig, max_prompt: int, max_chunk: int = 512) -> int:
+    """Compile every prefill_shapes() operation on empty caches; returns how many there were."""
+    ops = sorted(prefill_shapes(cache_cfg, max_prompt, max_chunk))
+    for op in ops:
+        kind, a = op[0], op[1]
+        if kind == "new":
+            out = KVCache.empty(model.cfg, a)
+        elif kind == "resize":
+            out = KVCache.empty(model.cfg, a).resize(op[2])
+        elif kind == "chunk":
+            cache = KVCache.empty(model.cfg, op[2])
+            logits, batched = prefill_step(model, np.zeros((1, a), np.int32), np.array([a], np.int32),
+                                           add_batch_axis(cache))
+            out = (logits[0], drop_batch_axis(batched))
+        else:
+            out = compress_one(KVCache.empty(model.cfg, a), cache_cfg)
+        jax.block_until_ready(out)
+    return len(ops)
 
 
 # --------------------------------------------------------------------------------- decode batch
@@ -291,6 +383,12 @@ class DecodeBatch:
 
     def add(self, cache: KVCache, row: Row) -> Row:
         """Insert a prefilled sequence (its unbatched cache and host state)."""
+        # A compressing row grows to its trigger's bucket before its first compression anyway; giving
+        # it that capacity now keeps the batch's capacity independent of when rows joined, so a batch
+        # of such rows has one capacity and the shapes it compiles depend on the batch size alone.
+        floor = capacity_bucket(row.cache_cfg.trigger) if row.cache_cfg.evicts else 0
+        if cache.capacity < floor:
+            cache = cache.resize(floor)
         if self.cache is None:
             self.cache = stack([cache])
             self.rows = [None]
