@@ -36,7 +36,7 @@ def _load_model(settings: Settings):
         from toyllm_core.model import ToyLLM
         from toyllm_core.tokenizer import gpt2_tokenizer
 
-        return ToyLLM(get_preset(settings.preset), jax.random.PRNGKey(0)), gpt2_tokenizer(), \
+        return ToyLLM(get_preset(settings.preset), jax.random.PRNGKey(0)).for_inference(), gpt2_tokenizer(), \
             f"random-{settings.preset}", "none"
     from toyllm_core.tokenizer import load_tokenizer
 
@@ -46,7 +46,7 @@ def _load_model(settings: Settings):
     model, _ = ckpt.load(directory)
     sums = directory / ckpt.CHECKSUMS
     digest = hashlib.sha256((sums if sums.exists() else directory / "model.safetensors").read_bytes()).hexdigest()
-    return model, load_tokenizer(directory), directory.name, digest
+    return model.for_inference(), load_tokenizer(directory), directory.name, digest
 
 
 def _start(state: ServerState) -> None:

@@ -25,6 +25,15 @@ def test_cached_decode_equals_recomputation(n_kv_heads):
     assert cached_vs_recomputed(tiny_model(n_kv_heads), length=300) < 1e-4
 
 
+def test_inference_copy_of_the_embedding_gives_the_same_logits(model):
+    fast = model.for_inference()
+    assert fast.unembed.shape == (model.cfg.d_model, model.cfg.vocab_size)
+    assert cached_vs_recomputed(fast, length=100) < 1e-4  # batch-1 decode (the copy) vs parallel forward
+    h = model.hidden(_tokens(5))
+    np.testing.assert_allclose(np.asarray(fast.logits(h[-1])), np.asarray(model.logits(h[-1])), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(fast.logits(h)), np.asarray(model.logits(h)), atol=1e-5)
+
+
 def test_prefill_chunk_against_existing_cache_equals_recomputation(model):
     tokens = _tokens(160)
     full = np.asarray(model(tokens))

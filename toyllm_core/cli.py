@@ -51,14 +51,15 @@ def _load(checkpoint: Path | None, preset: str | None, seed: int = 0):
     from .tokenizer import gpt2_tokenizer, load_tokenizer
 
     if preset is not None and checkpoint is None:
-        return ToyLLM(get_preset(preset), jax.random.PRNGKey(seed)), gpt2_tokenizer(), f"random-{preset}"
+        model = ToyLLM(get_preset(preset), jax.random.PRNGKey(seed)).for_inference()
+        return model, gpt2_tokenizer(), f"random-{preset}"
     directory = checkpoint or DEFAULT_CHECKPOINT
     if not directory.exists():
         raise ckpt.CheckpointError(
             f"{directory}: no checkpoint there; pass --checkpoint DIR, or --preset seed for random weights"
         )
     model, _ = ckpt.load(directory)
-    return model, load_tokenizer(directory), directory.name
+    return model.for_inference(), load_tokenizer(directory), directory.name
 
 
 @app.command()

@@ -17,6 +17,7 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .cache import RECENT_QUERIES, KVCache
 from .config import ModelConfig
@@ -145,6 +146,8 @@ class ToyLLM(eqx.Module):
     blocks: tuple[Block, ...]
     norm: RMSNorm
     cfg: ModelConfig = eqx.field(static=True)
+    # Inference only (see for_inference): the embedding transposed, contiguous [d_model, vocab].
+    unembed: jax.Array | None = None
 
     def __init__(self, cfg: ModelConfig, key: jax.Array):
         ke, *kb = jax.random.split(key, cfg.n_layers + 1)
@@ -152,18 +155,32 @@ class ToyLLM(eqx.Module):
         self.blocks = tuple(Block(cfg, k) for k in kb)
         self.norm = RMSNorm(jnp.ones(cfg.d_model), cfg.norm_eps)
         self.cfg = cfg
+        self.unembed = None
+
+    def for_inference(self) -> ToyLLM:
+        """This model plus a contiguous [d_model, vocab] copy of the tied embedding, for one-row
+        logits. XLA's CPU backend computes [1, d] @ embed.T by copying the transposed 50257 x 128
+        matrix in a loop fusion on every call, most of a batch-1 decode step; with the copy made once
+        the product is a plain matrix-vector one (benchmarks/lm_head.py). Costs vocab x d_model floats
+        more memory; not for training (the copy would not follow the embedding)."""
+        transposed = jnp.asarray(np.ascontiguousarray(np.asarray(self.embed).T))
+        return eqx.tree_at(lambda m: m.unembed, self, transposed, is_leaf=lambda x: x is None)
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Final norm and the tied output projection: h [..., d] -> [..., vocab]."""
         # Tying the output projection to the embedding saves vocab x d_model parameters, most of a
         # small model's weights.
         x = self.norm(h)
-        if x.ndim == 1:
-            return self.embed @ x
-        # [vocab, d] @ [d, N] rather than [N, d] @ [d, vocab]: measured 1.2-1.7x faster in the decode
-        # step on XLA's CPU backend, at batch 1 and 16.
         flat = x.reshape(-1, x.shape[-1])
-        return (self.embed @ flat.T).T.reshape(*x.shape[:-1], self.embed.shape[0])
+        if flat.shape[0] == 1:
+            # One row (batch-1 decoding): [1, d] @ [d, vocab] is the fastest form on XLA's CPU
+            # backend, by far with a contiguous [d, vocab] matrix (for_inference); for two or more
+            # rows the next form is (benchmarks/lm_head.py).
+            out = flat @ (self.embed.T if self.unembed is None else self.unembed)
+        else:
+            # Several rows: [vocab, d] @ [d, N] measured 1.2-1.7x faster in the decode step.
+            out = (self.embed @ flat.T).T
+        return out.reshape(*x.shape[:-1], self.embed.shape[0])
 
     def hidden(self, tokens: jax.Array) -> jax.Array:
         """Parallel causal forward of tokens [T] at positions 0..T-1 -> hidden states [T, d]."""
