@@ -20,13 +20,30 @@ def _plain_log_axes(ax) -> None:
         axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
 
 
+# One colour and marker per policy in every panel and figure.
+_POLICY_STYLE = {"none": ("tab:gray", "x"), "full": ("tab:blue", "o"), "streaming": ("tab:green", "s"),
+                 "snapkv": ("tab:red", "^"), "h2o": ("tab:orange", "v")}
+
+
+def _style(policy: str) -> dict:
+    color, marker = _POLICY_STYLE.get(policy, (None, "o"))
+    return {"color": color, "marker": marker}
+
+
+def _bytes_label(v: float) -> str:
+    for unit, size in (("MiB", 2**20), ("KiB", 2**10)):
+        if v >= size:
+            return f"{v / size:.4g} {unit}"
+    return f"{v:g} B"
+
+
 def perplexity_vs_budget(rows: list[dict], out: str | Path, title: str = "") -> None:
     """Perplexity against cache budget, one line per policy, with `full` as a horizontal reference."""
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     full = [r for r in rows if r["policy"] == "full"]
     for policy in sorted({r["policy"] for r in rows} - {"full"}):
         points = sorted((r["budget"], r["perplexity"]) for r in rows if r["policy"] == policy)
-        ax.plot(*zip(*points, strict=True), marker="o", label=policy)
+        ax.plot(*zip(*points, strict=True), label=policy, **_style(policy))
     if full:
         ax.axhline(full[0]["perplexity"], color="black", linestyle="--", linewidth=1, label="full cache")
     ax.set_xscale("log", base=2)
@@ -49,27 +66,35 @@ def bench_curves(results: list[dict], out: str | Path, title: str = "") -> None:
     """Per-token latency (one panel per batch size) and cache bytes against context, log axes."""
     batches = sorted({r["batch"] for r in results})
     fig, axes = plt.subplots(1, len(batches) + 1, figsize=(5 * (len(batches) + 1), 4.2), dpi=110)
-    policies = sorted({r["policy"] for r in results})
+    order = [p for p in _POLICY_STYLE if any(r["policy"] == p for r in results)]
+    policies = order + sorted({r["policy"] for r in results} - set(order))
     for ax, batch in zip(axes, batches, strict=False):
         for policy in policies:
             points = sorted((r["context"], r["median_ms_per_step"]) for r in results
                             if r["policy"] == policy and r["batch"] == batch)
             if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=policy)
+                ax.plot(*zip(*points, strict=True), label="no cache" if policy == "none" else policy,
+                        **_style(policy))
         ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per decode step",
                title=f"decode latency, batch {batch}")
         _plain_log_axes(ax)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     ax = axes[-1]
-    for policy in policies:
+    for i, policy in enumerate(policies):
         points = sorted({(r["context"], r["cache_bytes_per_sequence"]) for r in results
                          if r["policy"] == policy and r["cache_bytes_per_sequence"] > 0})
         if points:
-            ax.plot(*zip(*points, strict=True), marker="o", label=policy)
+            # Compressing policies keep the same budget: their lines coincide, so dash and shrink
+            # the later ones to keep each visible.
+            ax.plot(*zip(*points, strict=True), label=policy, linestyle="-" if i < 2 else "--",
+                    markersize=max(7 - 1.5 * i, 3), **_style(policy))
     ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="KV-cache bytes per sequence",
-           title="cache memory (h2o, snapkv and streaming keep the same budget)")
+           title="cache memory per sequence")
     _plain_log_axes(ax)
+    sizes = sorted({r["cache_bytes_per_sequence"] for r in results if r["cache_bytes_per_sequence"] > 0})
+    ax.set_yticks(sizes, [_bytes_label(v) for v in sizes])  # the measured sizes, in KiB/MiB
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     if title:
