@@ -66,9 +66,26 @@ def _window(tokens: np.ndarray, start: int, length: int) -> np.ndarray:
     return np.pad(w, (0, length - len(w)))  # only the last window of a short text is padded
 
 
+# Positions per block of logits when scoring a window: [128, vocab] floats (~25 MB for GPT-2's
+# vocabulary) at a time instead of [seq_len, vocab] (~200 MB per 1024-token window, times the batch).
+NLL_BLOCK = 128
+
+
 def _window_nll(model: ToyLLM, window):
-    logits = model(window)[:-1]
-    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, window[1:, None], axis=-1)[:, 0]
+    """NLL of tokens 1.. of a window [T] given the ones before -> [T - 1]."""
+    h = model.hidden(window)[:-1]
+    targets = window[1:]
+    t = h.shape[0]
+    pad = -t % NLL_BLOCK
+    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, NLL_BLOCK, h.shape[-1])
+    targets = jnp.pad(targets, (0, pad)).reshape(-1, NLL_BLOCK)
+
+    def block(args):
+        hb, tb = args
+        logits = model.logits(hb)
+        return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, tb[:, None], axis=-1)[:, 0]
+
+    return jax.lax.map(block, (h, targets)).reshape(-1)[:t]
 
 
 @partial(jax.jit, donate_argnames=("cache",))
