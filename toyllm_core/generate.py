@@ -200,7 +200,7 @@ def plan_prefill(n_tokens: int, length: int, capacity: int | None, cache_cfg: Ca
         # A full cache is sized for the whole prompt at once; a compressing one for one chunk on
         # top of what it keeps.
         capacity = capacity_bucket(length + (min(n_tokens, max_chunk) if cache_cfg.evicts else n_tokens))
-    chunks, done, compressed = [], 0, False
+    chunks, done = [], 0
     while done < n_tokens:
         real = min(n_tokens - done, max_chunk)
         if length + real > capacity:
@@ -212,9 +212,9 @@ def plan_prefill(n_tokens: int, length: int, capacity: int | None, cache_cfg: Ca
         done += real
         compress = cache_cfg.evicts and length > cache_cfg.budget
         if compress:
-            length, compressed = cache_cfg.budget, True
+            length = cache_cfg.budget
         chunks.append(PrefillChunk(real, padded, capacity, compress))
-    if compressed and capacity > capacity_bucket(cache_cfg.trigger):
+    if any(c.compress for c in chunks) and capacity > capacity_bucket(cache_cfg.trigger):
         # Give back what the prompt needed: decoding needs budget + slack slots at most.
         capacity = capacity_bucket(cache_cfg.trigger)
     return chunks, capacity
@@ -239,11 +239,9 @@ def prefill(model: ToyLLM, tokens: Sequence[int], cache: KVCache | None, cache_c
     result = PrefillResult(logits=None, cache=cache, length=length)  # type: ignore[arg-type]
     done = 0
     for piece in chunks:
-        cache = cache.resize(piece.capacity)
-        chunk = np.zeros((1, piece.padded), np.int32)
-        chunk[0, : piece.real] = tokens[done : done + piece.real]
-        logits, batched = prefill_step(model, chunk, np.array([piece.real], np.int32), add_batch_axis(cache))
-        cache = drop_batch_axis(batched)
+        chunk = np.zeros(piece.padded, np.int32)
+        chunk[: piece.real] = tokens[done : done + piece.real]
+        result.logits, cache = _prefill_chunk(model, cache.resize(piece.capacity), chunk, piece.real)
         result.length += piece.real
         done += piece.real
         if piece.compress:
@@ -251,9 +249,14 @@ def prefill(model: ToyLLM, tokens: Sequence[int], cache: KVCache | None, cache_c
             result.evicted += result.length - cache_cfg.budget
             result.compressions += 1
             result.length = cache_cfg.budget
-        result.logits = logits[0]
     result.cache = cache.resize(final_capacity)
     return result
+
+
+def _prefill_chunk(model: ToyLLM, cache: KVCache, chunk: np.ndarray, real: int) -> tuple[jax.Array, KVCache]:
+    """One padded chunk [C] (the first `real` tokens real) into an unbatched cache -> (logits, cache)."""
+    logits, batched = prefill_step(model, chunk[None], np.array([real], np.int32), add_batch_axis(cache))
+    return logits[0], drop_batch_axis(batched)
 
 
 def idle_capacities(length: int, cache_cfg: CacheConfig) -> list[int]:
@@ -311,10 +314,7 @@ def warm_prefill(model: ToyLLM, cache_cfg: CacheConfig, max_prompt: int, max_chu
         elif kind == "resize":
             out = KVCache.empty(model.cfg, a).resize(op[2])
         elif kind == "chunk":
-            cache = KVCache.empty(model.cfg, op[2])
-            logits, batched = prefill_step(model, np.zeros((1, a), np.int32), np.array([a], np.int32),
-                                           add_batch_axis(cache))
-            out = (logits[0], drop_batch_axis(batched))
+            out = _prefill_chunk(model, KVCache.empty(model.cfg, op[2]), np.zeros(a, np.int32), a)
         else:
             out = compress_one(KVCache.empty(model.cfg, a), cache_cfg)
         jax.block_until_ready(out)

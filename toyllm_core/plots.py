@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
@@ -107,10 +109,6 @@ def bench_curves(results: list[dict], out: str | Path, title: str = "") -> None:
 
 def training_curves(metrics_jsonl: str | Path, out: str | Path, title: str = "") -> None:
     """Training loss (with a moving average) and held-out loss against tokens seen; learning rate below."""
-    import json
-
-    import numpy as np
-
     records = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
     train = [r for r in records if "loss" in r]
     held = [r for r in records if "heldout_loss" in r]
