@@ -4,6 +4,7 @@
 # with --ignore-eos), then the KV-cache bytes
 # of 100 idle 1024-token sessions under snapkv and full. The load generator shares this machine.
 #   benchmarks/serve_measurements.sh weights/toyllm-base out/serve
+# MODES, CONCURRENCIES and IDLE=0 pick a subset, e.g. MODES=ignore-eos CONCURRENCIES="1 16" IDLE=0.
 set -euo pipefail
 CKPT=${1:-weights/toyllm-base}
 OUT=${2:-out/serve}
@@ -23,16 +24,18 @@ echo "ready (load + warm-up) in $(python3 -c "print(f'{$(date +%s.%N) - $start:.
 curl -fs "$URL/metrics" | grep -E "^toyllm_jit_compilations_total" | tee "$OUT/metrics_ready.txt"
 # As the model decides (it often ends early with end-of-text), then with every request making all
 # 128 tokens (--ignore-eos), so that the concurrencies do the same work per request.
-for mode in natural ignore-eos; do
+for mode in ${MODES:-natural ignore-eos}; do
   flag=$([ $mode = ignore-eos ] && echo --ignore-eos || true)
-  for c in 1 4 16 32; do
+  for c in ${CONCURRENCIES:-1 4 16 32}; do
     n=${REQUESTS:-$(( c < 4 ? 8 : 2 * c ))}
     echo "+ $T loadtest --url $URL --concurrency $c --requests $n --prompt-tokens 64 --max-new-tokens 128 --policy snapkv --budget 64 $flag" | tee -a "$OUT/commands.txt"
     $T loadtest --url "$URL" --concurrency $c --requests $n --prompt-tokens 64 --max-new-tokens 128 \
         --policy snapkv --budget 64 $flag --json "$OUT/load_${mode}_c$c.json" | tee "$OUT/load_${mode}_c$c.txt"
   done
 done
-.venv/bin/python benchmarks/idle_sessions.py --url "$URL" --sessions 100 --tokens 1024 --policies snapkv,full \
-    --budget 64 --json "$OUT/idle_sessions.json" | tee "$OUT/idle_sessions.txt"
+if [ "${IDLE:-1}" = 1 ]; then
+  .venv/bin/python benchmarks/idle_sessions.py --url "$URL" --sessions 100 --tokens 1024 --policies snapkv,full \
+      --budget 64 --json "$OUT/idle_sessions.json" | tee "$OUT/idle_sessions.txt"
+fi
 curl -fs "$URL/metrics" | grep -E "^toyllm_jit_compilations_total|^toyllm_decode_step_duration_seconds_(sum|count)" \
     | tee "$OUT/metrics_end.txt"
