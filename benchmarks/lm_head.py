@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _median_ms(fn, *args, n: int = 200) -> float:
+def median_ms(fn, *args, n: int = 200) -> float:
     fn(*args).block_until_ready()
     times = []
     for _ in range(n):
@@ -43,7 +43,7 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in forms}
         for _ in range(args.rounds):  # interleaved: this machine's timings drift
             for name, (fn, weights) in forms.items():
-                times[name].append(_median_ms(fn, weights, x))
+                times[name].append(median_ms(fn, weights, x))
         out[n] = {name: statistics.median(t) for name, t in times.items()}
         print(f"rows {n:3d}: " + "   ".join(f"{name} {ms:.3f} ms" for name, ms in out[n].items()))
     print(json.dumps(out))
