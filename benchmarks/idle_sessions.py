@@ -42,7 +42,9 @@ def main() -> None:
     with httpx.Client(base_url=args.url, timeout=600) as c:
         for policy in args.policies.split(","):
             cache = {"policy": policy} if policy == "full" else {"policy": policy, "budget": args.budget}
+            # Sessions left by earlier runs count in the gauges too: measure what these sessions add.
             before = gauge(args.url, "toyllm_kv_cache_bytes", policy)
+            full_before = gauge(args.url, "toyllm_kv_cache_full_equivalent_bytes", policy)
             ids, seen = [], []
             for _ in range(args.sessions):
                 words = args.tokens - 1
@@ -58,7 +60,7 @@ def main() -> None:
                 ids.append(done["session_id"])
                 seen.append(done["cache"]["tokens_seen"] + 1)  # + the generated token, pending
             kept = gauge(args.url, "toyllm_kv_cache_bytes", policy) - before
-            full = gauge(args.url, "toyllm_kv_cache_full_equivalent_bytes", policy)
+            full = gauge(args.url, "toyllm_kv_cache_full_equivalent_bytes", policy) - full_before
             report["policies"][policy] = {"cache_bytes": kept, "mean_tokens_seen": float(np.mean(seen)),
                                           "full_equivalent_bytes": full}
             print(f"{policy}: {args.sessions} idle sessions of ~{np.mean(seen):.0f} tokens hold {kept / 2**20:.2f} MiB "
