@@ -35,20 +35,24 @@ def main() -> None:
     model = load(args.checkpoint)[0].for_inference()
     cfg = model.cfg
     cache_cfg = CacheConfig("snapkv", 64).validate()
-    out: dict = {"checkpoint": args.checkpoint, "context": args.context, "policy": "snapkv", "budget": 64,
-                 "matmul_gflops": matmul_gflops()}
+
+    def output_layer_flops(rows: int) -> int:
+        return 2 * rows * cfg.d_model * cfg.vocab_size
+
+    out: dict = {"checkpoint": args.checkpoint, "context": args.context, "policy": cache_cfg.policy,
+                 "budget": cache_cfg.budget, "matmul_gflops": matmul_gflops()}
     logits = jax.jit(lambda m, h: m.logits(h))
     for rows in (1, args.batch):
         h = jax.random.normal(jax.random.PRNGKey(rows), (rows, cfg.d_model), jnp.float32)
         head_ms = median_ms(logits, model, h)
         step = decode_latency(model, cache_cfg, rows, args.context, steps=32, repeats=5)
         out[f"batch_{rows}"] = {"step_ms": step.median_ms_per_step, "output_layer_ms": head_ms,
-                                "output_layer_gflops": 2 * rows * cfg.d_model * cfg.vocab_size / head_ms / 1e6}
+                                "output_layer_gflops": output_layer_flops(rows) / head_ms / 1e6}
     one, many = out["batch_1"], out[f"batch_{args.batch}"]
     out["throughput_ratio"] = args.batch * one["step_ms"] / many["step_ms"]
     # What the target needs, and what the output layer alone costs at the machine's best rate.
     out["step_ms_needed_for_target"] = args.batch * one["step_ms"] / args.target
-    out["output_layer_ms_at_matmul_rate"] = 2 * args.batch * cfg.d_model * cfg.vocab_size / out["matmul_gflops"] / 1e6
+    out["output_layer_ms_at_matmul_rate"] = output_layer_flops(args.batch) / out["matmul_gflops"] / 1e6
     print(f"float32 matmul (2048^2, XLA): {out['matmul_gflops']:.0f} GFLOP/s")
     for rows in (1, args.batch):
         r = out[f"batch_{rows}"]
