@@ -14,7 +14,10 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from toyllm_core import checkpoint as ckpt
-from toyllm_core.policies import CacheConfig, policy_names
+from toyllm_core.config import get_dtype
+from toyllm_core.engine import Engine as CoreEngine
+from toyllm_core.engine import plan_classes, warm_up
+from toyllm_core.policies import make_policy, parse_policy, policy_class, policy_names
 
 from .engine import Engine
 from .errors import error_body, install
@@ -36,7 +39,7 @@ def _load_model(settings: Settings):
         from toyllm_core.model import ToyLLM
         from toyllm_core.tokenizer import gpt2_tokenizer
 
-        return ToyLLM(get_preset(settings.preset), jax.random.PRNGKey(0)).for_inference(), gpt2_tokenizer(), \
+        return ToyLLM(get_preset(settings.preset), jax.random.PRNGKey(0)), gpt2_tokenizer(), \
             f"random-{settings.preset}", "none"
     from toyllm_core.tokenizer import load_tokenizer
 
@@ -46,7 +49,7 @@ def _load_model(settings: Settings):
     model, _ = ckpt.load(directory)
     sums = directory / ckpt.CHECKSUMS
     digest = hashlib.sha256((sums if sums.exists() else directory / "model.safetensors").read_bytes()).hexdigest()
-    return model.for_inference(), load_tokenizer(directory), directory.name, digest
+    return model, load_tokenizer(directory), directory.name, digest
 
 
 def _start(state: ServerState) -> None:
@@ -54,34 +57,56 @@ def _start(state: ServerState) -> None:
     s = state.settings
     started = time.perf_counter()
     model, tokenizer, name, digest = _load_model(s)
+    model = model.astype(get_dtype(s.dtype)).for_inference()
     state.model, state.tokenizer, state.model_name, state.checkpoint_sha256 = model, tokenizer, name, digest
-    state.default_cache = CacheConfig(s.cache_policy, s.cache_budget, s.cache_sink_size, s.cache_window_size,
-                                      s.cache_slack).validate()
+    cfg = model.cfg
+    state.default_policy = make_policy(s.cache_policy, **_default_params(s))
+    policies = [state.default_policy] + [parse_policy(text) for text in s.cache_classes]
+    full_tokens = s.full_cache_tokens or [n for n in (2048,) if n < cfg.context_length] + [cfg.context_length]
+    if max(full_tokens) > cfg.context_length:
+        raise ValueError(f"full_cache_tokens {full_tokens} go past the model context ({cfg.context_length})")
+    if s.interleave_chunk > s.max_prefill_chunk:
+        raise ValueError("interleave_chunk must not exceed max_prefill_chunk")
+    state.classes = plan_classes(policies, model.kv_bytes_per_token, s.max_concurrent_requests,
+                                 s.decode_state_bytes, s.max_prefill_chunk, full_tokens)
     m = state.metrics
-    state.store = SessionStore(s.max_sessions, s.session_ttl_s, s.max_cache_bytes, model.cfg.kv_bytes_per_token,
+    state.store = SessionStore(s.max_sessions, s.session_ttl_s, s.max_cache_bytes, model.kv_bytes_per_token,
                                on_created=m.sessions_created.inc,
                                on_evicted=lambda reason: m.sessions_evicted.labels(reason).inc())
-    state.engine = Engine(model, tokenizer, state.store, m, max_running=s.max_concurrent_requests,
-                          queue_size=s.queue_size, steps_per_call=s.steps_per_call, max_chunk=s.max_prefill_chunk)
-    cfg = model.cfg
+    core = CoreEngine(model, state.classes, steps_per_call=s.steps_per_call)
+    state.engine = Engine(core, tokenizer, state.store, m, max_running=s.max_concurrent_requests,
+                          queue_size=s.queue_size, interleave_chunk=s.interleave_chunk)
     state.info = {
         "model": {"name": name, "vocab_size": cfg.vocab_size, "context_length": cfg.context_length,
                   "d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
-                  "n_kv_heads": cfg.n_kv_heads, "parameters": cfg.num_params()},
+                  "n_kv_heads": cfg.n_kv_heads, "parameters": cfg.num_params(), "dtype": s.dtype},
         "checkpoint": {"path": None if s.preset else str(s.checkpoint), "sha256": digest},
-        "kv_bytes_per_token": cfg.kv_bytes_per_token,
+        "kv_bytes_per_token": model.kv_bytes_per_token,
         "policies": policy_names(),
-        "default_cache": state.default_cache.__dict__,
+        "default_cache": state.default_policy.describe(),
+        "cache_classes": [c.describe() for c in state.classes],
         "limits": {"max_sessions": s.max_sessions, "session_ttl_s": s.session_ttl_s,
                    "max_cache_bytes": s.max_cache_bytes, "max_concurrent_requests": s.max_concurrent_requests,
                    "queue_size": s.queue_size, "max_prompt_tokens": s.max_prompt_tokens,
                    "max_new_tokens": s.max_new_tokens, "max_body_bytes": s.max_body_bytes},
-        "engine": {"steps_per_call": s.steps_per_call, "max_prefill_chunk": s.max_prefill_chunk},
+        "engine": {"steps_per_call": s.steps_per_call, "max_prefill_chunk": s.max_prefill_chunk,
+                   "interleave_chunk": s.interleave_chunk},
     }
-    state.engine.start()
     if s.warmup:
-        state.engine.warmup(state.default_cache, s.max_prompt_tokens)
+        report = warm_up(model, state.classes, s.steps_per_call, log=log.info)
+        state.info["warmup"] = report
+        log.info("warm-up: %d programs (%d compilations) in %.1f s", report["programs"], report["compilations"],
+                 report["seconds"])
+    state.engine.start()
     log.info("%s ready in %.1f s", name, time.perf_counter() - started)
+
+
+def _default_params(s: Settings) -> dict:
+    """The default cache's parameters from the settings (only those its policy takes)."""
+    given = {"budget": s.cache_budget, "sink_size": s.cache_sink_size, "window_size": s.cache_window_size,
+             "slack": s.cache_slack}
+    fields = policy_class(s.cache_policy).__dataclass_fields__
+    return {k: v for k, v in given.items() if k in fields}
 
 
 async def _expire_sessions(state: ServerState) -> None:

@@ -1,4 +1,4 @@
-"""API errors: every error answers JSON `{"error": {"type": ..., "message": ...}}` (DESIGN §6)."""
+"""API errors: every error answers JSON `{"error": {"type": ..., "message": ...}}`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ class ApiError(Exception):
 
 def bad_request(message: str) -> ApiError:
     return ApiError(400, "invalid_request", message)
+
+
+def unsupported(message: str) -> ApiError:
+    return ApiError(422, "unsupported_cache", message)
 
 
 def not_found(message: str) -> ApiError:

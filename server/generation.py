@@ -4,55 +4,68 @@ carries the engine thread's events into an async iterator on the event loop."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 
-from toyllm_core.generate import SamplingParams
-from toyllm_core.policies import CacheConfig, get_policy
+from toyllm_core.engine import CacheClass
+from toyllm_core.policies import Policy, make_policy
+from toyllm_core.sampling import SamplingParams
 
 from .engine import EngineStopped, Failed, Finished, GenerationRequest, QueueFull
-from .errors import bad_request, queue_full, unavailable
+from .errors import bad_request, queue_full, unavailable, unsupported
 from .schemas import CacheSpec
 from .sessions import Session
 from .state import ServerState
 
 
-def cache_config(state: ServerState, spec: CacheSpec | None) -> CacheConfig:
-    """The server's default cache config with the request's fields on top; 400 if invalid."""
-    cfg = state.default_cache
-    if spec is not None:
-        changes = {k: v for k, v in spec.model_dump().items() if v is not None}
-        cfg = replace(cfg, **changes)
+def cache_policy(state: ServerState, spec: CacheSpec | None) -> Policy:
+    """The policy a request's `cache` names (fields left out: the server default's, under the same
+    policy, else the policy's own defaults); 422 with the allowed values unless it is warmed."""
+    default = state.default_policy
+    if spec is None:
+        return default
+    fields = spec.model_dump(exclude_none=True)
+    name = fields.pop("policy", default.name)
+    allowed = "; ".join(p.label for p in state.policies)
     try:
-        get_policy(cfg.policy)
-        return cfg.validate()
+        policy = make_policy(name, **{**(default.params if name == default.name else {}), **fields})
     except ValueError as e:
-        raise bad_request(f"cache: {e}") from None
+        raise unsupported(f"cache: {e}; this server accepts: {allowed}") from None
+    if policy not in state.policies:
+        raise unsupported(f"cache: {policy.label} is not among this server's cache classes (it compiles "
+                          f"only those at start-up); use one of: {allowed}")
+    return policy
 
 
 def tokenize(state: ServerState, text: str) -> list[int]:
     ids = state.tokenizer(text, verbose=False)["input_ids"]
     if not ids:
         raise bad_request("the prompt tokenizes to nothing")
+    vocab = state.model.cfg.vocab_size
+    if max(ids) >= vocab:  # a random-weight preset smaller than its stand-in tokenizer
+        raise bad_request(f"the prompt has token ids past the model's vocabulary ({vocab})")
     limit = state.settings.max_prompt_tokens
     if len(ids) > limit:
         raise bad_request(f"the prompt has {len(ids)} tokens, more than max_prompt_tokens={limit}")
     return ids
 
 
-def check_fits(state: ServerState, session: Session, prompt_tokens: int, max_new_tokens: int) -> None:
-    """400 when the request cannot be served: too many new tokens, or a full cache past the context."""
+def request_class(state: ServerState, session: Session, prompt_tokens: int, max_new_tokens: int) -> CacheClass:
+    """The class a request runs in (400 when it cannot be served): a compressing session's own; for
+    the full cache, the smallest full class that holds the session, the prompt and max_new_tokens."""
     if max_new_tokens > state.settings.max_new_tokens:
         raise bad_request(f"max_new_tokens={max_new_tokens} is more than this server allows "
                           f"({state.settings.max_new_tokens})")
-    if session.cache_cfg.evicts:
-        return
-    context = state.model.cfg.context_length
-    total = len(session.tokens) + prompt_tokens + max_new_tokens
-    if total > context:
-        raise bad_request(
-            f"the session's {len(session.tokens)} tokens + the prompt's {prompt_tokens} + max_new_tokens "
-            f"{max_new_tokens} = {total} exceed the model context ({context}) under the full cache; "
-            "shorten the prompt, lower max_new_tokens, or use a compressing cache policy")
+    if session.policy.evicts:
+        return session.cls
+    # +1: a continued session feeds its last generated token first.
+    total = session.tokens_in_cache + (session.pending is not None) + prompt_tokens + max_new_tokens
+    for cls in state.classes_of(session.policy):
+        if cls.tokens >= total and cls.capacity >= session.cls.capacity:
+            return cls
+    limit = max(c.tokens for c in state.classes_of(session.policy))
+    raise bad_request(
+        f"the session's {len(session.tokens)} tokens + the prompt's {prompt_tokens} + max_new_tokens "
+        f"{max_new_tokens} = {total} exceed the model context ({limit}) under the full cache; "
+        "shorten the prompt, lower max_new_tokens, or use a compressing cache policy")
 
 
 def sampling_params(max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
@@ -67,12 +80,12 @@ def sampling_params(max_new_tokens: int, temperature: float, top_k: int, top_p: 
 class EventStream:
     """The events of one generation, delivered from the engine thread to the event loop."""
 
-    def __init__(self, state: ServerState, session: Session, prompt_ids: list[int], sampling: SamplingParams,
-                 ephemeral: bool = False):
+    def __init__(self, state: ServerState, session: Session, cls: CacheClass, prompt_ids: list[int],
+                 sampling: SamplingParams, ephemeral: bool = False):
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
         self.engine = state.engine
-        self.request = GenerationRequest(session, prompt_ids, sampling, self._sink, ephemeral=ephemeral)
+        self.request = GenerationRequest(session, cls, prompt_ids, sampling, self._sink, ephemeral=ephemeral)
         self.finished = False
 
     def _sink(self, event) -> None:  # engine thread

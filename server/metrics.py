@@ -1,4 +1,4 @@
-"""Prometheus metrics (DESIGN §7): one registry per app, prefix `toyllm_`, base units, no session ids.
+"""Prometheus metrics (README, "Metrics"): one registry per app, prefix `toyllm_`, base units, no session ids.
 
 Counters and histograms are updated where things happen (routes, engine). Gauges that describe live
 state (cache bytes, sessions, running and waiting requests) are read at scrape time from the

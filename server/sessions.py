@@ -1,4 +1,4 @@
-"""Sessions (DESIGN §6): a conversation's cached, possibly compressed, context kept across requests.
+"""Sessions: a conversation's cached, possibly compressed, context kept across requests.
 
 A session holds its KV cache between requests, the token at every original position (so the kept
 positions can be shown as text), and the last generated token, which is not in the cache yet: the
@@ -19,7 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from toyllm_core.cache import KVCache
-from toyllm_core.policies import CacheConfig
+from toyllm_core.engine import CacheClass
 
 # A proposed id must look like one of ours: URL-safe, at least 128 bits' worth of characters.
 _ID = re.compile(r"[A-Za-z0-9_-]{22,64}")
@@ -36,7 +36,7 @@ class SessionBusy(RuntimeError):
 @dataclass(eq=False)
 class Session:
     id: str
-    cache_cfg: CacheConfig
+    cls: CacheClass  # fixed at creation, except that a full-cache session moves up to larger classes
     bytes_per_token: int
     created_at: float = field(default_factory=time.time)
     last_used_at: float = field(default_factory=time.time)
@@ -61,9 +61,13 @@ class Session:
     def full_bytes(self) -> int:
         return self.tokens_in_cache * self.bytes_per_token
 
+    @property
+    def policy(self):
+        return self.cls.policy
+
     def stats(self) -> dict:
         full = self.full_bytes
-        return {"policy": self.cache_cfg.policy, "budget": self.cache_cfg.budget if self.cache_cfg.evicts else None,
+        return {"policy": self.policy.name, "budget": self.policy.budget if self.policy.evicts else None,
                 "tokens_seen": self.tokens_in_cache, "tokens_kept": self.length, "bytes": self.bytes,
                 "full_bytes": full, "compression_ratio": full / self.bytes if self.bytes else 1.0}
 
@@ -82,10 +86,7 @@ class SessionStore:
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
 
-    def __len__(self) -> int:
-        return len(self._sessions)
-
-    def create(self, cache_cfg: CacheConfig, busy: bool = False, proposed_id: str | None = None) -> Session:
+    def create(self, cls: CacheClass, busy: bool = False, proposed_id: str | None = None) -> Session:
         """A new session (busy at once when a request is about to use it).
 
         `proposed_id` is an id a routing proxy minted (see deploy/nginx): used when it is well
@@ -93,7 +94,7 @@ class SessionStore:
         """
         with self._lock:
             usable = proposed_id is not None and _ID.fullmatch(proposed_id) and proposed_id not in self._sessions
-            session = Session(proposed_id if usable else secrets.token_urlsafe(16), cache_cfg, self.bytes_per_token,
+            session = Session(proposed_id if usable else secrets.token_urlsafe(16), cls, self.bytes_per_token,
                               busy=busy)
             self._evict_idle(lambda: len(self._sessions) >= self.max_sessions, "max_sessions")
             self._sessions[session.id] = session
@@ -171,7 +172,7 @@ class SessionStore:
             sessions = list(self._sessions.values())
         per_policy: dict[str, tuple[int, int]] = {}
         for s in sessions:
-            kept, full = per_policy.get(s.cache_cfg.policy, (0, 0))
-            per_policy[s.cache_cfg.policy] = (kept + s.bytes, full + s.full_bytes)
+            kept, full = per_policy.get(s.policy.name, (0, 0))
+            per_policy[s.policy.name] = (kept + s.bytes, full + s.full_bytes)
         idle_capacity = sum(s.capacity for s in sessions if not s.busy) * self.bytes_per_token
         return {"sessions": len(sessions), "cache_bytes": per_policy, "idle_capacity_bytes": idle_capacity}

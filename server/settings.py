@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,14 +19,25 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
 
+    # Weights and K/V; scores, softmax and accumulators are float32 either way.
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+
     # The cache configuration a session gets when its request does not name one.
     cache_policy: str = "snapkv"
     cache_budget: int = Field(64, ge=1)
     cache_sink_size: int = Field(4, ge=0)
     cache_window_size: int = Field(16, ge=0)
     cache_slack: int = Field(16, ge=1)
+    # The other cache configurations the server warms up and accepts (a request naming anything else
+    # gets 422): `policy` or `policy:key=value,...`, e.g. `["full", "h2o:budget=128"]`.
+    cache_classes: list[str] = ["full"]
+    full_cache_tokens: list[int] | None = Field(None, description="Token limits of the full-cache classes "
+                                                "[default: 2048 (when smaller) and the model context].")
+    decode_state_bytes: int = Field(1 << 30, ge=1, description="Cache bytes for each class's decode slots; "
+                                    "sets how many rows of a class decode at once (at most "
+                                    "max_concurrent_requests).")
 
-    # Sessions (DESIGN §6).
+    # Sessions.
     max_sessions: int = Field(1024, ge=1)
     session_ttl_s: float = Field(900.0, gt=0)
     max_cache_bytes: int = Field(512 * 2**20, ge=1, description="Idle sessions are evicted, least recently "
@@ -42,5 +54,8 @@ class Settings(BaseSettings):
     # Engine.
     steps_per_call: int = Field(4, ge=1, le=64, description="Decode steps per jitted call (fewer host "
                                                             "round trips; tokens arrive in bursts).")
-    max_prefill_chunk: int = Field(512, ge=16)
+    max_prefill_chunk: int = Field(512, ge=16, description="Longest prefill chunk (a power of two).")
+    interleave_chunk: int = Field(64, ge=16, description="Longest prefill chunk while other streams "
+                                  "decode (a power of two): a long prompt is admitted in such pieces "
+                                  "between decode calls.")
     warmup: bool = Field(True, description="Compile the serving shapes before /ready answers 200.")

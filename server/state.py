@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from toyllm_core.policies import CacheConfig, policy_names
+from toyllm_core.engine import CacheClass
+from toyllm_core.policies import Policy, policy_names
 
 from .engine import Engine
 from .metrics import Metrics
@@ -22,11 +23,20 @@ class ServerState:
     tokenizer: object = None
     engine: Engine | None = None
     store: SessionStore | None = None
-    default_cache: CacheConfig | None = None
+    default_policy: Policy | None = None
+    classes: list[CacheClass] = field(default_factory=list)  # warmed: the only ones requests may use
     ready: bool = False
     shutting_down: bool = False
     load_error: str | None = None
     info: dict = field(default_factory=dict)
+
+    @property
+    def policies(self) -> list[Policy]:
+        return list(dict.fromkeys(c.policy for c in self.classes))
+
+    def classes_of(self, policy: Policy) -> list[CacheClass]:
+        """The classes serving a policy (several for the full cache, by token limit), smallest first."""
+        return sorted((c for c in self.classes if c.policy == policy), key=lambda c: c.capacity)
 
     def engine_has_room(self) -> bool:
         return self.engine is not None and self.engine.has_room()

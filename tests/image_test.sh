@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the Docker image with Podman on a Debian base made by debootstrap, run it, and check that
-# it answers /ready and streams a /generate (DESIGN §8). Prints the image size and the cold start.
+# it answers /ready and streams a /generate. Prints the image size and the cold start.
 #
 # This machine's workarounds live here, never in the shipped files: Podman needs runc and default
 # ulimits (a containers.conf), --format docker keeps the HEALTHCHECK, and pip inside the build must

@@ -12,8 +12,13 @@ from server.app import create_app
 from server.settings import Settings
 
 
+# The cache classes the in-process tests use (a request for anything else gets 422).
+TEST_CLASSES = ["full", "h2o:budget=32", "streaming:budget=48", "snapkv:budget=24,sink_size=4,window_size=8,slack=8"]
+
+
 def tiny_settings(**changes) -> Settings:
-    return Settings(**{"preset": "tiny", "warmup": False, "max_concurrent_requests": 4, **changes})
+    return Settings(**{"preset": "tiny", "warmup": False, "max_concurrent_requests": 4, "dtype": "float32",
+                       "cache_classes": TEST_CLASSES, **changes})
 
 
 def ready_client(**changes) -> TestClient:

@@ -1,4 +1,4 @@
-"""Deployment, exercised for real without a Docker engine (DESIGN §8): the compose file with the
+"""Deployment, exercised for real without a Docker engine (see README, "Deploy"): the compose file with the
 Compose v2 binary, the Dockerfile with hadolint, Prometheus' own checks, a real Prometheus scraping a
 live server under load (every dashboard query must return data), and the scale-out nginx config in
 front of three local replicas. These need Debian's `prometheus` and `nginx`: `make test-deploy`

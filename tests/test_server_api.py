@@ -7,8 +7,9 @@ import threading
 import pytest
 from server_utils import metric, parse_sse, ready_client, wait_ready
 
-from toyllm_core.generate import SamplingParams, generate_tokens
-from toyllm_core.policies import CacheConfig
+from toyllm_core.generate import generate_tokens
+from toyllm_core.policies import make_policy
+from toyllm_core.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def _turn(client, prompt, session_id=None, **extra):
 
 def test_ignore_eos_generates_past_the_end_of_text_token(client):
     _, ids, _ = _turn(client, "Hello there")
-    engine = client.app.state.toyllm.engine
+    engine = client.app.state.toyllm.engine.core
     eos, engine.eos = engine.eos, ids[0]  # the token greedy decoding makes first now ends the text
     try:
         _, _, stopped = _turn(client, "Hello there")
@@ -81,7 +82,7 @@ def test_multi_turn_full_equals_one_request_over_all_turns(client, model, tokeni
         outs.append(ids)
     # One request whose prompt is every turn's tokens (the last turn's output left out).
     prompt_ids = history[: -len(outs[-1])]
-    expected = [g.token for g in generate_tokens(model, [prompt_ids], [CacheConfig("full")],
+    expected = [g.token for g in generate_tokens(model, [prompt_ids], [make_policy("full")],
                                                  [SamplingParams(max_new_tokens=5, temperature=0)])]
     assert outs[-1] == expected
 
@@ -133,8 +134,10 @@ def test_session_lifecycle_and_cache_gauges(client):
     ({"prompt": "x", "top_p": 0}, 422),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 422),
     ({"prompt": "x", "unknown": 1}, 422),
-    ({"prompt": "x", "cache": {"policy": "nope"}}, 400),
-    ({"prompt": "x", "cache": {"policy": "snapkv", "budget": 8, "sink_size": 4, "window_size": 8}}, 400),
+    ({"prompt": "x", "cache": {"policy": "nope"}}, 422),
+    ({"prompt": "x", "cache": {"policy": "snapkv", "budget": 8, "sink_size": 4, "window_size": 8}}, 422),
+    ({"prompt": "x", "cache": {"policy": "snapkv", "budget": 65536}}, 422),  # valid, but not a warmed class
+    ({"prompt": "x", "cache": {"policy": "h2o", "obs_window": 4}}, 422),  # not an h2o parameter
     ({"prompt": "x " * 300, "max_new_tokens": 300, "cache": {"policy": "full"}}, 400),  # past the 512 context
     ({"prompt": "x", "session_id": "no-such-session"}, 404),
 ])

@@ -1,5 +1,5 @@
 """A real `toyllm serve` (uvicorn) subprocess on a free localhost port: warm-up and compilations,
-client disconnects, batching of concurrent streams, the openai client, every DESIGN §7 metric, and
+client disconnects, batching of concurrent streams, the openai client, every documented metric, and
 `toyllm loadtest`."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def server(tmp_path_factory):
            "TOYLLM_MAX_PROMPT_TOKENS": "32", "TOYLLM_CACHE_BUDGET": "32", "TOYLLM_CACHE_WINDOW_SIZE": "8",
            "TOYLLM_CACHE_SLACK": "8", "TOYLLM_WARMUP": "true"}
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "toyllm_core.cli", "serve", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port)],
                                 env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -179,7 +179,7 @@ def test_loadtest_against_nothing_fails_in_one_line():
 
 
 def test_serve_without_a_checkpoint_fails_in_one_line(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "toyllm_core.cli", "serve", "--checkpoint", str(tmp_path / "nope")],
+    done = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--checkpoint", str(tmp_path / "nope")],
                           capture_output=True, text=True, timeout=60, cwd=Path(__file__).parent,
                           check=False)
     assert done.returncode == 2 and "no checkpoint" in done.stderr and len(done.stderr.strip().splitlines()) == 1

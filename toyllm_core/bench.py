@@ -1,7 +1,8 @@
 """Decode benchmarks: per-token latency and cache bytes against context length, policy and batch.
 
-Latency is measured through the same `DecodeBatch` the generator and server use (jitted multi-step
-calls, compression every `slack` steps included), after a warm-up that compiles every shape.
+Latency is measured through the same `Engine` the generator and server use (sequences started by
+its one recipe, jitted multi-step decode calls, compression every `slack` steps included), after a
+first run that compiles every shape.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from dataclasses import asdict, dataclass
 import jax
 import numpy as np
 
-from .generate import DecodeBatch, Row, SamplingParams, new_key, prefill
+from .engine import CacheClass, Engine
 from .model import ToyLLM
-from .policies import CacheConfig
+from .policies import Policy
+from .sampling import SamplingParams
 
 NO_CACHE = "none"  # the baseline: recompute the whole context for every new token
 
@@ -34,50 +36,52 @@ class DecodeLatency:
     full_cache_bytes_per_sequence: int
 
 
-def _filled_batch(model: ToyLLM, cache_cfg: CacheConfig, batch: int, context: int, steps: int, seed: int):
+def _filled_engine(model: ToyLLM, cls: CacheClass, batch: int, context: int, steps: int, seed: int,
+                   steps_per_call: int) -> Engine:
+    """An engine with `batch` sequences of `context` random prompt tokens, each to make steps + 1 tokens."""
     rng = np.random.default_rng(seed)
-    decode = DecodeBatch(model)
+    engine = Engine(model, [cls], steps_per_call=steps_per_call)
     params = SamplingParams(max_new_tokens=steps + 1, temperature=0.0, ignore_eos=True)
-    rows = []
     for _ in range(batch):
-        prompt = rng.integers(0, model.cfg.vocab_size, context).tolist()
-        result = prefill(model, prompt, None, cache_cfg)
-        rows.append(decode.add(result.cache, Row(cache_cfg, params, result.length, int(prompt[-1]), steps, new_key(seed))))
-    return decode, rows
+        engine.run_prefill(rng.integers(0, model.cfg.vocab_size, context), cls, params)
+    return engine
 
 
-def decode_latency(model: ToyLLM, cache_cfg: CacheConfig, batch: int, context: int, steps: int = 64,
+def decode_latency(model: ToyLLM, policy: Policy, batch: int, context: int, steps: int = 64,
                    repeats: int = 5, steps_per_call: int = 8, seed: int = 0) -> DecodeLatency:
     """Per-step decode latency once `context` tokens are cached (a full cache holds context - steps,
     so decoding stays inside the model's context)."""
-    cfg = model.cfg
-    prompt_len = context - steps if not cache_cfg.evicts else context
+    prompt_len = context - steps if not policy.evicts else context
     if prompt_len < 1:
         raise ValueError(f"context {context} must exceed the {steps} timed steps under the full cache")
+    cls = CacheClass.make(policy, batch, 512, None if policy.evicts else context + 1)
     times = []
+    kept = 0
     for rep in range(repeats + 1):  # the first run compiles
-        decode, rows = _filled_batch(model, cache_cfg, batch, prompt_len, steps, seed + rep)
-        decode.steps_per_call = steps_per_call
+        engine = _filled_engine(model, cls, batch, prompt_len, steps, seed + rep, steps_per_call)
+        seqs = [s for state in engine._states.values() for s in state.rows]
+        jax.block_until_ready(engine._states[cls].cache)
         start = time.perf_counter()
-        while decode.active_rows:
-            decode.step()
+        while any(s.active for s in seqs):
+            engine.step()
         elapsed = time.perf_counter() - start
+        kept = seqs[0].length
         if rep:
             times.append(elapsed / steps)
-    kept = rows[0].length
     times_ms = sorted(t * 1e3 for t in times)
     median = statistics.median(times_ms)
+    bpt = model.kv_bytes_per_token
     return DecodeLatency(
-        policy=cache_cfg.policy,
-        budget=cache_cfg.budget if cache_cfg.evicts else None,
+        policy=policy.name,
+        budget=policy.budget if policy.evicts else None,
         batch=batch,
         context=context,
         steps=steps,
         median_ms_per_step=median,
         p90_ms_per_step=times_ms[min(len(times_ms) - 1, int(0.9 * len(times_ms)))],
         median_ms_per_token=median / batch,
-        cache_bytes_per_sequence=kept * cfg.kv_bytes_per_token,
-        full_cache_bytes_per_sequence=min(context, cfg.context_length) * cfg.kv_bytes_per_token,
+        cache_bytes_per_sequence=kept * bpt,
+        full_cache_bytes_per_sequence=min(context, model.cfg.context_length) * bpt,
     )
 
 
@@ -106,10 +110,25 @@ def recompute_latency(model: ToyLLM, batch: int, context: int, repeats: int = 5,
     )
 
 
-def supports(policy: str, evicts: bool, context: int, model: ToyLLM) -> bool:
+def supports(evicts: bool, context: int, model: ToyLLM) -> bool:
     """Contexts past the model's are only for compressing policies."""
     return evicts or context <= model.cfg.context_length
 
 
 def as_dicts(results: list[DecodeLatency]) -> list[dict]:
     return [asdict(r) for r in results]
+
+
+def machine() -> dict:
+    """What a benchmark JSON records about where it ran: the CPU model (lscpu), cores, load average."""
+    import os
+    import subprocess
+
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")),
+                     "unknown")
+    except OSError:
+        model = "unknown"
+    return {"cpu_model": model, "cpus": os.cpu_count(), "load_average": list(os.getloadavg()),
+            "jax": jax.__version__}

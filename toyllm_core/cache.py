@@ -1,14 +1,17 @@
-"""The KV cache: a pytree of static capacity, passed into every step and returned from it.
+"""The KV cache: a pytree of static shape, passed into every jitted step and returned from it.
 
-One sequence's cache holds, per layer and KV head, `capacity` slots of keys and values (keys after
-RoPE at their original positions), the original position of each slot (-1 when empty), and the
-state that compression policies read: the attention each key has received so far (H2O) and the
-queries of the most recent tokens (SnapKV's observation window). Slots are always in position
-order and filled from slot 0, so the first `length` slots are the live ones.
+A cache holds `batch` rows (a single sequence is a batch of one). Per layer, row and KV head it has
+`capacity` slots of keys and values (keys after RoPE at their original positions) and the original
+position of each slot (-1 when empty). Slots are always in position order and filled from slot 0,
+so the first `length` slots of a row are its live ones.
 
-A batched cache is the same pytree with a leading batch axis on every leaf; the model works on one
-sequence and callers `vmap`. Capacity changes only through `resize`, between jitted calls, in a few
-power-of-two buckets, so the jitted steps compile once per bucket.
+The layer axis comes first: the model's `lax.scan` over layers carries the whole cache and reads and
+writes one layer at a time, which is then one contiguous block.
+
+What a compression policy needs is carried only when its policy declares it (see
+`policies.Signals`); the forward records a signal exactly when the cache has room for it:
+- `score`: the attention each key has received so far, summed over queries (H2O);
+- `recent_q`, `recent_pos`: the queries of the most recent tokens, a ring buffer (SnapKV's window).
 """
 
 from __future__ import annotations
@@ -22,138 +25,174 @@ import numpy as np
 
 from .config import ModelConfig
 
-# How many recent queries the cache remembers for observation-window policies (SnapKV's
-# obs_window may be anything up to this).
-RECENT_QUERIES = 32
-MIN_CAPACITY = 64
+
+# bfloat16 keys and values are stored as their uint16 bit patterns. XLA's CPU backend handles
+# in-place updates and slices of bfloat16 arrays by converting through float32, which copied the
+# whole cache on every write (~100x slower at batch 16); on integers they are in place. The bits are
+# reinterpreted (free) at the two places that read or write them.
+def _to_storage(x: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
+
+
+def _from_storage(x: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
+
+
+def storage_dtype(dtype):
+    return jnp.uint16 if jnp.dtype(dtype) == jnp.bfloat16 else dtype
 
 
 class KVCache(eqx.Module):
-    k: jax.Array  # [layers, kv_heads, capacity, head_dim], after RoPE
-    v: jax.Array  # [layers, kv_heads, capacity, head_dim]
-    pos: jax.Array  # [layers, kv_heads, capacity] int32 original position, -1 = empty
-    score: jax.Array  # [layers, kv_heads, capacity] attention received so far (summed over queries)
-    recent_q: jax.Array  # [layers, heads, RECENT_QUERIES, head_dim] ring buffer, slot = pos % R
-    recent_pos: jax.Array  # [RECENT_QUERIES] int32 position of each remembered query, -1 = none
-    length: jax.Array  # [] int32 live slots
-    next_pos: jax.Array  # [] int32 tokens seen so far = position of the next token
-
-    @staticmethod
-    def empty(cfg: ModelConfig, capacity: int, batch: int | None = None) -> KVCache:
-        return _empty(cfg, capacity, batch)
+    k: jax.Array  # [layers, batch, kv_heads, capacity, head_dim], after RoPE
+    v: jax.Array  # [layers, batch, kv_heads, capacity, head_dim]
+    pos: jax.Array  # [layers, batch, kv_heads, capacity] int32 original position, -1 = empty
+    length: jax.Array  # [batch] int32 live slots
+    next_pos: jax.Array  # [batch] int32 tokens seen so far = position of the next token
+    score: jax.Array | None = None  # [layers, batch, kv_heads, capacity] float32 attention received
+    recent_q: jax.Array | None = None  # [layers, batch, heads, R, head_dim] float32 ring buffer, slot = pos % R
+    recent_pos: jax.Array | None = None  # [batch, R] int32 position of each remembered query, -1 = none
 
     @property
     def capacity(self) -> int:
         return self.pos.shape[-1]
 
     @property
-    def batched(self) -> bool:
-        return self.length.ndim == 1
+    def dtype(self):
+        """The dtype of the keys and values (bfloat16 ones are stored as uint16 bits)."""
+        return jnp.bfloat16 if self.k.dtype == jnp.uint16 else self.k.dtype
 
-    def resize(self, capacity: int) -> KVCache:
-        """The same cache with another capacity (pads with empty slots, or drops empty ones)."""
+    @property
+    def batch(self) -> int:
+        return self.length.shape[0]
+
+    # ------------------------------------------------------------------ inside the model's scan
+    def write(self, layer, k: jax.Array, v: jax.Array, slot_pos: jax.Array) -> KVCache:
+        """Put a chunk's keys and values k, v [B, T, kv, hd] of layer `layer` into slots length..
+        with original positions slot_pos [B, T] (-1 for padding).
+
+        One in-place dynamic-update-slice per row (a loop over rows): XLA's CPU backend ran the
+        equivalent scatter far slower, copying the cache (~100x for bfloat16 at batch 16). A row with
+        no room (an inactive row of a full cache: slot_pos all -1) rewrites what is there already.
+        """
+        b, t = slot_pos.shape
+        cap = self.capacity
+        new_pos = jnp.broadcast_to(slot_pos[:, None, :], (b, k.shape[2], t))  # [B, kv, T]
+        new_k, new_v = (_to_storage(x.transpose(0, 2, 1, 3).astype(self.dtype)) for x in (k, v))
+
+        def put(i, arrays):
+            ck, cv, cp = arrays
+            start = jnp.minimum(self.length[i], cap - t)
+            writes = slot_pos[i, 0] >= 0  # padding only at the end of a chunk: its first token says
+            at4, at3 = (layer, i, 0, start, 0), (layer, i, 0, start)
+
+            def put_one(c, new, at):
+                old = jax.lax.dynamic_slice(c, at, (1, 1, *new.shape[1:]))
+                return jax.lax.dynamic_update_slice(c, jnp.where(writes, new[i][None, None], old), at)
+
+            return put_one(ck, new_k, at4), put_one(cv, new_v, at4), put_one(cp, new_pos, at3)
+
+        ck, cv, cp = jax.lax.fori_loop(0, b, put, (self.k, self.v, self.pos))
+        return eqx.tree_at(lambda c: (c.k, c.v, c.pos), self, (ck, cv, cp))
+
+    def keys(self) -> jax.Array:
+        """Every layer's keys in their dtype: [layers, batch, kv_heads, capacity, head_dim]."""
+        return _from_storage(self.k)
+
+    def layer(self, layer) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Keys, values [B, kv, capacity, hd] and positions [B, kv, capacity] of one layer."""
+        return _from_storage(self.k[layer]), _from_storage(self.v[layer]), self.pos[layer]
+
+    def observe(self, layer, q: jax.Array, weights: jax.Array, pos: jax.Array, valid: jax.Array) -> KVCache:
+        """Record this layer's policy signals from a chunk: q [B, T, heads, hd], attention weights
+        [B, kv, group, T, S], positions and validity [B, T]. Records only what the cache carries."""
+        cache = self
+        if self.score is not None:
+            # Attention each key received from the chunk's real queries, summed over the query heads
+            # of its KV group: H2O's accumulated score.
+            received = jnp.einsum("bkgts,bt->bks", weights, valid.astype(jnp.float32))
+            cache = eqx.tree_at(lambda c: c.score, cache, self.score.at[layer].add(received))
+        if self.recent_q is not None:
+            ring = _ring_slots(pos, valid, self.recent_q.shape[3])
+            rows = jnp.arange(q.shape[0])[:, None]
+            recent_q = self.recent_q.at[layer, rows, :, ring].set(q.astype(jnp.float32), mode="drop")
+            cache = eqx.tree_at(lambda c: c.recent_q, cache, recent_q)
+        return cache
+
+    def advance(self, n_valid: jax.Array, pos: jax.Array, valid: jax.Array) -> KVCache:
+        """After every layer has run: count the chunk's real tokens in (and remember their positions
+        in the query ring)."""
+        cache = eqx.tree_at(lambda c: (c.length, c.next_pos), self,
+                            (self.length + n_valid, self.next_pos + n_valid))
+        if self.recent_pos is not None:
+            ring = _ring_slots(pos, valid, self.recent_pos.shape[1])
+            rows = jnp.arange(pos.shape[0])[:, None]
+            cache = eqx.tree_at(lambda c: c.recent_pos, cache, self.recent_pos.at[rows, ring].set(pos, mode="drop"))
+        return cache
+
+    # ---------------------------------------------------------------------------- whole rows
+    def row(self, i) -> KVCache:
+        """Row i as a batch of one (i may be traced)."""
+        return jax.tree.map(lambda x, axis: jax.lax.dynamic_slice_in_dim(x, i, 1, axis), self, batch_axes(self))
+
+    def set_row(self, i, row: KVCache) -> KVCache:
+        """This cache with row i replaced by `row` (a batch of one of the same capacity)."""
+        return jax.tree.map(lambda x, y, axis: jax.lax.dynamic_update_slice_in_dim(x, y, i, axis), self, row,
+                            batch_axes(self))
+
+    def resized(self, capacity: int) -> KVCache:
+        """The same rows with another capacity: pads with empty slots, or cuts slots off the end
+        (the caller makes sure they are empty). Traced: call inside a jitted function."""
         old = self.capacity
         if capacity == old:
             return self
-        if capacity < old:
-            keep = np.asarray(self.length).max(initial=0)
-            if keep > capacity:
-                raise ValueError(f"cannot shrink a cache holding {keep} tokens to capacity {capacity}")
-            return _slice_slots(self, capacity)
-        return _pad_slots(self, capacity - old)
+
+        def fit(x, fill):
+            if capacity < old:
+                return jax.lax.slice_in_dim(x, 0, capacity, axis=3)
+            widths = [(0, 0)] * x.ndim
+            widths[3] = (0, capacity - old)
+            return jnp.pad(x, widths, constant_values=fill)
+
+        fields = lambda c: [c.k, c.v, c.pos] + ([c.score] if c.score is not None else [])
+        values = [fit(self.k, 0), fit(self.v, 0), fit(self.pos, -1)]
+        if self.score is not None:
+            values.append(fit(self.score, 0.0))
+        return eqx.tree_at(fields, self, values)
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2))
-def _empty(cfg: ModelConfig, capacity: int, batch: int | None) -> KVCache:
-    lead = () if batch is None else (batch,)
-    kv_shape = (*lead, cfg.n_layers, cfg.n_kv_heads, capacity, cfg.head_dim)
-    slot_shape = (*lead, cfg.n_layers, cfg.n_kv_heads, capacity)
+def _ring_slots(pos: jax.Array, valid: jax.Array, ring: int) -> jax.Array:
+    """Ring-buffer slot [B, T] for each token: pos % R for the last R real tokens of each row, and
+    the out-of-range slot R (dropped by the scatter) for the rest."""
+    n_valid = valid.sum(axis=1, keepdims=True)
+    offsets = jnp.arange(pos.shape[1])[None, :]
+    remembered = valid & (offsets >= n_valid - ring)
+    return jnp.where(remembered, pos % ring, ring)
+
+
+def batch_axes(cache: KVCache) -> KVCache:
+    """The batch axis of every leaf: 1 under the leading layer axis, 0 for per-row leaves."""
+    per_layer = lambda x: None if x is None else 1
+    return KVCache(k=1, v=1, pos=1, length=0, next_pos=0, score=per_layer(cache.score),
+                   recent_q=per_layer(cache.recent_q), recent_pos=None if cache.recent_pos is None else 0)
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def empty_cache(cfg: ModelConfig, batch: int, capacity: int, dtype, scores: bool = False,
+                recent: int = 0) -> KVCache:
+    """An empty cache; `scores` and `recent` (ring size) add the signals a policy declares."""
+    lead = (cfg.n_layers, batch, cfg.n_kv_heads, capacity)
     return KVCache(
-        k=jnp.zeros(kv_shape, jnp.float32),
-        v=jnp.zeros(kv_shape, jnp.float32),
-        pos=jnp.full(slot_shape, -1, jnp.int32),
-        score=jnp.zeros(slot_shape, jnp.float32),
-        recent_q=jnp.zeros((*lead, cfg.n_layers, cfg.n_heads, RECENT_QUERIES, cfg.head_dim), jnp.float32),
-        recent_pos=jnp.full((*lead, RECENT_QUERIES), -1, jnp.int32),
-        length=jnp.zeros(lead, jnp.int32),
-        next_pos=jnp.zeros(lead, jnp.int32),
+        k=jnp.zeros((*lead, cfg.head_dim), storage_dtype(dtype)),
+        v=jnp.zeros((*lead, cfg.head_dim), storage_dtype(dtype)),
+        pos=jnp.full(lead, -1, jnp.int32),
+        length=jnp.zeros(batch, jnp.int32),
+        next_pos=jnp.zeros(batch, jnp.int32),
+        score=jnp.zeros(lead, jnp.float32) if scores else None,
+        recent_q=jnp.zeros((cfg.n_layers, batch, cfg.n_heads, recent, cfg.head_dim), jnp.float32) if recent else None,
+        recent_pos=jnp.full((batch, recent), -1, jnp.int32) if recent else None,
     )
 
 
-# The whole-cache helpers below are jitted so that each is one compile per cache shape, rather than
-# one small compile per leaf shape for every eager op inside.
-@jax.jit
-def take_row(cache: KVCache, i) -> KVCache:
-    return jax.tree.map(lambda x: x[i], cache)
-
-
-@jax.jit
-def add_batch_axis(cache: KVCache) -> KVCache:
-    return jax.tree.map(lambda x: x[None], cache)
-
-
-@jax.jit
-def drop_batch_axis(cache: KVCache) -> KVCache:
-    return jax.tree.map(lambda x: x[0], cache)
-
-
-@partial(jax.jit, static_argnums=1)
-def _pad_slots(cache: KVCache, extra: int) -> KVCache:
-    axis = 3 if cache.batched else 2
-
-    def pad(x, fill):
-        widths = [(0, 0)] * x.ndim
-        widths[axis] = (0, extra)
-        return jnp.pad(x, widths, constant_values=fill)
-
-    return eqx.tree_at(
-        lambda c: (c.k, c.v, c.pos, c.score),
-        cache,
-        (pad(cache.k, 0.0), pad(cache.v, 0.0), pad(cache.pos, -1), pad(cache.score, 0.0)),
-    )
-
-
-@partial(jax.jit, static_argnums=1)
-def _slice_slots(cache: KVCache, capacity: int) -> KVCache:
-    axis = 3 if cache.batched else 2
-
-    def cut(x):
-        return jax.lax.slice_in_dim(x, 0, capacity, axis=axis)
-
-    return eqx.tree_at(
-        lambda c: (c.k, c.v, c.pos, c.score),
-        cache,
-        (cut(cache.k), cut(cache.v), cut(cache.pos), cut(cache.score)),
-    )
-
-
-@jax.jit
-def stack(caches: list[KVCache]) -> KVCache:
-    """Batch single-sequence caches of one capacity along a new leading axis."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *caches)
-
-
-@jax.jit
-def concat(a: KVCache, b: KVCache) -> KVCache:
-    """Join two batched caches of one capacity along the batch axis."""
-    return jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
-
-
-@jax.jit
-def take_rows(cache: KVCache, index) -> KVCache:
-    """Rows `index` [n] of a batched cache, as a batched cache."""
-    return jax.tree.map(lambda x: x[index], cache)
-
-
-def capacity_bucket(tokens: int) -> int:
-    """The smallest power-of-two capacity (at least MIN_CAPACITY) that holds `tokens`."""
-    cap = MIN_CAPACITY
-    while cap < tokens:
-        cap *= 2
-    return cap
-
-
-def kept_positions(cache: KVCache) -> np.ndarray:
-    """Original positions of the live slots of one sequence: [layers, kv_heads, length]."""
-    n = int(cache.length)
-    return np.asarray(cache.pos[..., :n])
+def kept_positions(cache: KVCache, length: int) -> np.ndarray:
+    """Original positions of the live slots of a one-row cache: [layers, kv_heads, length]."""
+    return np.asarray(cache.pos)[:, 0, :, :length]  # sliced on the host: no compile per length

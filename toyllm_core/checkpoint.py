@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 import equinox as eqx
 import jax
@@ -36,23 +35,29 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded; the message names the file and the fix."""
 
 
-def _hf_names(cfg: ModelConfig) -> dict[str, Any]:
-    """HF tensor name -> getter on our model."""
-    names: dict[str, Any] = {"model.embed_tokens.weight": lambda m: m.embed, "model.norm.weight": lambda m: m.norm.weight}
-    for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
-        names |= {
-            p + "self_attn.q_proj.weight": lambda m, i=i: m.blocks[i].attn.wq,
-            p + "self_attn.k_proj.weight": lambda m, i=i: m.blocks[i].attn.wk,
-            p + "self_attn.v_proj.weight": lambda m, i=i: m.blocks[i].attn.wv,
-            p + "self_attn.o_proj.weight": lambda m, i=i: m.blocks[i].attn.wo,
-            p + "mlp.gate_proj.weight": lambda m, i=i: m.blocks[i].mlp.w_gate,
-            p + "mlp.up_proj.weight": lambda m, i=i: m.blocks[i].mlp.w_up,
-            p + "mlp.down_proj.weight": lambda m, i=i: m.blocks[i].mlp.w_down,
-            p + "input_layernorm.weight": lambda m, i=i: m.blocks[i].attn_norm.weight,
-            p + "post_attention_layernorm.weight": lambda m, i=i: m.blocks[i].mlp_norm.weight,
-        }
-    return names
+# HF per-layer tensor name -> getter of the stacked array (leading layer axis) in our model.
+_LAYER_TENSORS = {
+    "self_attn.q_proj.weight": lambda m: m.blocks.attn.wq,
+    "self_attn.k_proj.weight": lambda m: m.blocks.attn.wk,
+    "self_attn.v_proj.weight": lambda m: m.blocks.attn.wv,
+    "self_attn.o_proj.weight": lambda m: m.blocks.attn.wo,
+    "mlp.gate_proj.weight": lambda m: m.blocks.mlp.w_gate,
+    "mlp.up_proj.weight": lambda m: m.blocks.mlp.w_up,
+    "mlp.down_proj.weight": lambda m: m.blocks.mlp.w_down,
+    "input_layernorm.weight": lambda m: m.blocks.attn_norm.weight,
+    "post_attention_layernorm.weight": lambda m: m.blocks.mlp_norm.weight,
+}
+_GLOBAL_TENSORS = {"model.embed_tokens.weight": lambda m: m.embed, "model.norm.weight": lambda m: m.norm.weight}
+
+
+def _hf_tensors(model: ToyLLM) -> dict[str, np.ndarray]:
+    """Every HF tensor of the model: `model.layers.{i}.*` are slices of the stacked arrays."""
+    out = {name: np.asarray(get(model), np.float32) for name, get in _GLOBAL_TENSORS.items()}
+    for suffix, get in _LAYER_TENSORS.items():
+        stacked = np.asarray(get(model), np.float32)
+        for i in range(model.cfg.n_layers):
+            out[f"model.layers.{i}.{suffix}"] = stacked[i]
+    return out
 
 
 def config_to_hf(cfg: ModelConfig, toyllm_meta: dict | None = None) -> dict:
@@ -122,7 +127,7 @@ def save(model: ToyLLM, directory: str | Path, tokenizer=None, meta: dict | None
     directory.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     (directory / "config.json").write_text(json.dumps(config_to_hf(cfg, meta), indent=2) + "\n")
-    tensors = {name: np.asarray(get(model), np.float32) for name, get in _hf_names(cfg).items()}
+    tensors = _hf_tensors(model)
     save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
     (directory / WEIGHTS).chmod(0o644)  # safetensors writes 0600; a checkpoint is meant to be shared
     if tokenizer is not None:
@@ -192,16 +197,26 @@ def load(directory: str | Path, verify_checksums: bool = True) -> tuple[ToyLLM, 
         raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it may be truncated") from None
     tensors.pop("lm_head.weight", None)  # tied: identical to the embedding when present
     model = ToyLLM(cfg, jax.random.PRNGKey(0))
-    names = _hf_names(cfg)
-    missing = sorted(set(names) - set(tensors))
-    unexpected = sorted(set(tensors) - set(names))
+    expected = {name: arr.shape for name, arr in _hf_tensors_shapes(model).items()}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{path}: tensors do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for name, get in names.items():
-        want = get(model).shape
+    for name, want in expected.items():
         if tensors[name].shape != want:
             raise CheckpointError(f"{path}: {name} has shape {tensors[name].shape}, config.json implies {want}")
-    getters = list(names.values())
-    model = eqx.tree_at(lambda m: [g(m) for g in getters], model,
-                        [jnp.asarray(tensors[n], jnp.float32) for n in names])
+    getters = list(_GLOBAL_TENSORS.values()) + list(_LAYER_TENSORS.values())
+    values = [tensors[name] for name in _GLOBAL_TENSORS]
+    values += [np.stack([tensors[f"model.layers.{i}.{suffix}"] for i in range(cfg.n_layers)])
+               for suffix in _LAYER_TENSORS]
+    model = eqx.tree_at(lambda m: [g(m) for g in getters], model, [jnp.asarray(v, jnp.float32) for v in values])
     return model, hf
+
+
+def _hf_tensors_shapes(model: ToyLLM) -> dict[str, jax.ShapeDtypeStruct]:
+    out = {name: get(model) for name, get in _GLOBAL_TENSORS.items()}
+    for suffix, get in _LAYER_TENSORS.items():
+        stacked = get(model)
+        for i in range(model.cfg.n_layers):
+            out[f"model.layers.{i}.{suffix}"] = jax.ShapeDtypeStruct(stacked.shape[1:], stacked.dtype)
+    return out

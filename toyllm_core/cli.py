@@ -41,25 +41,36 @@ def _spec_text_and_tokens(tokenizer, spec: str) -> tuple[str, np.ndarray]:
     return text, np.asarray(tokenizer(text, verbose=False)["input_ids"], np.int32)
 
 
-def _load(checkpoint: Path | None, preset: str | None, seed: int = 0):
-    """(model, tokenizer, name) from a checkpoint, or random weights of a preset."""
+def _policy(name: str, **given):
+    """The policy `name` with those of the given parameters it takes (the CLI offers them all)."""
+    from .policies import make_policy, policy_class
+
+    fields = policy_class(name).__dataclass_fields__
+    return make_policy(name, **{k: v for k, v in given.items() if k in fields})
+
+
+DtypeOpt = Annotated[str, typer.Option(help="Weights and K/V: bfloat16 or float32.")]
+
+
+def _load(checkpoint: Path | None, preset: str | None, seed: int = 0, dtype: str = "float32"):
+    """(model, tokenizer, name) from a checkpoint, or random weights of a preset, as `dtype`."""
     import jax
 
     from . import checkpoint as ckpt
-    from .config import get_preset
+    from .config import get_dtype, get_preset
     from .model import ToyLLM
     from .tokenizer import gpt2_tokenizer, load_tokenizer
 
     if preset is not None and checkpoint is None:
-        model = ToyLLM(get_preset(preset), jax.random.PRNGKey(seed)).for_inference()
-        return model, gpt2_tokenizer(), f"random-{preset}"
+        model = ToyLLM(get_preset(preset), jax.random.PRNGKey(seed))
+        return model.astype(get_dtype(dtype)).for_inference(), gpt2_tokenizer(), f"random-{preset}"
     directory = checkpoint or DEFAULT_CHECKPOINT
     if not directory.exists():
         raise ckpt.CheckpointError(
             f"{directory}: no checkpoint there; pass --checkpoint DIR, or --preset seed for random weights"
         )
     model, _ = ckpt.load(directory)
-    return model.for_inference(), load_tokenizer(directory), directory.name
+    return model.astype(get_dtype(dtype)).for_inference(), load_tokenizer(directory), directory.name
 
 
 @app.command()
@@ -81,28 +92,30 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Sampling seed (random when omitted).")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable, up to 4).")] = None,
     stats: Annotated[bool, typer.Option(help="Print cache statistics to stderr at the end.")] = False,
+    dtype: DtypeOpt = "bfloat16",
 ) -> None:
     """Stream a continuation of PROMPT to stdout."""
     from . import jit_stats
     from .detokenize import TextStream
-    from .generate import SamplingParams, generate_tokens
-    from .policies import CacheConfig
+    from .generate import generate_tokens
+    from .sampling import SamplingParams
 
     try:
         if not prompt:
             raise ValueError("--prompt must not be empty")
         if stop and len(stop) > 4:
             raise ValueError("at most 4 --stop strings")
-        cache_cfg = CacheConfig(policy, budget, sink_size, window_size, slack, obs_window, pool_kernel).validate()
+        cache_policy = _policy(policy, budget=budget, sink_size=sink_size, window_size=window_size, slack=slack,
+                               obs_window=obs_window, pool_kernel=pool_kernel)
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop or ())).validate()
-        model, tokenizer, _ = _load(checkpoint, preset)
+        model, tokenizer, _ = _load(checkpoint, preset, dtype=dtype)
         ids = tokenizer.encode(prompt)
         stream = TextStream(tokenizer, params.stop)
         sys.stdout.write(prompt)
         compiled_before = jit_stats.compilations()
         row = None
-        for out in generate_tokens(model, [ids], [cache_cfg], [params]):
-            row = out.row
+        for out in generate_tokens(model, [ids], [cache_policy], [params]):
+            row = out.seq
             sys.stdout.write(stream.push(out.token))
             sys.stdout.flush()
             if stream.stopped:
@@ -111,80 +124,12 @@ def generate(
     except (ValueError, OSError) as e:
         raise _fail(str(e)) from None
     if stats and row is not None:
-        cfg = model.cfg
         seen = len(ids) + len(stream.ids)
         typer.echo(json.dumps({"policy": policy, "tokens_seen": seen, "tokens_kept": row.length,
-                               "bytes": row.length * cfg.kv_bytes_per_token,
-                               "full_bytes": seen * cfg.kv_bytes_per_token,
+                               "bytes": row.length * model.kv_bytes_per_token,
+                               "full_bytes": seen * model.kv_bytes_per_token,
                                "compressions": row.compressions,
                                "jit_compilations": jit_stats.compilations() - compiled_before}), err=True)
-
-
-@app.command()
-def serve(
-    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint directory [default: weights/toyllm-base; "
-                                                         "env TOYLLM_CHECKPOINT].")] = None,
-    host: Annotated[str | None, typer.Option(help="Bind address [default 127.0.0.1; env TOYLLM_HOST].")] = None,
-    port: Annotated[int | None, typer.Option(help="Port [default 8000; env TOYLLM_PORT].")] = None,
-    preset: PresetOpt = None,
-    log_level: str = "info",
-) -> None:
-    """Start the HTTP server; every setting is also read from TOYLLM_* environment variables."""
-    import logging
-
-    import uvicorn
-    from pydantic import ValidationError
-
-    from server.app import create_app
-    from server.settings import Settings
-
-    overrides = {k: v for k, v in {"checkpoint": checkpoint, "host": host, "port": port, "preset": preset}.items()
-                 if v is not None}
-    try:
-        settings = Settings(**overrides)
-    except ValidationError as e:
-        raise _fail("invalid settings: " + "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
-                                                      for err in e.errors())) from None
-    if settings.preset is None and not settings.checkpoint.is_dir():
-        raise _fail(f"{settings.checkpoint}: no checkpoint there; pass --checkpoint DIR (or --preset seed for "
-                    "random weights)")
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-                timeout_graceful_shutdown=10)
-
-
-@app.command()
-def loadtest(
-    url: Annotated[str, typer.Option(help="Server base URL.")] = "http://127.0.0.1:8000",
-    concurrency: Annotated[int, typer.Option(min=1, help="Concurrent streams.")] = 4,
-    requests: Annotated[int, typer.Option(min=1, help="Requests in all.")] = 32,
-    prompt_tokens: Annotated[int, typer.Option(min=1, help="Prompt length in words (~tokens).")] = 64,
-    max_new_tokens: Annotated[int, typer.Option(min=1, max=2048)] = 128,
-    policy: Annotated[str, typer.Option(help="Cache policy of each new session.")] = "snapkv",
-    budget: int = 64,
-    turns: Annotated[int, typer.Option(min=1, help="Requests per session (multi-turn when > 1).")] = 1,
-    temperature: float = 0.0,
-    ignore_eos: Annotated[bool, typer.Option(help="Every request makes max_new_tokens tokens (no early "
-                                                  "end-of-text), so runs are comparable.")] = False,
-    api_key: Annotated[str | None, typer.Option(envvar="TOYLLM_API_KEY")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
-) -> None:
-    """Load-test a running server: TTFT, inter-token and end-to-end latency, tokens/s, errors."""
-    import asyncio
-
-    import httpx
-
-    from server.loadtest import format_report, run
-
-    try:
-        report = asyncio.run(run(url, concurrency, requests, prompt_tokens, max_new_tokens, policy,
-                                 None if policy == "full" else budget, turns, temperature, api_key,
-                                 ignore_eos=ignore_eos))
-    except httpx.HTTPError as e:
-        raise _fail(f"{url}: {e.__class__.__name__}: {e or 'cannot reach the server'}") from None
-    typer.echo(format_report(report))
-    if json_out:
-        _write_json(json_out, report)
 
 
 @app.command("verify-cache")
@@ -226,14 +171,14 @@ def bench(
     preset: PresetOpt = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write latency and cache bytes against context here (PNG).")] = None,
+    dtype: DtypeOpt = "bfloat16",
 ) -> None:
     """Per-token decode latency and cache bytes against context length, policy and batch."""
     from .bench import NO_CACHE, as_dicts, decode_latency, recompute_latency, supports
     from .plots import bench_curves
-    from .policies import CacheConfig
 
     try:
-        model, _, name = _load(checkpoint, preset)
+        model, _, name = _load(checkpoint, preset, dtype=dtype)
         results = []
         for batch in (int(b) for b in batches.split(",")):
             for context in (int(n) for n in lengths.split(",")):
@@ -243,10 +188,10 @@ def bench(
                             continue
                         r = recompute_latency(model, batch, context, repeats)
                     else:
-                        cache_cfg = CacheConfig(policy, budget).validate()
-                        if not supports(policy, cache_cfg.evicts, context, model):
+                        cache_policy = _policy(policy, budget=budget)
+                        if not supports(cache_policy.evicts, context, model):
                             continue
-                        r = decode_latency(model, cache_cfg, batch, context, steps, repeats, steps_per_call)
+                        r = decode_latency(model, cache_policy, batch, context, steps, repeats, steps_per_call)
                     results.append(r)
                     typer.echo(f"{name} batch={batch:<3d} context={context:<5d} {policy:<9s} "
                                f"{r.median_ms_per_step:8.3f} ms/step (p90 {r.p90_ms_per_step:.3f})  "
@@ -254,7 +199,10 @@ def bench(
     except (ValueError, OSError) as e:
         raise _fail(str(e)) from None
     if json_out:
-        _write_json(json_out, {"model": name, "budget": budget, "results": as_dicts(results)})
+        from .bench import machine
+
+        _write_json(json_out, {"model": name, "dtype": dtype, "budget": budget, "machine": machine(),
+                               "results": as_dicts(results)})
     if plot:
         bench_curves(as_dicts(results), plot, name)
 
@@ -271,10 +219,9 @@ def dashboard(
 ) -> None:
     """The compression dashboard: stability, retention map, kept-position histogram, performance."""
     from .dashboard import run
-    from .policies import CacheConfig
 
     try:
-        cfg = CacheConfig(policy, budget).validate()
+        cfg = _policy(policy, budget=budget)
         model, tokenizer, name = _load(checkpoint, preset)
         tokens = np.asarray(tokenizer(text_file.read_text(encoding="utf-8"), verbose=False)["input_ids"][:max_tokens])
         numbers = run(model, tokens, cfg, out, name)
@@ -365,7 +312,6 @@ def eval_(
     from .evaluate import as_dicts as rows_as_dicts
     from .evaluate import copy_sequences, corpus_perplexity, evaluate, format_table, windows
     from .plots import perplexity_vs_budget
-    from .policies import CacheConfig
 
     try:
         model, tokenizer, name = _load(checkpoint, preset)
@@ -379,7 +325,7 @@ def eval_(
             if json_out:
                 _write_json(json_out, {"model": name, "data": data, **asdict(result)})
             return
-        configs = [CacheConfig(p, int(b)).validate() for p in policies.split(",") for b in budgets.split(",")]
+        configs = [_policy(p, budget=int(b)) for p in policies.split(",") for b in budgets.split(",")]
         if protocol == "copy":
             half = context or seq_len // 2
             sequences = copy_sequences(model.cfg.vocab_size, max_sequences, half)

@@ -5,6 +5,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import jax.numpy as jnp
+import numpy as np
+
+# Serving stores weights and K/V in bfloat16; tests, `verify-cache` and evaluation may ask for float32.
+# Scores, softmax and accumulators are float32 either way.
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -36,10 +43,9 @@ class ModelConfig:
         """Query heads that share one KV head (grouped-query attention)."""
         return self.n_heads // self.n_kv_heads
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes one cached token costs across all layers (keys + values, float32)."""
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * 4
+    def kv_bytes_per_token(self, dtype="float32") -> int:
+        """Bytes one cached token costs across all layers (keys + values) when stored as `dtype`."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * np.dtype(dtype).itemsize
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -58,7 +64,17 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(context_length=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64),
     # Provisional default for the shipped checkpoint (the training issue picks the final one).
     "base": ModelConfig(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384),
+    # SmolLM2-135M's dimensions exactly, for measurements with random weights.
+    "smollm2-135m": ModelConfig(vocab_size=49152, context_length=8192, d_model=576, n_layers=30, n_heads=9,
+                                n_kv_heads=3, d_ff=1536, rope_theta=100000.0, norm_eps=1e-5, eos_token_id=2),
 }
+
+
+def get_dtype(name: str):
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
 
 
 def get_preset(name: str) -> ModelConfig:

@@ -20,15 +20,15 @@ import numpy as np
 from .bench import decode_latency, recompute_latency
 from .evaluate import decode_through_policy
 from .model import ToyLLM
-from .policies import CacheConfig
+from .policies import Policy, make_policy
 
 
-def trace(model: ToyLLM, tokens: np.ndarray, cfg: CacheConfig, piece_max: int = 16):
+def trace(model: ToyLLM, tokens: np.ndarray, cfg: Policy, piece_max: int = 16):
     """Per-token NLL [T-1], and (step, kept positions [layers, kv_heads, n]) after every piece."""
     nll, snapshots = [], []
     for piece in decode_through_policy(model, tokens[None].astype(np.int32), cfg, piece_max):
         nll.extend(piece.nll[0].tolist())
-        snapshots.append((piece.end, np.asarray(piece.cache.pos[0, :, :, : piece.length])))
+        snapshots.append((piece.end, np.asarray(piece.cache.pos)[:, 0, :, : piece.length]))
     return np.asarray(nll), snapshots
 
 
@@ -37,7 +37,7 @@ def _moving_average(x: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(x, np.ones(window) / window, mode="valid")
 
 
-def run(model: ToyLLM, tokens: np.ndarray, cfg: CacheConfig, out: str | Path, name: str = "model",
+def run(model: ToyLLM, tokens: np.ndarray, cfg: Policy, out: str | Path, name: str = "model",
         bench_steps: int = 32, repeats: int = 3) -> dict:
     import matplotlib
 
@@ -55,21 +55,21 @@ def run(model: ToyLLM, tokens: np.ndarray, cfg: CacheConfig, out: str | Path, na
     nll, snapshots = trace(model, tokens, cfg)
     full_nll = None
     if cfg.evicts and n <= mcfg.context_length:
-        full_nll, _ = trace(model, tokens, CacheConfig("full"), piece_max=64)
+        full_nll, _ = trace(model, tokens, make_policy("full"), piece_max=64)
 
     # 1. Generation stability
     window = 32
     fig, ax = plt.subplots(figsize=(9, 4), dpi=110)
     steps = np.arange(1, len(nll) + 1)
-    ax.plot(steps, nll, color="tab:blue", alpha=0.25, linewidth=0.8, label=f"{cfg.policy} per-step loss")
-    ax.plot(steps[window - 1 :], _moving_average(nll, window), color="tab:blue", label=f"{cfg.policy}, mean of {window}")
+    ax.plot(steps, nll, color="tab:blue", alpha=0.25, linewidth=0.8, label=f"{cfg.name} per-step loss")
+    ax.plot(steps[window - 1 :], _moving_average(nll, window), color="tab:blue", label=f"{cfg.name}, mean of {window}")
     if full_nll is not None:
         ax.plot(steps[window - 1 :], _moving_average(full_nll, window), color="black", linestyle="--",
                 label=f"full cache, mean of {window}")
     if cfg.evicts:
         ax.axvline(cfg.trigger, color="grey", linewidth=0.8, linestyle=":", label="first compression")
     ax.set(xlabel="decoding step (token)", ylabel="next-token loss (nats)",
-           title=f"{name}: generation stability, {cfg.policy} budget {cfg.budget}")
+           title=f"{name}: generation stability, {cfg.name} budget {getattr(cfg, 'budget', None)}")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -88,7 +88,7 @@ def run(model: ToyLLM, tokens: np.ndarray, cfg: CacheConfig, out: str | Path, na
         ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest",
                   extent=(columns[0], columns[-1], 0, n))
         ax.set(xlabel="decoding step", ylabel="original position", title=f"layer {layer}")
-    fig.suptitle(f"{name}: kept positions under {cfg.policy} (colour = share of KV heads keeping it)")
+    fig.suptitle(f"{name}: kept positions under {cfg.name} (colour = share of KV heads keeping it)")
     fig.tight_layout()
     fig.savefig(out / "retention.png")
     plt.close(fig)
@@ -100,7 +100,7 @@ def run(model: ToyLLM, tokens: np.ndarray, cfg: CacheConfig, out: str | Path, na
         kept = final[layer].ravel()
         ax.hist(kept[kept >= 0], bins=min(64, n), range=(0, n), alpha=0.5, label=f"layer {layer}")
     ax.set(xlabel="original position", ylabel="kept slots (all KV heads)",
-           title=f"{name}: positions kept after {n} tokens, {cfg.policy} budget {cfg.budget}")
+           title=f"{name}: positions kept after {n} tokens, {cfg.name} budget {getattr(cfg, 'budget', None)}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "kept_positions.png")
@@ -109,36 +109,36 @@ def run(model: ToyLLM, tokens: np.ndarray, cfg: CacheConfig, out: str | Path, na
     # 4. Performance
     context = min(n, mcfg.context_length)
     policy = decode_latency(model, cfg, 1, n if cfg.evicts else context, bench_steps, repeats)
-    full = decode_latency(model, CacheConfig("full"), 1, context, bench_steps, repeats)
+    full = decode_latency(model, make_policy("full"), 1, context, bench_steps, repeats)
     none = recompute_latency(model, 1, context, repeats)
     kept_tokens = int((final[0, 0] >= 0).sum())
     numbers = {
-        "policy": cfg.policy, "budget": cfg.budget, "tokens": n, "mean_loss": float(nll.mean()),
+        "policy": cfg.name, "budget": getattr(cfg, "budget", None), "tokens": n, "mean_loss": float(nll.mean()),
         "full_mean_loss": None if full_nll is None else float(full_nll.mean()),
         "latency_ms": {"policy": policy.median_ms_per_token, "full": full.median_ms_per_token,
                        "no_cache": none.median_ms_per_token},
         "latency_context": {"policy": policy.context, "full": context, "no_cache": context},
-        "cache_bytes": kept_tokens * mcfg.kv_bytes_per_token,
-        "full_equivalent_bytes": n * mcfg.kv_bytes_per_token,
+        "cache_bytes": kept_tokens * model.kv_bytes_per_token,
+        "full_equivalent_bytes": n * model.kv_bytes_per_token,
         "compression_ratio": n / kept_tokens,
         "speedup_over_no_cache": none.median_ms_per_token / policy.median_ms_per_token,
     }
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), dpi=110)
-    labels = [f"{cfg.policy}", "full", "no cache"]
+    labels = [f"{cfg.name}", "full", "no cache"]
     axes[0].bar(labels, [policy.median_ms_per_token, full.median_ms_per_token, none.median_ms_per_token],
                 color=["tab:blue", "tab:gray", "tab:red"])
     axes[0].set(ylabel="ms per token", title=f"decode latency (context {context})")
-    axes[1].bar([cfg.policy, "full equivalent"], [numbers["cache_bytes"] / 1024, numbers["full_equivalent_bytes"] / 1024],
+    axes[1].bar([cfg.name, "full equivalent"], [numbers["cache_bytes"] / 1024, numbers["full_equivalent_bytes"] / 1024],
                 color=["tab:blue", "tab:gray"])
     axes[1].set(ylabel="KiB", title=f"KV cache after {n} tokens")
-    axes[2].bar([cfg.policy, "full"], [numbers["speedup_over_no_cache"], none.median_ms_per_token / full.median_ms_per_token],
+    axes[2].bar([cfg.name, "full"], [numbers["speedup_over_no_cache"], none.median_ms_per_token / full.median_ms_per_token],
                 color=["tab:blue", "tab:gray"])
     axes[2].set(ylabel="x", title="speed-up over no cache")
-    axes[3].bar([cfg.policy], [numbers["compression_ratio"]], color="tab:blue")
+    axes[3].bar([cfg.name], [numbers["compression_ratio"]], color="tab:blue")
     axes[3].set(ylabel="tokens seen / tokens kept", title="compression ratio")
     for ax in axes:
         ax.grid(True, axis="y", alpha=0.3)
-    fig.suptitle(f"{name}: performance, {cfg.policy} budget {cfg.budget}")
+    fig.suptitle(f"{name}: performance, {cfg.name} budget {getattr(cfg, 'budget', None)}")
     fig.tight_layout()
     fig.savefig(out / "performance.png")
     plt.close(fig)

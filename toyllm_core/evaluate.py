@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .cache import KVCache, capacity_bucket
-from .generate import decode_rows, prefill_step
+from .cache import KVCache, empty_cache
+from .engine.steps import decode_rows
 from .model import ToyLLM
-from .policies import CacheConfig, compress
+from .policies import Policy, compress, make_policy
 
 PROTOCOLS = ("streaming", "prefill", "copy")
 
@@ -102,8 +102,20 @@ def teacher_forced_nll(model: ToyLLM, cache: KVCache, inputs, targets):
 
 
 @partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def compress_all(cache: KVCache, cfg: CacheConfig) -> KVCache:
-    return jax.vmap(lambda c: compress(c, cfg))(cache)
+def compress_all(cache: KVCache, cfg: Policy) -> KVCache:
+    return compress(cache, cfg)
+
+
+@partial(jax.jit, donate_argnames=("cache",))
+def _prefill_rows(model: ToyLLM, cache: KVCache, tokens):
+    """tokens [B, T] (all real) into an empty batched cache -> (logits [B, vocab] after the last, cache)."""
+    h, cache = model.forward(tokens, cache, jnp.full(tokens.shape[0], tokens.shape[1], jnp.int32))
+    return model.logits(h[:, -1]), cache
+
+
+def _empty(model: ToyLLM, cfg: Policy, batch: int, capacity: int) -> KVCache:
+    signals = cfg.signals
+    return empty_cache(model.cfg, batch, capacity, model.dtype, signals.scores, signals.recent_queries)
 
 
 def _score(logits, targets):
@@ -134,12 +146,12 @@ class StreamPiece:
     length: int  # live slots in it
 
 
-def decode_through_policy(model: ToyLLM, rows: np.ndarray, cfg: CacheConfig, piece_max: int | None = None):
+def decode_through_policy(model: ToyLLM, rows: np.ndarray, cfg: Policy, piece_max: int | None = None):
     """Teacher-force rows [B, T] token by token through the policy, compressing whenever the cache
     reaches budget + slack (as generation does); yields a StreamPiece per jitted call."""
     t = rows.shape[1]
     piece_max = piece_max or (cfg.slack if cfg.evicts else 64)
-    cache = KVCache.empty(model.cfg, capacity_bucket(min(t, cfg.trigger) if cfg.evicts else t), batch=len(rows))
+    cache = _empty(model, cfg, len(rows), cfg.trigger if cfg.evicts else t)
     length = done = 0
     while done < t - 1:
         piece = min(piece_max, t - 1 - done)
@@ -155,7 +167,7 @@ def decode_through_policy(model: ToyLLM, rows: np.ndarray, cfg: CacheConfig, pie
         yield StreamPiece(done, np.asarray(nll, np.float64), np.asarray(correct), cache, length)
 
 
-def streaming_scores(model: ToyLLM, sequences: np.ndarray, cfg: CacheConfig, batch: int = 8) -> SequenceScores:
+def streaming_scores(model: ToyLLM, sequences: np.ndarray, cfg: Policy, batch: int = 8) -> SequenceScores:
     """Teacher-forced decoding of every sequence [N, T] through the policy; scores tokens 1..T-1."""
     n, t = sequences.shape
     nll, correct = np.zeros(n), np.zeros(n)
@@ -169,7 +181,7 @@ def streaming_scores(model: ToyLLM, sequences: np.ndarray, cfg: CacheConfig, bat
     return SequenceScores(nll, np.full(n, t - 1), correct, kept)
 
 
-def prefill_scores(model: ToyLLM, sequences: np.ndarray, context: int, cfg: CacheConfig,
+def prefill_scores(model: ToyLLM, sequences: np.ndarray, context: int, cfg: Policy,
                    batch: int = 8) -> SequenceScores:
     """Prefill the first `context` tokens of each sequence [N, context + M], compress once, then
     teacher-force the remaining M; scores those M tokens."""
@@ -182,8 +194,8 @@ def prefill_scores(model: ToyLLM, sequences: np.ndarray, context: int, cfg: Cach
     for lo in range(0, n, batch):
         rows = _pad_rows(sequences[lo : lo + batch], batch)
         take = min(batch, n - lo)
-        cache = KVCache.empty(model.cfg, capacity_bucket(context + m), batch=batch)
-        logits, cache = prefill_step(model, rows[:, :context], np.full(batch, context, np.int32), cache)
+        cache = _empty(model, cfg, batch, context + m)
+        logits, cache = _prefill_rows(model, cache, rows[:, :context])
         first_nll, first_correct = _first_prediction(logits, rows[:, context])
         if cfg.evicts and context > cfg.budget:
             cache = compress_all(cache, cfg)
@@ -245,30 +257,30 @@ def bootstrap_delta(scores: SequenceScores, reference: SequenceScores, samples: 
     return float(np.percentile(delta, 2.5)), float(np.percentile(delta, 97.5))
 
 
-def evaluate(model: ToyLLM, protocol: str, sequences: np.ndarray, configs: list[CacheConfig],
+def evaluate(model: ToyLLM, protocol: str, sequences: np.ndarray, configs: list[Policy],
              context: int | None = None, batch: int = 8) -> list[Row]:
     """One Row per config (a `full` reference is always run first)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
 
-    def score(cfg: CacheConfig) -> SequenceScores:
+    def score(cfg: Policy) -> SequenceScores:
         if protocol == "streaming":
             return streaming_scores(model, sequences, cfg, batch)
         return prefill_scores(model, sequences, context or sequences.shape[1] // 2, cfg, batch)
 
-    reference = score(CacheConfig("full"))
+    reference = score(make_policy("full"))
     full_ppl = perplexity(reference)
     rows = []
-    for cfg in [CacheConfig("full"), *(c for c in configs if c.policy != "full")]:
-        scores = reference if cfg.policy == "full" else score(cfg)
+    for cfg in [make_policy("full"), *(c for c in configs if c.name != "full")]:
+        scores = reference if cfg.name == "full" else score(cfg)
         ppl = perplexity(scores)
-        is_full = cfg.policy == "full"
+        is_full = cfg.name == "full"
         rows.append(Row(
-            protocol=protocol, policy=cfg.policy, budget=None if is_full else cfg.budget, perplexity=ppl,
+            protocol=protocol, policy=cfg.name, budget=None if is_full else cfg.budget, perplexity=ppl,
             delta_pct=None if is_full else 100 * (ppl / full_ppl - 1),
             delta_ci95=None if is_full else bootstrap_delta(scores, reference),
             accuracy=float(scores.correct.sum() / scores.tokens.sum()), kept_tokens=scores.kept,
-            cache_bytes=scores.kept * model.cfg.kv_bytes_per_token, sequences=len(sequences),
+            cache_bytes=scores.kept * model.kv_bytes_per_token, sequences=len(sequences),
         ))
     return rows
 

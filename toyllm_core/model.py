@@ -1,13 +1,17 @@
 """A Llama-family decoder in Equinox: RMSNorm, RoPE, grouped-query attention, SwiGLU, tied embeddings.
 
-Read top to bottom, smallest parts first. Every module works on one sequence; callers `vmap` over
-the batch. Weights are stored in Hugging Face's `[out_features, in_features]` layout and RoPE uses
-its rotate_half convention, so checkpoints are interchangeable with `transformers.LlamaForCausalLM`.
+Read top to bottom, smallest parts first. Weights are stored in Hugging Face's `[out_features,
+in_features]` layout and RoPE uses its rotate_half convention, so checkpoints are interchangeable
+with `transformers.LlamaForCausalLM`.
 
-Two modes share the weights:
-- `ToyLLM.__call__(tokens)`: the parallel causal forward used by training.
-- `ToyLLM.extend(tokens, n_valid, cache)`: a chunk of tokens (a prompt chunk, or a single decode
-  token) written into the cache and attending to everything cached plus itself, causally.
+Depth is data: the blocks are one `Block` whose arrays carry a leading layer axis, run with
+`lax.scan`, so a 30-layer model compiles like a 2-layer one. One forward serves every mode:
+- `ToyLLM.__call__(tokens)`: the parallel causal forward of one sequence (training, evaluation).
+- `ToyLLM.forward(tokens, cache, n_valid)`: a chunk per row (a prompt chunk, or one decode token)
+  written into the batched cache, attending to everything cached plus itself, causally.
+
+Dtypes: weights and K/V in the model's dtype (bfloat16 for serving, float32 for tests); the
+residual stream, scores, softmax and every matmul accumulator in float32.
 """
 
 from __future__ import annotations
@@ -19,12 +23,40 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .cache import RECENT_QUERIES, KVCache
+from .cache import KVCache
 from .config import ModelConfig
+
+# Masked scores: finite, so that a row that sees no key at all (an empty decode slot) stays NaN-free.
+_MASKED = float(jnp.finfo(jnp.float32).min)
 
 
 def _init(key: jax.Array, shape: tuple[int, ...], std: float = 0.02) -> jax.Array:
     return std * jax.random.normal(key, shape, jnp.float32)
+
+
+def _one_row_safe(dot, x: jax.Array, w: jax.Array) -> jax.Array:
+    """dot(x, w) for x [..., in]; a single bfloat16 row is computed as two. XLA's CPU backend sends a
+    one-row bfloat16 matmul down a path ~5x slower than a two-row one (benchmarks/matmul_forms.py),
+    which is most of a batch-1 decode step; float32 one-row products are fast as they are."""
+    if w.dtype == jnp.bfloat16 and math.prod(x.shape[:-1]) == 1:
+        # (A zero second row: a broadcast copy would be simplified back to one row.)
+        pair = jnp.concatenate([x.reshape(1, -1), jnp.zeros((1, x.shape[-1]), x.dtype)])
+        return dot(pair, w)[:1].reshape(*x.shape[:-1], -1)
+    return dot(x, w)
+
+
+def linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., in] @ w [out, in].T in w's dtype, accumulated in float32 -> [..., out] float32."""
+    return _one_row_safe(lambda a, b: jax.lax.dot_general(a.astype(b.dtype), b, (((a.ndim - 1,), (1,)), ((), ())),
+                                                          preferred_element_type=jnp.float32), x, w)
+
+
+def _to_bits(x: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
+
+
+def _from_bits(x: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
 
 
 class RMSNorm(eqx.Module):
@@ -32,35 +64,37 @@ class RMSNorm(eqx.Module):
     eps: float = eqx.field(static=True)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
         rms = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return x * rms * self.weight
+        return x * rms * self.weight.astype(jnp.float32)
 
 
 def rope(x: jax.Array, pos: jax.Array, theta: float) -> jax.Array:
-    """Rotate x [T, heads, head_dim] to positions pos [T] (HF rotate_half over the two halves)."""
+    """Rotate x [B, T, heads, head_dim] (float32) to positions pos [B, T] (HF rotate_half)."""
     half = x.shape[-1] // 2
     inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
-    angles = pos.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, half]
-    cos = jnp.cos(angles)[:, None, :]  # [T, 1, half]
-    sin = jnp.sin(angles)[:, None, :]
+    angles = pos.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
+    cos = jnp.cos(angles)[:, :, None, :]  # [B, T, 1, half]
+    sin = jnp.sin(angles)[:, :, None, :]
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 def attention_weights(q: jax.Array, k: jax.Array, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
-    """Causal softmax attention of grouped queries over keys, with empty slots masked.
+    """Causal softmax attention of grouped queries over keys, with empty slots masked (float32).
 
-    q: [kv_heads, group, T, head_dim]; k: [kv_heads, S, head_dim]; q_pos: [T]; k_pos: [kv_heads, S]
-    (-1 = empty slot). Returns weights [kv_heads, group, T, S]. A query sees the keys at or before
-    its position; callers make sure each query sees at least one key.
+    q: [B, kv_heads, group, T, head_dim]; k: [B, kv_heads, S, head_dim]; q_pos: [B, T];
+    k_pos: [B, kv_heads, S] (-1 = empty slot). Returns weights [B, kv_heads, group, T, S]. A query
+    sees the keys at or before its position.
     """
     # Keys as the left operand of the dot, then the scores transposed so that the softmax reduces
     # along the minor axis: on XLA's CPU backend, at decode (T = 1), either other arrangement was
     # several times slower (a strided contraction, or a strided max/sum over S).
-    scores = jax.lax.dot_general(k, q, (((2,), (3,)), ((0,), (0,))))  # [kv, S, g, T]
-    scores = scores.transpose(0, 2, 3, 1) / math.sqrt(q.shape[-1])  # [kv, g, T, S]
-    visible = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[None, :, None])  # [kv, T, S]
-    scores = jnp.where(visible[:, None], scores, -jnp.inf)
+    scores = jax.lax.dot_general(k, q.astype(k.dtype), (((3,), (4,)), ((0, 1), (0, 1))),
+                                 preferred_element_type=jnp.float32)  # [B, kv, S, g, T]
+    scores = scores.transpose(0, 1, 3, 4, 2) / math.sqrt(q.shape[-1])  # [B, kv, g, T, S]
+    visible = (k_pos[:, :, None, :] >= 0) & (k_pos[:, :, None, :] <= q_pos[:, None, :, None])  # [B, kv, T, S]
+    scores = jnp.where(visible[:, :, None], scores, _MASKED)
     return jax.nn.softmax(scores, axis=-1)
 
 
@@ -82,30 +116,28 @@ class Attention(eqx.Module):
         self.cfg = cfg
 
     def project(self, x: jax.Array, pos: jax.Array):
-        """x [T, d] at positions pos [T] -> q [T, heads, hd], k and v [T, kv_heads, hd], RoPE applied."""
+        """x [B, T, d] at positions pos [B, T] -> q [B, T, heads, hd], k and v [B, T, kv_heads, hd]
+        in the weights' dtype, RoPE applied."""
         c = self.cfg
-        t = x.shape[0]
-        q = (x @ self.wq.T).reshape(t, c.n_heads, c.head_dim)
-        k = (x @ self.wk.T).reshape(t, c.n_kv_heads, c.head_dim)
-        v = (x @ self.wv.T).reshape(t, c.n_kv_heads, c.head_dim)
-        return rope(q, pos, c.rope_theta), rope(k, pos, c.rope_theta), v
+        b, t = x.shape[:2]
+        q = linear(x, self.wq).reshape(b, t, c.n_heads, c.head_dim)
+        k = linear(x, self.wk).reshape(b, t, c.n_kv_heads, c.head_dim)
+        v = linear(x, self.wv).reshape(b, t, c.n_kv_heads, c.head_dim)
+        dtype = self.wq.dtype
+        return (rope(q, pos, c.rope_theta).astype(dtype), rope(k, pos, c.rope_theta).astype(dtype),
+                v.astype(dtype))
 
     def attend(self, q: jax.Array, q_pos: jax.Array, k: jax.Array, v: jax.Array, k_pos: jax.Array):
-        """q [T, heads, hd] over k, v [kv_heads, S, hd] -> (output [T, d], weights [kv, group, T, S])."""
+        """q [B, T, heads, hd] over k, v [B, kv_heads, S, hd] -> (output [B, T, d] float32,
+        weights [B, kv, group, T, S] float32)."""
         c = self.cfg
-        t = q.shape[0]
-        q = q.reshape(t, c.n_kv_heads, c.group_size, c.head_dim).transpose(1, 2, 0, 3)  # [kv, g, T, hd]
+        b, t = q.shape[:2]
+        q = q.reshape(b, t, c.n_kv_heads, c.group_size, c.head_dim).transpose(0, 2, 3, 1, 4)  # [B, kv, g, T, hd]
         weights = attention_weights(q, k, q_pos, k_pos)
-        out = jax.lax.dot_general(weights, v, (((3,), (1,)), ((0,), (0,))))  # [kv, g, T, hd]
-        out = out.transpose(2, 0, 1, 3).reshape(t, c.n_heads * c.head_dim)
-        return out @ self.wo.T, weights
-
-    def __call__(self, x: jax.Array, pos: jax.Array) -> jax.Array:
-        """Parallel causal self-attention over x [T, d] (no cache)."""
-        q, k, v = self.project(x, pos)
-        k_pos = jnp.broadcast_to(pos, (self.cfg.n_kv_heads, pos.shape[0]))
-        out, _ = self.attend(q, pos, k.transpose(1, 0, 2), v.transpose(1, 0, 2), k_pos)
-        return out
+        out = jax.lax.dot_general(weights.astype(v.dtype), v, (((4,), (2,)), ((0, 1), (0, 1))),
+                                  preferred_element_type=jnp.float32)  # [B, kv, g, T, hd]
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, c.n_heads * c.head_dim)
+        return linear(out, self.wo), weights
 
 
 class MLP(eqx.Module):
@@ -120,10 +152,13 @@ class MLP(eqx.Module):
         self.w_down = _init(kd, (cfg.d_model, cfg.d_ff), 0.02 / math.sqrt(2 * cfg.n_layers))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return (jax.nn.silu(x @ self.w_gate.T) * (x @ self.w_up.T)) @ self.w_down.T
+        return linear(jax.nn.silu(linear(x, self.w_gate)) * linear(x, self.w_up), self.w_down)
 
 
 class Block(eqx.Module):
+    """One decoder layer. Inside `ToyLLM` its arrays carry a leading layer axis (all layers stacked);
+    `lax.scan` hands each step one layer's slice."""
+
     attn_norm: RMSNorm
     attn: Attention
     mlp_norm: RMSNorm
@@ -136,117 +171,120 @@ class Block(eqx.Module):
         self.mlp_norm = RMSNorm(jnp.ones(cfg.d_model), cfg.norm_eps)
         self.mlp = MLP(cfg, km)
 
-    def __call__(self, x: jax.Array, pos: jax.Array) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), pos)
-        return x + self.mlp(self.mlp_norm(x))
+    def __call__(self, x: jax.Array, pos: jax.Array, valid: jax.Array, cache: KVCache | None, layer):
+        """x [B, T, d] float32 at positions pos [B, T] (valid [B, T]: real tokens, not padding).
+
+        Without a cache: causal self-attention over the chunk. With one: the chunk's keys and values
+        go into the cache's slots first (in place: the cache is carried through the scan and
+        donated), then the chunk attends over the whole layer, and the layer's policy signals are
+        recorded if the cache carries them. Returns (x, cache).
+        """
+        q, k, v = self.attn.project(self.attn_norm(x), pos)
+        if cache is None:
+            k_pos = jnp.broadcast_to(pos[:, None, :], (pos.shape[0], k.shape[2], pos.shape[1]))  # [B, kv, T]
+            out, _ = self.attn.attend(q, pos, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), k_pos)
+        else:
+            cache = cache.write(layer, k, v, jnp.where(valid, pos, -1))
+            keys, values, k_pos = cache.layer(layer)
+            out, weights = self.attn.attend(q, pos, keys, values, k_pos)
+            cache = cache.observe(layer, q, weights, pos, valid)
+        x = x + out
+        return x + self.mlp(self.mlp_norm(x)), cache
 
 
 class ToyLLM(eqx.Module):
     embed: jax.Array  # [vocab, d_model], also the output projection (tied)
-    blocks: tuple[Block, ...]
+    blocks: Block  # every array with a leading [n_layers] axis
     norm: RMSNorm
     cfg: ModelConfig = eqx.field(static=True)
     # Inference only (see for_inference): the embedding transposed, contiguous [d_model, vocab].
     unembed: jax.Array | None = None
 
     def __init__(self, cfg: ModelConfig, key: jax.Array):
-        ke, *kb = jax.random.split(key, cfg.n_layers + 1)
+        ke, kb = jax.random.split(key)
         self.embed = _init(ke, (cfg.vocab_size, cfg.d_model))
-        self.blocks = tuple(Block(cfg, k) for k in kb)
+        self.blocks = eqx.filter_vmap(lambda k: Block(cfg, k))(jax.random.split(kb, cfg.n_layers))
         self.norm = RMSNorm(jnp.ones(cfg.d_model), cfg.norm_eps)
         self.cfg = cfg
         self.unembed = None
 
+    @property
+    def dtype(self):
+        return self.embed.dtype
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Cache bytes per token under this model's dtype (keys + values, every layer)."""
+        return self.cfg.kv_bytes_per_token(self.dtype)
+
+    def astype(self, dtype) -> ToyLLM:
+        """The same model with every weight stored as `dtype` (bfloat16 for serving)."""
+        return jax.tree.map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, self)
+
     def for_inference(self) -> ToyLLM:
         """This model plus a contiguous [d_model, vocab] copy of the tied embedding, for one-row
-        logits. XLA's CPU backend computes [1, d] @ embed.T by copying the transposed 50257 x 128
-        matrix in a loop fusion on every call, most of a batch-1 decode step; with the copy made once
-        the product is a plain matrix-vector one (benchmarks/lm_head.py). Costs vocab x d_model floats
+        logits. XLA's CPU backend computes [1, d] @ embed.T by copying the transposed matrix in a
+        loop fusion on every call, most of a small model's batch-1 decode step; with the copy made
+        once the product is a plain matrix-vector one (benchmarks/lm_head.py). Costs vocab x d_model
         more memory; not for training (the copy would not follow the embedding)."""
         transposed = jnp.asarray(np.ascontiguousarray(np.asarray(self.embed).T))
         return eqx.tree_at(lambda m: m.unembed, self, transposed, is_leaf=lambda x: x is None)
 
     def logits(self, h: jax.Array) -> jax.Array:
-        """Final norm and the tied output projection: h [..., d] -> [..., vocab]."""
+        """Final norm and the tied output projection: h [..., d] -> [..., vocab] float32."""
         # Tying the output projection to the embedding saves vocab x d_model parameters, most of a
         # small model's weights.
-        x = self.norm(h)
+        x = self.norm(h).astype(self.dtype)
         flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] == 1:
-            # One row (batch-1 decoding): [1, d] @ [d, vocab] is the fastest form on XLA's CPU
-            # backend, by far with a contiguous [d, vocab] matrix (for_inference); for two or more
-            # rows the next form is (benchmarks/lm_head.py).
-            out = flat @ (self.embed.T if self.unembed is None else self.unembed)
+        f32 = jnp.float32
+        if flat.shape[0] == 1 and self.unembed is not None:
+            # One row (batch-1 decoding): [1, d] @ [d, vocab] with the contiguous copy is the
+            # fastest form on XLA's CPU backend; for two or more rows the next one is.
+            out = _one_row_safe(lambda a, b: jnp.dot(a, b, preferred_element_type=f32), flat, self.unembed)
         else:
             # Several rows: [vocab, d] @ [d, N] measured 1.2-1.7x faster in the decode step.
-            out = (self.embed @ flat.T).T
+            out = jax.lax.dot_general(self.embed, flat, (((1,), (1,)), ((), ())), preferred_element_type=f32).T
         return out.reshape(*x.shape[:-1], self.embed.shape[0])
 
+    def forward(self, tokens: jax.Array, cache: KVCache | None = None,
+                n_valid: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Run tokens [B, T] through every layer -> (hidden states [B, T, d] float32, cache).
+
+        Without a cache, row b holds positions 0..T-1. With one, its first n_valid[b] tokens are real
+        (the rest padding, written with position -1 so that nothing sees them) and go to slots
+        length[b].. and positions next_pos[b].. of the cache; the caller guarantees the room.
+        """
+        b, t = tokens.shape
+        offsets = jnp.arange(t, dtype=jnp.int32)[None, :]
+        if cache is None:
+            pos = jnp.broadcast_to(offsets, (b, t))
+            valid = jnp.ones((b, t), bool)
+        else:
+            pos = cache.next_pos[:, None] + offsets  # [B, T]
+            valid = offsets < n_valid[:, None]
+        x = self.embed[tokens].astype(jnp.float32)
+        params, static = eqx.partition(self.blocks, eqx.is_array)
+        # The scan slices one layer's weights per step; XLA's CPU backend copies the slice, and for
+        # bfloat16 it goes through float32 (~10x slower than the matmul itself). Sliced as uint16
+        # bits the copy is a plain memcpy; the bits are reinterpreted as bfloat16 inside the step.
+        params = jax.tree.map(_to_bits, params)
+
+        def layer_step(carry, xs):
+            x, cache = carry
+            layer_params, layer = xs
+            block = eqx.combine(jax.tree.map(_from_bits, layer_params), static)
+            return block(x, pos, valid, cache, layer), None
+
+        layers = jnp.arange(self.cfg.n_layers, dtype=jnp.int32)
+        (x, cache), _ = jax.lax.scan(layer_step, (x, cache), (params, layers))
+        if cache is not None:
+            cache = cache.advance(n_valid, pos, valid)
+        return x, cache
+
     def hidden(self, tokens: jax.Array) -> jax.Array:
-        """Parallel causal forward of tokens [T] at positions 0..T-1 -> hidden states [T, d]."""
-        pos = jnp.arange(tokens.shape[0], dtype=jnp.int32)
-        x = self.embed[tokens]
-        for block in self.blocks:
-            x = block(x, pos)
-        return x
+        """Parallel causal forward of one sequence tokens [T] -> hidden states [T, d]."""
+        return self.forward(tokens[None])[0][0]
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """Logits [T, vocab] for tokens [T] (training, evaluation, reference for the cache)."""
         return self.logits(self.hidden(tokens))
-
-    def extend(self, tokens: jax.Array, n_valid: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """Append tokens [C] (the first n_valid real, the rest padding) to the cache and run them.
-
-        Each token is written into the cache before attention, at slot cache.length + i and
-        position cache.next_pos + i, then attends to every cached key at or before its position.
-        Padding tokens are written too (the chunk shape is static) but get position -1, so nothing
-        ever sees them and later writes reuse their slots. Returns hidden states [C, d] and the cache.
-        The caller guarantees cache.length + C <= capacity.
-        """
-        c = self.cfg
-        chunk = tokens.shape[0]
-        offsets = jnp.arange(chunk, dtype=jnp.int32)
-        valid = offsets < n_valid  # [C]
-        pos = cache.next_pos + offsets  # [C]
-        slot_pos = jnp.where(valid, pos, -1)  # [C]
-        start = cache.length
-
-        # The last RECENT_QUERIES real queries go to the ring buffer at slot pos % R; the rest to an
-        # out-of-range slot that the scatter drops.
-        remembered = valid & (offsets >= n_valid - RECENT_QUERIES)
-        ring_slot = jnp.where(remembered, pos % RECENT_QUERIES, RECENT_QUERIES)
-        recent_pos = cache.recent_pos.at[ring_slot].set(pos, mode="drop")
-
-        k_cache, v_cache, pos_cache = cache.k, cache.v, cache.pos
-        score, recent_q = cache.score, cache.recent_q
-        slot_pos_kv = jnp.broadcast_to(slot_pos, (c.n_kv_heads, chunk))[None]  # [1, kv, C]
-        x = self.embed[tokens]
-        for layer, block in enumerate(self.blocks):
-            q, k, v = block.attn.project(block.attn_norm(x), pos)
-            # Write this chunk's keys and values first (in place: the cache is donated), then
-            # attend over the whole cache.
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(1, 0, 2)[None], (layer, 0, start, 0))
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(1, 0, 2)[None], (layer, 0, start, 0))
-            pos_cache = jax.lax.dynamic_update_slice(pos_cache, slot_pos_kv, (layer, 0, start))
-            out, weights = block.attn.attend(q, pos, k_cache[layer], v_cache[layer], pos_cache[layer])
-            x = x + out
-            x = x + block.mlp(block.mlp_norm(x))
-
-            # Attention each key received from this chunk's real queries, summed over the query
-            # heads of its KV group: H2O's accumulated score.
-            received = jnp.einsum("kgts,t->ks", weights, valid.astype(jnp.float32))
-            score = score.at[layer].add(received)
-            # (Mixed indexing puts the ring axis first: the update is [C, heads, hd], which q already is.)
-            recent_q = recent_q.at[layer, :, ring_slot].set(q, mode="drop")
-
-        new_cache = KVCache(
-            k=k_cache,
-            v=v_cache,
-            pos=pos_cache,
-            score=score,
-            recent_q=recent_q,
-            recent_pos=recent_pos,
-            length=cache.length + n_valid,
-            next_pos=cache.next_pos + n_valid,
-        )
-        return x, new_cache

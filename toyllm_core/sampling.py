@@ -8,33 +8,71 @@ token ~4 ms and `lax.top_k` inside the decode scan ~17 ms, far more than the mod
   over the vocabulary), so nothing is sorted. Ties at a threshold are kept. Top-p applies to the
   distribution left after top-k, as in Hugging Face's samplers.
 
-Which of these paths a batch compiles is static (`SamplerSpec`), chosen from its rows' settings;
-each row then picks its own result, so rows with different settings share one call.
+Whether a batch compiles the filters is static (`SamplerSpec`), chosen from its rows' settings;
+each row then picks its own result (greedy rows their argmax), so rows with different settings
+share one call. This module also holds what a request asks of sampling (`SamplingParams`), the
+per-request PRNG key, and the sampling of the first token from the prefill's logits.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Halvings of the search interval: 2^-32 of it is below float32 resolution, so thresholds are exact.
 _BISECTION_STEPS = 32
 
 
 @dataclass(frozen=True)
-class SamplerSpec:
-    """What a batch's rows need (static for jit): random sampling at all, and top-k/top-p filters."""
+class SamplingParams:
+    """What one request asks of sampling, and when its generation ends."""
 
-    sample: bool = False
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def validate(self) -> SamplingParams:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0 (0 turns it off)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        return self
+
+    @property
+    def filtered(self) -> bool:
+        return self.temperature > 0 and (self.top_k > 0 or self.top_p < 1)
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """What a batch's rows need (static for jit): the top-k/top-p filters, or not."""
+
     filtered: bool = False
 
     @staticmethod
-    def for_rows(rows: list[tuple[float, int, float]]) -> SamplerSpec:
-        """rows: (temperature, top_k, top_p) of each live row."""
-        sampled = [(k, p) for t, k, p in rows if t > 0]
-        return SamplerSpec(sample=bool(sampled), filtered=any(k > 0 or p < 1 for k, p in sampled))
+    def for_rows(rows: list[SamplingParams]) -> SamplerSpec:
+        return SamplerSpec(filtered=any(p.filtered for p in rows))
+
+
+def new_key(seed: int | None) -> np.ndarray:
+    """A request's PRNG key [2] uint32 (a random one without a seed). Built on the host, as
+    `jax.random.PRNGKey` lays it out, so that no device work or compile is needed."""
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % (2**63))
+    seed %= 2**64
+    return np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
 
 
 def _inverse_cdf(probs: jax.Array, u: jax.Array) -> jax.Array:
@@ -82,8 +120,6 @@ def sample_token(logits, key, temperature, top_k, top_p, *, spec: SamplerSpec):
     """One row: logits [vocab] -> (token, its log-probability under the unmodified model)."""
     logz = jax.nn.logsumexp(logits)
     greedy = jnp.argmax(logits).astype(jnp.int32)
-    if not spec.sample:
-        return greedy, logits[greedy] - logz
     u = jax.random.uniform(key)
     scaled = logits / jnp.maximum(temperature, 1e-6)
     probs = jnp.exp(scaled - jnp.max(scaled))
@@ -92,3 +128,18 @@ def sample_token(logits, key, temperature, top_k, top_p, *, spec: SamplerSpec):
     token = _inverse_cdf(probs, u)
     token = jnp.where(temperature > 0, token, greedy).astype(jnp.int32)
     return token, logits[token] - logz
+
+
+def first_token(logits: jax.Array, sampling: SamplingParams, key: np.ndarray) -> tuple[int, float, np.ndarray]:
+    """Sample the first new token from the prefill's logits [vocab] (the decode step's sampler);
+    returns (token, logprob, the key to continue with)."""
+    token, logprob, key = _first_token(logits, key, np.float32(sampling.temperature), np.int32(sampling.top_k),
+                                       np.float32(sampling.top_p), spec=SamplerSpec.for_rows([sampling]))
+    return int(token), float(logprob), np.asarray(key)
+
+
+@partial(jax.jit, static_argnames=("spec",))
+def _first_token(logits, key, temperature, top_k, top_p, *, spec):
+    key, sub = jax.random.split(key)
+    token, logprob = sample_token(logits, sub, temperature, top_k, top_p, spec=spec)
+    return token, logprob, key

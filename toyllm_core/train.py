@@ -5,7 +5,7 @@ a resumed run sees exactly the batches the uninterrupted run would have. The run
 
   metrics.jsonl     one JSON object per logged step (loss, lr, grad norm, tokens/s) and per evaluation
   state/            the latest training state (Equinox serialisation of model + optimiser state)
-  final/            the final checkpoint in the DESIGN §4 layout (when the run completes)
+  final/            the final checkpoint in the checkpoint layout (README, "Checkpoints") (when the run completes)
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from sse_starlette import EventSourceResponse
 from ..deps import ReadyState, require_api_key
 from ..engine import Failed, Finished, TokenOut
 from ..errors import ApiError, bad_request, busy, error_body, not_found, queue_full
-from ..generation import EventStream, cache_config, check_fits, sampling_params, tokenize
+from ..generation import EventStream, cache_policy, request_class, sampling_params, tokenize
 from ..schemas import GenerateDone, GenerateRequest
 from ..sessions import SessionBusy, SessionNotFound
 
@@ -64,18 +64,18 @@ async def generate(body: GenerateRequest, request: Request, state: ReadyState,
             raise busy(str(e)) from None
         created = False
     else:
-        cfg = cache_config(state, body.cache)
+        policy = cache_policy(state, body.cache)
         if not state.engine_has_room():
             raise queue_full("the server is at capacity; retry later")
-        session = store.create(cfg, busy=True, proposed_id=x_new_session_id)
+        session = store.create(state.classes_of(policy)[0], busy=True, proposed_id=x_new_session_id)
         created = True
     try:
-        if body.cache is not None and not created and cache_config(state, body.cache) != session.cache_cfg:
+        if body.cache is not None and not created and cache_policy(state, body.cache) != session.policy:
             raise bad_request("a session's cache configuration is fixed when it is created; leave `cache` out "
                               "to continue this session")
         prompt_ids = tokenize(state, body.prompt)
-        check_fits(state, session, len(prompt_ids), body.max_new_tokens)
-        stream = EventStream(state, session, prompt_ids, sampling).submit()
+        cls = request_class(state, session, len(prompt_ids), body.max_new_tokens)
+        stream = EventStream(state, session, cls, prompt_ids, sampling).submit()
     except ApiError:
         if created:
             store.discard(session)

@@ -40,5 +40,5 @@ async def info(state: State):
 
 @router.get("/metrics")
 async def metrics(state: State):
-    """Prometheus metrics (DESIGN §7)."""
+    """Prometheus metrics."""
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -16,7 +16,7 @@ from sse_starlette import EventSourceResponse
 from ..deps import ReadyState, State, require_api_key
 from ..engine import Failed, Finished, TokenOut
 from ..errors import bad_request, error_body, not_found
-from ..generation import EventStream, check_fits, sampling_params, tokenize
+from ..generation import EventStream, request_class, sampling_params, tokenize
 from ..schemas import CompletionRequest
 from ..sessions import Session
 from .generate import wait_unless_disconnected
@@ -49,11 +49,11 @@ async def completions(body: CompletionRequest, request: Request, state: ReadySta
     except ValueError as e:
         raise bad_request(str(e)) from None
     sampling = sampling_params(body.max_tokens, body.temperature, 0, body.top_p, body.seed, stops)
-    session = Session("openai-" + uuid.uuid4().hex, state.default_cache, state.model.cfg.kv_bytes_per_token,
-                      busy=True)
+    session = Session("openai-" + uuid.uuid4().hex, state.classes_of(state.default_policy)[0],
+                      state.model.kv_bytes_per_token, busy=True)
     prompt_ids = tokenize(state, body.prompt_text)
-    check_fits(state, session, len(prompt_ids), body.max_tokens)
-    stream = EventStream(state, session, prompt_ids, sampling, ephemeral=True).submit()
+    cls = request_class(state, session, len(prompt_ids), body.max_tokens)
+    stream = EventStream(state, session, cls, prompt_ids, sampling, ephemeral=True).submit()
     completion_id, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
 
     if not body.stream:

@@ -11,7 +11,7 @@ from toyllm_core.cache import kept_positions
 
 from ..deps import ReadyState, require_api_key
 from ..errors import busy, not_found
-from ..generation import cache_config
+from ..generation import cache_policy
 from ..schemas import CreateSessionRequest, SessionCache, SessionCreated, SessionInfo
 from ..sessions import Session, SessionBusy, SessionNotFound
 from ..state import ServerState
@@ -30,8 +30,8 @@ def _get(state: ServerState, session_id: str) -> Session:
 async def create_session(state: ReadyState, body: CreateSessionRequest | None = None,
                          x_new_session_id: Annotated[str | None, Header(include_in_schema=False)] = None):
     """Create an empty session with its cache configuration (the server's default when left out)."""
-    cfg = cache_config(state, body.cache if body else None)
-    session = state.store.create(cfg, proposed_id=x_new_session_id)
+    policy = cache_policy(state, body.cache if body else None)
+    session = state.store.create(state.classes_of(policy)[0], proposed_id=x_new_session_id)
     return Response(SessionCreated(session_id=session.id).model_dump_json(), 201,
                     media_type="application/json", headers={"X-Session-ID": session.id})
 
@@ -41,7 +41,7 @@ async def get_session(session_id: str, state: ReadyState):
     """A session's statistics."""
     s = _get(state, session_id)
     return SessionInfo(session_id=s.id, created_at=s.created_at, last_used_at=s.last_used_at, busy=s.busy,
-                       turns=s.turns, cache=s.stats(), cache_config=s.cache_cfg.__dict__)
+                       turns=s.turns, cache=s.stats(), cache_config=s.policy.describe())
 
 
 @router.get("/{session_id}/cache", response_model=SessionCache)
@@ -51,11 +51,11 @@ async def get_session_cache(session_id: str, state: ReadyState):
     if s.busy:
         raise busy(f"session {session_id!r} is busy with a request; its cache is in use")
     heads = await run_in_threadpool(_kept_heads, state, s) if s.cache is not None else []
-    return SessionCache(session_id=s.id, policy=s.cache_cfg.policy, tokens_seen=s.tokens_in_cache, heads=heads)
+    return SessionCache(session_id=s.id, policy=s.policy.name, tokens_seen=s.tokens_in_cache, heads=heads)
 
 
 def _kept_heads(state: ServerState, s: Session) -> list[dict]:
-    kept = kept_positions(s.cache)  # [layers, kv_heads, length]: a device read, off the event loop
+    kept = kept_positions(s.cache, s.length)  # [layers, kv_heads, length]: a device read, off the event loop
     texts: dict[int, str] = {}
     heads = []
     for layer in range(kept.shape[0]):

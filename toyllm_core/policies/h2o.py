@@ -2,18 +2,26 @@
 the most attention so far (accumulated over every query since they were cached, summed over the
 query heads of their KV group), plus the sinks and the recent window.
 
-The model accumulates `cache.score` as it runs, so scoring is a read."""
+Declares the `scores` signal: the forward accumulates `cache.score` as it runs, so scoring is a read.
+Parameters: `budget`, `sink_size`, `window_size`, `slack` (see `EvictingPolicy`)."""
+
+from dataclasses import dataclass
 
 import jax
 
 from ..cache import KVCache
-from .base import CacheConfig, Policy
+from .base import EvictingPolicy, Signals
 from .registry import register
 
 
 @register
-class H2O(Policy):
+@dataclass(frozen=True)
+class H2O(EvictingPolicy):
     name = "h2o"
 
-    def score(self, cache: KVCache, cfg: CacheConfig) -> jax.Array:
+    @property
+    def signals(self) -> Signals:
+        return Signals(scores=True)
+
+    def score(self, cache: KVCache) -> jax.Array:
         return cache.score

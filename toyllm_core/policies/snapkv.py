@@ -7,33 +7,54 @@ of each KV group, so every KV head picks its own slots. Only candidates (neither
 vote-count; sinks draw huge attention and would otherwise bleed into their neighbours through the
 pooling. Max-pooling (kernel `pool_kernel`, stride 1, same padding) keeps the neighbours of a
 heavy hitter too, which preserves whole phrases rather than isolated tokens.
+
+Declares the `recent_queries` signal (a ring of the last `obs_window` queries). Parameters:
+`budget`, `sink_size`, `window_size`, `slack` (see `EvictingPolicy`), `obs_window`, `pool_kernel`.
 """
+
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 
 from ..cache import KVCache
 from ..model import attention_weights
-from .base import CacheConfig, Policy, protected_slots
+from .base import EvictingPolicy, Signals, protected_slots
 from .registry import register
+
+MAX_OBS_WINDOW = 128
 
 
 @register
-class SnapKV(Policy):
+@dataclass(frozen=True)
+class SnapKV(EvictingPolicy):
     name = "snapkv"
+    obs_window: int = 16  # recent queries that vote
+    pool_kernel: int = 7  # max-pooling kernel over the votes
 
-    def score(self, cache: KVCache, cfg: CacheConfig) -> jax.Array:
-        n_layers, n_heads, n_recent, head_dim = cache.recent_q.shape
-        n_kv = cache.k.shape[1]
-        observing = (cache.recent_pos >= 0) & (cache.recent_pos >= cache.next_pos - cfg.obs_window)  # [R]
+    def validate(self) -> "SnapKV":
+        super().validate()
+        if not 1 <= self.obs_window <= MAX_OBS_WINDOW:
+            raise ValueError(f"obs_window must be between 1 and {MAX_OBS_WINDOW}")
+        if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+            raise ValueError("pool_kernel must be an odd number >= 1")
+        return self
+
+    @property
+    def signals(self) -> Signals:
+        return Signals(recent_queries=self.obs_window)
+
+    def score(self, cache: KVCache) -> jax.Array:
+        n_layers, batch, n_heads, ring, head_dim = cache.recent_q.shape
+        n_kv = cache.k.shape[2]
+        observing = cache.recent_pos >= 0  # [B, R]: the ring holds exactly the last obs_window queries
         # Unused ring slots get position 0 (so their softmax is well defined) and zero weight.
         q_pos = jnp.where(observing, cache.recent_pos, 0)
-        q = cache.recent_q.reshape(n_layers, n_kv, n_heads // n_kv, n_recent, head_dim)
-        weights = jax.vmap(attention_weights, in_axes=(0, 0, None, 0))(q, cache.k, q_pos, cache.pos)
-        votes = jnp.einsum("lkgrs,r->lks", weights, observing.astype(jnp.float32))  # [L, kv, capacity]
+        q = cache.recent_q.reshape(n_layers, batch, n_kv, n_heads // n_kv, ring, head_dim)
+        weights = jax.vmap(attention_weights, in_axes=(0, 0, None, 0))(q, cache.keys(), q_pos, cache.pos)
+        votes = jnp.einsum("lbkgrs,br->lbks", weights, observing.astype(jnp.float32))  # [L, B, kv, capacity]
 
-        live, protected = protected_slots(cache, cfg)
+        live, protected = protected_slots(cache, self)
         votes = jnp.where(live & ~protected, votes, 0.0)
-        return jax.lax.reduce_window(
-            votes, -jnp.inf, jax.lax.max, (1, 1, cfg.pool_kernel), (1, 1, 1), "SAME"
-        )
+        return jax.lax.reduce_window(votes, -jnp.inf, jax.lax.max, (1, 1, 1, self.pool_kernel), (1, 1, 1, 1),
+                                     "SAME")

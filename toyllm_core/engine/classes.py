@@ -1,0 +1,122 @@
+"""Cache classes: the fixed geometries the engine decodes in.
+
+A cache class is a policy with its parameters plus the shapes that serve it: `slots` decode rows of
+`capacity` slots each, and the capacity a prompt is prefilled into. A compressing policy's rows
+hold `budget + slack` slots (decoding compresses when they fill); its prefill cache has room for the
+budget plus one chunk. A full cache's class holds up to `tokens` tokens (a few such classes up to
+the model context; a session moves up to a larger one as it grows). Every shape the engine will
+ever compile follows from the classes in closed form (see `programs`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..policies import EvictingPolicy, Policy
+
+# Smallest prefill chunk. Every class keeps this much headroom past what its tokens need, so that
+# the last piece of a prompt can always be padded to a compiled chunk size.
+MIN_CHUNK = 16
+
+
+def chunk_sizes(max_chunk: int) -> list[int]:
+    """The compiled prefill chunk lengths: powers of two from MIN_CHUNK to max_chunk."""
+    if max_chunk < MIN_CHUNK or max_chunk & (max_chunk - 1):
+        raise ValueError(f"max_chunk must be a power of two >= {MIN_CHUNK}, not {max_chunk}")
+    sizes, n = [], MIN_CHUNK
+    while n <= max_chunk:
+        sizes.append(n)
+        n *= 2
+    return sizes
+
+
+def row_buckets(slots: int) -> list[int]:
+    """Decode batch sizes compiled for a class: powers of two below `slots`, and `slots`. A decode call
+    runs the smallest one that covers the occupied rows (they are kept packed at the front)."""
+    sizes, n = [], 1
+    while n < slots:
+        sizes.append(n)
+        n *= 2
+    return sizes + [slots]
+
+
+@dataclass(frozen=True)
+class CacheClass:
+    policy: Policy
+    slots: int  # decode rows
+    capacity: int  # cache slots per row while decoding (and in an idle session)
+    prefill_capacity: int  # cache slots a prompt is prefilled into
+    max_chunk: int  # the longest prefill chunk
+    tokens: int | None = None  # full cache: the most tokens a sequence of this class may hold
+
+    @staticmethod
+    def make(policy: Policy, slots: int, max_chunk: int, tokens: int | None = None) -> CacheClass:
+        chunk_sizes(max_chunk)  # validates
+        if slots < 1:
+            raise ValueError("a cache class needs at least one slot")
+        if isinstance(policy, EvictingPolicy):
+            if policy.slack > max_chunk:
+                raise ValueError(f"slack ({policy.slack}) must not exceed the prefill chunk ({max_chunk})")
+            return CacheClass(policy, slots, policy.trigger, policy.budget + max_chunk + MIN_CHUNK, max_chunk)
+        if tokens is None or tokens < 1:
+            raise ValueError("a full-cache class needs its token limit")
+        return CacheClass(policy, slots, tokens + MIN_CHUNK, tokens + MIN_CHUNK, max_chunk, tokens)
+
+    @property
+    def evicts(self) -> bool:
+        return self.policy.evicts
+
+    @property
+    def name(self) -> str:
+        return self.policy.label if self.tokens is None else f"{self.policy.label}-{self.tokens}"
+
+    def describe(self) -> dict:
+        return {"name": self.name, **self.policy.describe(), "slots": self.slots, "capacity": self.capacity,
+                "max_tokens": self.tokens}
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One prefill step: compress first (the prefill cache is full), then run `real` prompt tokens
+    padded to the compiled length `padded`."""
+
+    real: int
+    padded: int
+    compress_first: bool
+
+
+def next_piece(cls: CacheClass, length: int, remaining: int, limit: int) -> Piece:
+    """The next piece of a prompt with `remaining` tokens left, on a prefill cache holding `length`,
+    taking at most `limit` tokens (smaller while other rows decode).
+
+    A compressing policy compresses when its prefill cache holds budget + max_chunk tokens, and after
+    the prompt's last piece: the points where it compresses depend on token counts only, never on
+    `limit`, so a prompt keeps the same tokens whether it was prefilled alone or beside decoding rows.
+    """
+    compress_first = False
+    real = min(remaining, limit, cls.max_chunk)
+    if cls.evicts:
+        full_at = cls.policy.budget + cls.max_chunk
+        if length >= full_at:
+            compress_first, length = True, cls.policy.budget
+        real = min(real, full_at - length)
+    padded = max(MIN_CHUNK, 1 << (real - 1).bit_length())
+    if length + padded > cls.prefill_capacity:
+        # Padding would overflow: an exact power-of-two piece (>= MIN_CHUNK, by the headroom).
+        real = padded = 1 << (real.bit_length() - 1)
+    return Piece(real, padded, compress_first)
+
+
+def plan_classes(policies: list[Policy], bytes_per_token: int, max_running: int, state_bytes: int,
+                 max_chunk: int, full_tokens: list[int]) -> list[CacheClass]:
+    """The classes a server warms: one per compressing policy, and one per token limit in
+    `full_tokens` for the full cache (if it is among `policies`). Each class gets as many decode
+    slots as `state_bytes` of cache allow, between 1 and `max_running`."""
+    classes = []
+    for policy in dict.fromkeys(policies):  # de-duplicated, in order
+        limits = [None] if policy.evicts else sorted(set(full_tokens))
+        for tokens in limits:
+            probe = CacheClass.make(policy, 1, max_chunk, tokens)
+            slots = max(1, min(max_running, state_bytes // (probe.capacity * bytes_per_token)))
+            classes.append(CacheClass.make(policy, slots, max_chunk, tokens))
+    return classes

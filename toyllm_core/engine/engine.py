@@ -1,0 +1,288 @@
+"""The engine: fixed decode slots per cache class, and the one recipe that starts a sequence.
+
+Shaped like JetStream's engine API, over pure jitted steps (`steps`):
+
+    job = engine.begin(prompt_ids, cls, sampling, cache, length)   # reserve a slot
+    while not engine.prefill(job, limit):                          # one chunk per call
+        ...                                                        # (decode other rows in between)
+    seq = engine.start(job)       # first token sampled; the row joins a decode slot if it goes on
+    outputs = engine.step()       # one decode call per class with active rows: tokens for every slot
+    cache, length = engine.free(seq)                               # the row's cache, for its session
+
+Each class's decode state is one cache of `slots` rows x `capacity` slots, allocated once.
+Occupied rows stay packed at the front (a freed row's slot takes the last occupied row), so a decode
+call runs the smallest compiled batch size that covers them. Compressing rows are compressed in
+place when they reach budget + slack. The engine knows nothing of HTTP or threads: the server's
+engine thread, `toyllm generate`, the benchmarks and the evaluation all drive this object.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import jax
+import numpy as np
+
+from ..cache import KVCache
+from ..model import ToyLLM
+from ..sampling import SamplerSpec, SamplingParams, first_token, new_key
+from . import steps
+from .classes import CacheClass, Piece, next_piece, row_buckets
+
+
+@dataclass(eq=False)
+class Prefill:
+    """A prompt being prefilled (one piece per `Engine.prefill` call)."""
+
+    cls: CacheClass
+    tokens: np.ndarray  # [n] int32, the whole prompt
+    sampling: SamplingParams
+    cache: KVCache  # one row at the class's prefill capacity
+    length: int  # live slots in it
+    eos: int
+    done: int = 0  # prompt tokens prefilled so far
+    logits: jax.Array | None = None  # after the last prompt token, once done
+    evicted: int = 0  # tokens evicted per layer and KV head by compressions in this prefill
+    compressions: int = 0
+    pieces: list[Piece] = field(default_factory=list)
+    user: object = None
+
+    @property
+    def finished(self) -> bool:
+        return self.done == len(self.tokens)
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A generating sequence (host mirror of its decode row)."""
+
+    cls: CacheClass
+    sampling: SamplingParams
+    length: int  # live cache slots
+    pending: int  # sampled token, not yet in the cache
+    remaining: int  # tokens it may still produce
+    key: np.ndarray  # [2] uint32 PRNG key
+    eos: int = -1
+    first_logprob: float = 0.0
+    slot: int = -1  # decode row, -1 when not in one
+    single_step: bool = False  # the host must see every token before the next (stop strings)
+    tokens_evicted: int = 0
+    compressions: int = 0
+    idle_cache: KVCache | None = None  # its cache when it never joined a slot
+    user: object = None
+
+    @property
+    def active(self) -> bool:
+        return self.remaining > 0
+
+
+@dataclass
+class StepOutput:
+    seq: Sequence
+    tokens: list[int]
+    logprobs: list[float]
+
+
+class _ClassState:
+    """One class's decode state: the batched cache and who sits in each slot."""
+
+    def __init__(self, model: ToyLLM, cls: CacheClass):
+        self.cls = cls
+        self.cache = steps.new_cache(model, cls, cls.slots, cls.capacity)
+        self.rows: list[Sequence] = []  # occupied slots, packed: rows[i].slot == i
+        self.reserved = 0  # prefills under way that will take a slot
+
+    @property
+    def free_slots(self) -> int:
+        return self.cls.slots - len(self.rows) - self.reserved
+
+
+class Engine:
+    def __init__(self, model: ToyLLM, classes: list[CacheClass], steps_per_call: int = 4,
+                 on_compress: Callable[[Sequence, float], None] | None = None):
+        if len({c.name for c in classes}) != len(classes):
+            raise ValueError("cache classes must be distinct")
+        self.model = model
+        self.eos = model.cfg.eos_token_id  # the token that ends a sequence (unless it ignores EOS)
+        self.classes = list(classes)
+        self.steps_per_call = steps_per_call
+        # Called as on_compress(seq, seconds) after each decode-time compression; setting it makes
+        # the engine wait for each compression to finish so that it can be timed.
+        self.on_compress = on_compress
+        self._states = {c: _ClassState(model, c) for c in classes}
+
+    # ------------------------------------------------------------------------------- classes
+    def free_slots(self, cls: CacheClass) -> int:
+        return self._states[cls].free_slots
+
+    @property
+    def running(self) -> int:
+        return sum(len(s.rows) for s in self._states.values())
+
+    def capacity_bytes(self) -> int:
+        """Bytes of every class's decode state (allocated once)."""
+        return sum(c.slots * c.capacity for c in self.classes) * self.model.kv_bytes_per_token
+
+    # ------------------------------------------------------------------------------- prefill
+    def begin(self, tokens, cls: CacheClass, sampling: SamplingParams, cache: KVCache | None = None,
+              length: int = 0, user: object = None) -> Prefill:
+        """Start prefilling `tokens` for a sequence of class `cls` (reserving a decode slot), on a
+        session's idle cache (one row, at the capacity of this class or of a smaller full class) or
+        on a new one."""
+        tokens = np.asarray(tokens, np.int32)
+        if len(tokens) == 0:
+            raise ValueError("a prompt needs at least one token")
+        if cls.tokens is not None and length + len(tokens) > cls.tokens:
+            raise ValueError(f"{length} cached + {len(tokens)} prompt tokens exceed the class's {cls.tokens}")
+        state = self._states[cls]
+        if state.free_slots < 1:
+            raise RuntimeError(f"no free decode slot in cache class {cls.name}")
+        if cache is None:
+            cache = steps.new_cache(self.model, cls, 1, cls.prefill_capacity)
+        elif cache.capacity != cls.prefill_capacity:
+            cache = steps.resize(cache, capacity=cls.prefill_capacity)
+        state.reserved += 1
+        eos = -1 if sampling.ignore_eos else self.eos
+        return Prefill(cls, tokens, sampling, cache, length, eos, user=user)
+
+    def prefill(self, job: Prefill, limit: int | None = None) -> bool:
+        """Run the next piece of the prompt (at most `limit` tokens); True once all of it is in."""
+        cls = job.cls
+        piece = next_piece(cls, job.length, len(job.tokens) - job.done, limit or cls.max_chunk)
+        job.pieces.append(piece)
+        if piece.compress_first:
+            self._compress_prefill(job)
+        chunk = np.zeros((1, piece.padded), np.int32)
+        chunk[0, : piece.real] = job.tokens[job.done : job.done + piece.real]
+        job.logits, job.cache = steps.prefill_chunk(self.model, job.cache, chunk, np.array([piece.real], np.int32))
+        job.length += piece.real
+        job.done += piece.real
+        if job.finished and cls.evicts and job.length > cls.policy.budget:
+            self._compress_prefill(job)
+        return job.finished
+
+    def _compress_prefill(self, job: Prefill) -> None:
+        job.cache = steps.compress_cache(job.cache, cls=job.cls)
+        job.evicted += job.length - job.cls.policy.budget
+        job.compressions += 1
+        job.length = job.cls.policy.budget
+
+    def start(self, job: Prefill) -> Sequence:
+        """After the last piece: sample the first token (the same sampler as decoding) and, if the
+        sequence goes on, put it in a decode slot. Returns the sequence; its first token is
+        `seq.pending` (with `seq.first_logprob`)."""
+        if not job.finished:
+            raise ValueError("the prompt is not prefilled yet")
+        state = self._states[job.cls]
+        state.reserved -= 1
+        params = job.sampling
+        token, logprob, key = first_token(job.logits, params, new_key(params.seed))
+        remaining = 0 if (token == job.eos or params.max_new_tokens == 1) else params.max_new_tokens - 1
+        seq = Sequence(job.cls, params, job.length, token, remaining, key, eos=job.eos, first_logprob=logprob,
+                       single_step=bool(params.stop), tokens_evicted=job.evicted, compressions=job.compressions,
+                       user=job.user)
+        if seq.active:
+            seq.slot = len(state.rows)
+            state.rows.append(seq)
+            state.cache = steps.insert_row(state.cache, np.int32(seq.slot), job.cache, cls=job.cls)
+        else:
+            seq.idle_cache = job.cache if job.cls.capacity == job.cls.prefill_capacity else \
+                steps.resize(job.cache, capacity=job.cls.capacity)
+        job.cache = None
+        return seq
+
+    def cancel(self, job: Prefill) -> None:
+        """Abandon a prefill under way (its client went away); its reserved slot is free again."""
+        self._states[job.cls].reserved -= 1
+        job.cache = None
+
+    # -------------------------------------------------------------------------------- decode
+    def step(self) -> list[StepOutput]:
+        """One jitted call of up to steps_per_call decode steps for each class with active rows."""
+        outputs = []
+        for state in self._states.values():
+            if any(r.active for r in state.rows):
+                outputs += self._step_class(state)
+        return outputs
+
+    def _step_class(self, state: _ClassState) -> list[StepOutput]:
+        cls, rows = state.cls, state.rows
+        n_rows = next(b for b in row_buckets(cls.slots) if b >= len(rows))
+        active = [r for r in rows if r.active]
+        n_steps = self._steps_now(cls, active)
+
+        def column(get, dtype):
+            return np.array([get(r) for r in rows] + [0] * (n_rows - len(rows)), dtype)
+
+        keys = np.zeros((n_rows, 2), np.uint32)
+        for r in rows:
+            keys[r.slot] = r.key
+        state.cache, out, logprobs, emitted, remaining, keys = steps.decode_steps(
+            self.model, state.cache, np.int32(n_steps),
+            column(lambda r: r.pending, np.int32), column(lambda r: r.remaining, np.int32), keys,
+            column(lambda r: r.sampling.temperature, np.float32), column(lambda r: r.sampling.top_k, np.int32),
+            column(lambda r: r.sampling.top_p, np.float32), column(lambda r: r.eos, np.int32),
+            n_rows=n_rows, max_steps=self.steps_per_call, spec=SamplerSpec.for_rows([r.sampling for r in active]))
+        out, logprobs, emitted = np.asarray(out), np.asarray(logprobs), np.asarray(emitted)
+        remaining, keys = np.asarray(remaining), np.asarray(keys)
+
+        outputs = []
+        for r in active:
+            i = r.slot
+            n = int(emitted[i].sum())
+            r.length += n
+            r.pending = int(out[i, n - 1])
+            r.remaining = int(remaining[i])
+            r.key = keys[i]
+            outputs.append(StepOutput(r, out[i, :n].tolist(), logprobs[i, :n].tolist()))
+            if cls.evicts and r.length >= cls.policy.trigger:
+                started = time.perf_counter()
+                state.cache = steps.compress_row(state.cache, np.int32(i), cls=cls)
+                if self.on_compress is not None:
+                    state.cache.length.block_until_ready()
+                    self.on_compress(r, time.perf_counter() - started)
+                r.tokens_evicted += r.length - cls.policy.budget
+                r.compressions += 1
+                r.length = cls.policy.budget
+        return outputs
+
+    def _steps_now(self, cls: CacheClass, active: list[Sequence]) -> int:
+        """Steps every active row can take before one needs compression (or hits its capacity)."""
+        if any(r.single_step for r in active):
+            return 1
+        limit = min(self.steps_per_call, max(r.remaining for r in active))
+        for r in active:
+            room = (cls.policy.trigger if cls.evicts else cls.capacity) - r.length
+            limit = min(limit, room)
+        return max(limit, 1)
+
+    def free(self, seq: Sequence) -> tuple[KVCache, int]:
+        """Take a sequence out of its slot; returns its cache (one row at the class capacity) and its
+        live length. The last occupied row moves into the freed slot."""
+        if seq.slot < 0:
+            cache, seq.idle_cache = seq.idle_cache, None
+            return cache, seq.length
+        state = self._states[seq.cls]
+        cache = steps.extract_row(state.cache, np.int32(seq.slot))
+        last = state.rows.pop()
+        if last is not seq:
+            state.cache = steps.move_row(state.cache, np.int32(last.slot), np.int32(seq.slot))
+            last.slot = seq.slot
+            state.rows[seq.slot] = last
+        seq.slot = -1
+        return cache, seq.length
+
+    def reset(self) -> None:
+        """Drop every row and prefill (after a failure): fresh decode states."""
+        self._states = {c: _ClassState(self.model, c) for c in self.classes}
+
+    # ---------------------------------------------------------------------- one-call recipe
+    def run_prefill(self, tokens, cls: CacheClass, sampling: SamplingParams, cache: KVCache | None = None,
+                    length: int = 0, user: object = None) -> Sequence:
+        """begin + every prefill piece + start: the whole recipe, for callers that do not interleave."""
+        job = self.begin(tokens, cls, sampling, cache, length, user)
+        while not self.prefill(job):
+            pass
+        return self.start(job)

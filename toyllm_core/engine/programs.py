@@ -1,0 +1,118 @@
+"""Every program the engine compiles, listed in closed form from its cache classes, and the warm-up
+that compiles them.
+
+Per class: its decode state, a new prefill cache, each prefill chunk length, the moves between the
+prefill cache, the decode slots and an idle session (insert, extract, move, resize), compression
+(of the prefill cache, and of a decode row), and the decode call at each compiled batch size with
+and without the top-k/top-p filters. Plus the first-token sampler, with and without filters. No
+request can reach a shape outside this list: prompt lengths are cut into the listed chunks, batch
+sizes are the listed buckets, and a cache configuration outside the classes is refused.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from .. import jit_stats
+from ..model import ToyLLM
+from ..sampling import SamplerSpec, SamplingParams, first_token
+from . import steps
+from .classes import CacheClass, chunk_sizes, row_buckets
+
+SPECS = (SamplerSpec(filtered=False), SamplerSpec(filtered=True))
+
+
+@dataclass(frozen=True)
+class Program:
+    kind: str  # new-state, new-prefill, chunk, compress, fit, insert, extract, move, compress-row, decode,
+    # grow, first-token
+    cls: CacheClass | None
+    size: int = 0  # chunk length, decode rows, or the capacity grown from
+    spec: SamplerSpec | None = None
+
+    def __str__(self) -> str:
+        parts = [self.kind] + ([self.cls.name] if self.cls else []) + ([str(self.size)] if self.size else [])
+        return " ".join(parts) + (" filtered" if self.spec and self.spec.filtered else "")
+
+
+def programs(classes: list[CacheClass]) -> list[Program]:
+    out = []
+    full = sorted((c for c in classes if not c.evicts), key=lambda c: c.capacity)
+    for cls in classes:
+        out += [Program("new-state", cls), Program("new-prefill", cls)]
+        out += [Program("chunk", cls, n) for n in chunk_sizes(cls.max_chunk)]
+        if cls.evicts:
+            out += [Program("compress", cls), Program("fit", cls), Program("compress-row", cls),
+                    Program("grow", cls, cls.capacity)]
+        else:  # a full session moves up from a smaller full class
+            out += [Program("grow", cls, small.capacity) for small in full if small.capacity < cls.capacity]
+        out += [Program("insert", cls), Program("extract", cls), Program("move", cls)]
+        out += [Program("decode", cls, n, spec) for n in row_buckets(cls.slots) for spec in SPECS]
+    out += [Program("first-token", None, spec=spec) for spec in SPECS]
+    return out
+
+
+def compile_program(model: ToyLLM, p: Program, steps_per_call: int) -> None:
+    """Run one program on empty inputs of its shapes (which compiles it) and wait for it."""
+    cls, cfg = p.cls, model.cfg
+    if p.kind == "new-state":
+        out = steps.new_cache(model, cls, cls.slots, cls.capacity)
+    elif p.kind == "new-prefill":
+        out = steps.new_cache(model, cls, 1, cls.prefill_capacity)
+    elif p.kind == "chunk":
+        cache = steps.new_cache(model, cls, 1, cls.prefill_capacity)
+        out = steps.prefill_chunk(model, cache, np.zeros((1, p.size), np.int32), np.array([p.size], np.int32))
+    elif p.kind == "compress":
+        out = steps.compress_cache(steps.new_cache(model, cls, 1, cls.prefill_capacity), cls=cls)
+    elif p.kind == "fit":
+        out = steps.resize(steps.new_cache(model, cls, 1, cls.prefill_capacity), capacity=cls.capacity)
+    elif p.kind == "grow":
+        out = steps.resize(steps.new_cache(model, cls, 1, p.size), capacity=cls.prefill_capacity)
+    elif p.kind == "insert":
+        out = steps.insert_row(steps.new_cache(model, cls, cls.slots, cls.capacity), np.int32(0),
+                               steps.new_cache(model, cls, 1, cls.prefill_capacity), cls=cls)
+    elif p.kind == "extract":
+        out = steps.extract_row(steps.new_cache(model, cls, cls.slots, cls.capacity), np.int32(0))
+    elif p.kind == "move":
+        out = steps.move_row(steps.new_cache(model, cls, cls.slots, cls.capacity), np.int32(1 % cls.slots),
+                             np.int32(0))
+    elif p.kind == "compress-row":
+        out = steps.compress_row(steps.new_cache(model, cls, cls.slots, cls.capacity), np.int32(0), cls=cls)
+    elif p.kind == "decode":
+        n = p.size
+        z = np.zeros(n, np.int32)
+        out = steps.decode_steps(model, steps.new_cache(model, cls, cls.slots, cls.capacity), np.int32(1), z, z,
+                                 np.zeros((n, 2), np.uint32), np.ones(n, np.float32), z, np.ones(n, np.float32),
+                                 z - 1, n_rows=n, max_steps=steps_per_call, spec=p.spec)
+    elif p.kind == "first-token":
+        params = SamplingParams(temperature=1.0, top_k=1 if p.spec.filtered else 0)
+        out = first_token(np.zeros(cfg.vocab_size, np.float32), params, np.zeros(2, np.uint32))
+    else:
+        raise ValueError(f"unknown program kind {p.kind!r}")
+    jax.block_until_ready(out)
+
+
+def warm_up(model: ToyLLM, classes: list[CacheClass], steps_per_call: int,
+            log: Callable[[str], None] = print, every_s: float = 5.0) -> dict:
+    """Compile every program, logging progress (`warm-up: 12/46 programs, 38 s`) at least every
+    `every_s` seconds; returns {"programs", "compilations", "seconds", "per_kind": {kind: seconds}}."""
+    todo = programs(classes)
+    started = last = time.perf_counter()
+    compiled_before = jit_stats.compilations()
+    per_kind: dict[str, float] = {}
+    for i, p in enumerate(todo, 1):
+        t0 = time.perf_counter()
+        compile_program(model, p, steps_per_call)
+        now = time.perf_counter()
+        per_kind[p.kind] = per_kind.get(p.kind, 0.0) + now - t0
+        if now - last >= every_s or i == len(todo):
+            log(f"warm-up: {i}/{len(todo)} programs, {now - started:.0f} s")
+            last = now
+    seconds = time.perf_counter() - started
+    return {"programs": len(todo), "compilations": jit_stats.compilations() - compiled_before,
+            "seconds": seconds, "per_kind": per_kind}

@@ -1,0 +1,129 @@
+"""The engine's jitted steps: pure functions over (model, cache) pytrees.
+
+Each compiles once per cache class (and chunk length, or decode batch size); positions, lengths,
+slots and step counts are arrays, never Python ints, so they never recompile. Caches that a step
+returns updated are donated to it.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from ..cache import KVCache, batch_axes, empty_cache
+from ..model import ToyLLM
+from ..policies import compress
+from ..sampling import SamplerSpec, sample_token
+from .classes import CacheClass
+
+
+def new_cache(model: ToyLLM, cls: CacheClass, batch: int, capacity: int) -> KVCache:
+    """An empty cache for rows of this class (with the signals its policy declares)."""
+    signals = cls.policy.signals
+    return empty_cache(model.cfg, batch, capacity, model.dtype, signals.scores, signals.recent_queries)
+
+
+@partial(jax.jit, static_argnames=("capacity",))
+def resize(cache: KVCache, *, capacity: int) -> KVCache:
+    """The same rows at another capacity (a new buffer: the shapes differ, so nothing to donate)."""
+    return cache.resized(capacity)
+
+
+@partial(jax.jit, donate_argnames=("cache",))
+def prefill_chunk(model: ToyLLM, cache: KVCache, tokens, n_valid):
+    """tokens [1, C] (the first n_valid [1] real) into a one-row cache -> (logits [vocab] after the
+    last real token, cache)."""
+    h, cache = model.forward(tokens, cache, n_valid)
+    last = h[0, jnp.maximum(n_valid[0] - 1, 0)]
+    return model.logits(last[None])[0], cache
+
+
+@partial(jax.jit, static_argnames=("cls",), donate_argnames=("cache",))
+def compress_cache(cache: KVCache, *, cls: CacheClass) -> KVCache:
+    return compress(cache, cls.policy)
+
+
+@partial(jax.jit, static_argnames=("cls",), donate_argnames=("state",))
+def insert_row(state: KVCache, slot, row: KVCache, *, cls: CacheClass) -> KVCache:
+    """A one-row cache (at its prefill capacity) into decode slot `slot`."""
+    return state.set_row(slot, row.resized(cls.capacity))
+
+
+@jax.jit
+def extract_row(state: KVCache, slot) -> KVCache:
+    """Decode slot `slot` as a one-row cache (a copy)."""
+    return state.row(slot)
+
+
+@partial(jax.jit, donate_argnames=("state",))
+def move_row(state: KVCache, src, dst) -> KVCache:
+    """Copy slot src into slot dst (keeps the occupied rows packed at the front)."""
+    return state.set_row(dst, state.row(src))
+
+
+@partial(jax.jit, static_argnames=("cls",), donate_argnames=("state",))
+def compress_row(state: KVCache, slot, *, cls: CacheClass) -> KVCache:
+    return state.set_row(slot, compress(state.row(slot), cls.policy))
+
+
+def decode_rows(model: ToyLLM, tokens, active, cache: KVCache):
+    """One decode step for every row (traced inside the jitted steps): feed tokens [B]; rows whose
+    `active` [B] is False write nothing. Returns (logits [B, vocab], cache)."""
+    h, cache = model.forward(tokens[:, None], cache, active.astype(jnp.int32))
+    return model.logits(h[:, 0]), cache
+
+
+def _leading_rows(state: KVCache, n: int) -> KVCache:
+    return jax.tree.map(lambda x, axis: jax.lax.slice_in_dim(x, 0, n, axis=axis), state, batch_axes(state))
+
+
+@partial(jax.jit, static_argnames=("n_rows", "max_steps", "spec"), donate_argnames=("state",))
+def decode_steps(model: ToyLLM, state: KVCache, n_steps, tokens, remaining, keys, temperature, top_k, top_p, eos,
+                 *, n_rows: int, max_steps: int, spec: SamplerSpec):
+    """Run n_steps (<= max_steps, an array: any count, one compile) decode steps for rows [0, n_rows)
+    of the decode state.
+
+    tokens [n]: each row's pending token (sampled, not yet in the cache); remaining [n]: tokens the
+    row may still produce (0 = inactive: writes nothing); keys [n, 2]: per-row PRNG keys, so a row's
+    samples do not depend on its batch-mates; eos [n]: token that ends the row (-1 = none).
+    Returns (state, new tokens [n, max_steps], logprobs, emitted [n, max_steps], remaining, keys);
+    columns past n_steps are not emitted.
+    """
+    sub = state if n_rows == state.batch else _leading_rows(state, n_rows)
+
+    def step(i, carry):
+        cache, tokens, remaining, keys, out, logprobs, emitted = carry
+        active = remaining > 0
+        logits, cache = decode_rows(model, tokens, active, cache)
+        split = jax.vmap(jax.random.split)(keys)  # [n, 2, 2]
+        keys, subkeys = split[:, 0], split[:, 1]
+        new, logprob = jax.vmap(partial(sample_token, spec=spec))(logits, subkeys, temperature, top_k, top_p)
+        new = jnp.where(active, new, tokens)
+        remaining = jnp.where(active & (new != eos), remaining - 1, 0)
+        return (cache, new, remaining, keys, out.at[i].set(new), logprobs.at[i].set(logprob),
+                emitted.at[i].set(active))
+
+    init = (sub, tokens, remaining, keys, jnp.zeros((max_steps, n_rows), jnp.int32),
+            jnp.zeros((max_steps, n_rows), jnp.float32), jnp.zeros((max_steps, n_rows), bool))
+    sub, _, remaining, keys, out, logprobs, emitted = jax.lax.fori_loop(0, n_steps, step, init)
+    if n_rows != state.batch:
+        state = jax.tree.map(lambda x, y, axis: jax.lax.dynamic_update_slice_in_dim(x, y, 0, axis), state, sub,
+                             batch_axes(state))
+    else:
+        state = sub
+    return state, out.T, logprobs.T, emitted.T, remaining, keys
+
+
+@partial(jax.jit, donate_argnames=("cache",))
+def teacher_forced(model: ToyLLM, cache: KVCache, tokens):
+    """Feed tokens [B, T] one decode step at a time (the decode path, no sampling) -> (logits
+    [B, T, vocab], cache). The cache must have room for T more tokens; nothing is compressed."""
+
+    def step(cache, token):
+        logits, cache = decode_rows(model, token, jnp.ones(token.shape, bool), cache)
+        return cache, logits
+
+    cache, logits = jax.lax.scan(step, cache, tokens.T)
+    return logits.transpose(1, 0, 2), cache
