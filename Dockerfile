@@ -14,7 +14,7 @@ COPY pyproject.toml README.md ./
 COPY toyllm_core ./toyllm_core
 COPY server ./server
 RUN /opt/toyllm/bin/pip install --no-compile . \
-    && /opt/toyllm/bin/python -c "import toyllm_core.cli, server.app"
+    && /opt/toyllm/bin/python -c "import server.cli, server.app"
 
 # ---- runtime: the environment, the weights, a non-root user ----
 FROM ${BASE_IMAGE}

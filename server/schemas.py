@@ -79,13 +79,6 @@ class Timings(BaseModel):
     tokens_per_s: float
 
 
-class TokenEvent(BaseModel):
-    index: int
-    id: int
-    text: str
-    logprob: float
-
-
 class GenerateDone(BaseModel):
     session_id: str | None
     generated_text: str

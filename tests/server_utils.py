@@ -11,7 +11,6 @@ from fastapi.testclient import TestClient
 from server.app import create_app
 from server.settings import Settings
 
-
 # The cache classes the in-process tests use (a request for anything else gets 422).
 TEST_CLASSES = ["full", "h2o:budget=32", "streaming:budget=48", "snapkv:budget=24,sink_size=4,window_size=8,slack=8"]
 

@@ -10,7 +10,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def toyllm(*args):
-    result = subprocess.run([sys.executable, "-m", "toyllm_core.cli", *args], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True,
                             check=False, timeout=600)
     assert result.returncode == 0, result.stderr
     return result

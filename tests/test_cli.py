@@ -13,7 +13,7 @@ from toyllm_core import checkpoint
 
 
 def toyllm(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "toyllm_core.cli", *args], check=False, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], check=False, capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -1,118 +1,121 @@
-"""Long decoding under a compressing policy compiles a bounded number of times and stays bounded;
-the shapes a decode batch compiles do not depend on when its rows joined."""
+"""Shapes are closed: after warm-up nothing compiles, for any allowed cache class, any prompt length
+and new or continued sessions; long decoding stays in its slots; a long prompt is admitted in chunks
+between the running streams' decode calls."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
+from server_utils import TEST_CLASSES, metric, ready_client, wait_ready
 
 from toyllm_core import jit_stats
-from toyllm_core.generate import (
-    DecodeBatch,
-    Row,
-    SamplingParams,
-    first_token,
-    new_key,
-    plan_prefill,
-    prefill,
-    warm_prefill,
-)
-from toyllm_core.policies import CacheConfig
+from toyllm_core.engine import CacheClass, Engine, next_piece, programs
+from toyllm_core.policies import make_policy
+from toyllm_core.sampling import SamplingParams
 
 
-def _decode(model, n_tokens: int, seed: int):
-    cfg = CacheConfig("snapkv", budget=64)
-    params = SamplingParams(max_new_tokens=n_tokens, temperature=0.8, top_k=40, seed=seed, ignore_eos=True)
-    prompt = np.random.default_rng(seed).integers(0, 50257, 20).tolist()
-    result = prefill(model, prompt, None, cfg)
-    token, _, key = first_token(result.logits, params, new_key(seed))
-    batch = DecodeBatch(model)
-    row = batch.add(result.cache, Row(cfg, params, result.length, token, n_tokens - 1, key))
-    capacities, lengths, produced = [], [], 1
-    while row.active:
-        produced += sum(len(out.tokens) for out in batch.step())
-        capacities.append(batch.capacity)
-        lengths.append(row.length)
-    return produced, capacities, lengths, row
+def test_300_tokens_under_snapkv_stay_in_the_slot_and_compile_once(model):
+    policy = make_policy("snapkv", budget=64)
+    cls = CacheClass.make(policy, 2, 64)
+    params = SamplingParams(max_new_tokens=300, temperature=0.8, top_k=40, seed=0, ignore_eos=True)
 
+    def run(seed):
+        engine = Engine(model, [cls], steps_per_call=4)
+        seq = engine.run_prefill(np.random.default_rng(seed).integers(0, 50257, 20), cls, params)
+        produced, lengths = 1, []
+        while seq.active:
+            produced += sum(len(o.tokens) for o in engine.step())
+            lengths.append(seq.length)
+        return produced, lengths, seq, engine
 
-def test_300_tokens_under_snapkv_compile_boundedly_and_never_grow(model):
+    produced, lengths, seq, engine = run(0)
+    assert produced == 300 and max(lengths) <= 64 + 16 and seq.compressions >= 13
+    assert engine._states[cls].cache.capacity == 64 + 16  # the class's fixed geometry
     before = jit_stats.compilations()
-    produced, capacities, lengths, row = _decode(model, 300, seed=0)
-    first_run = jit_stats.compilations() - before
-    assert produced == 300
-    assert first_run <= 40, f"{first_run} compilations"  # a few dozen tiny eager ops + a handful of steps
-    # 20 prompt tokens fit 64 slots, but the row joins the batch at the bucket of budget + slack
-    # (where it would grow before its first compression) and the batch never grows after that.
-    assert set(capacities) == {128}
-    assert max(lengths) <= 64 + 16 and row.compressions >= 13
-    # Steady state: another generation of the same shape compiles nothing.
-    before = jit_stats.compilations()
-    _decode(model, 300, seed=1)
+    run(1)
     assert jit_stats.compilations() == before
 
 
-def _join(batch, model, cfg, seed: int, new_tokens: int) -> Row:
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    prompt = np.random.default_rng(seed).integers(0, 50257, 20).tolist()
-    result = prefill(model, prompt, None, cfg)
-    token, _, key = first_token(result.logits, params, new_key(seed))
-    return batch.add(result.cache, Row(cfg, params, result.length, token, new_tokens - 1, key))
+def test_prefill_pieces_compress_at_the_same_tokens_whatever_the_chunk_limit():
+    cls = CacheClass.make(make_policy("snapkv", budget=48, slack=16), 2, 64)
+
+    def compress_points(limit, n=300):
+        length, done, points = 0, 0, []
+        while done < n:
+            piece = next_piece(cls, length, n - done, limit)
+            if piece.compress_first:
+                points.append(done)
+                length = 48
+            assert piece.padded in (16, 32, 64) and length + piece.padded <= cls.prefill_capacity
+            length += piece.real
+            done += piece.real
+        return points
+
+    assert compress_points(64) == compress_points(16) == compress_points(32) == [112, 176, 240]  # every budget + max_chunk tokens
 
 
-def _drain(batch, until=lambda: False) -> None:
-    while batch.active_rows and not until():
-        for out in batch.step():
-            if not out.row.active:
-                batch.remove(out.row)
+def test_no_compile_after_warm_up_for_any_class_prompt_length_or_session():
+    with ready_client(warmup=True, max_concurrent_requests=2, max_prompt_tokens=300, max_prefill_chunk=64,
+                      interleave_chunk=16) as c:
+        wait_ready(c, timeout=600)
+        state = c.app.state.toyllm
+        assert state.info["warmup"]["programs"] == len(programs(state.classes))
+        compiled = metric(c.get("/metrics").text, "toyllm_jit_compilations_total")
+        rng = np.random.default_rng(0)
+        words = ["the", "of", "and", "river", "music"]
+
+        def prompt(n):  # ~n tokens
+            return " ".join(rng.choice(words, n).tolist())
+
+        caches = [None] + [{"policy": "full"}] + [dict(_spec(text)) for text in TEST_CLASSES[1:]]
+        for cache in caches:
+            for n in (1, 17, 64, 130, 290):
+                body = {"prompt": prompt(n), "max_new_tokens": 20, "temperature": 0.7, "top_k": 5}
+                if cache:
+                    body["cache"] = cache
+                r = c.post("/generate", json={**body, "stream": False})
+                assert r.status_code == 200, r.text
+                sid = r.json()["session_id"]
+                for m in (3, 70, 200):  # continued sessions (a full one moves up to a larger class)
+                    r = c.post("/generate", json={"prompt": prompt(m), "session_id": sid, "max_new_tokens": 9,
+                                                  "temperature": 0, "stream": False})
+                    assert r.status_code in (200, 400), r.text  # 400: a full session past its context
+        assert metric(c.get("/metrics").text, "toyllm_jit_compilations_total") == compiled
 
 
-def test_rows_joining_a_grown_batch_compile_nothing_new(model):
-    """The server warms up with rows that join together; under load, rows join a batch whose rows
-    have already grown past their first capacity bucket. Both must compile the same shapes."""
-    cfg = CacheConfig("snapkv", budget=64, slack=16)
-    for size in (1, 2, 4):  # as the server's warm-up does: each batch size, rows joining together
-        together = DecodeBatch(model, steps_per_call=4)
-        for i in range(size):  # they leave one by one (from 4, the last one left compacts the batch to 1)
-            _join(together, model, cfg, seed=i, new_tokens=90 + 8 * i)
-        _drain(together)
-
-    before = jit_stats.compilations()
-    staggered = DecodeBatch(model, steps_per_call=4)
-    first = _join(staggered, model, cfg, seed=10, new_tokens=120)
-    _drain(staggered, until=lambda: first.length > 64)  # past the 64-slot bucket a 20-token prompt needs
-    second = _join(staggered, model, cfg, seed=11, new_tokens=110)
-    _drain(staggered, until=lambda: second.length > 70)
-    for i in range(2):
-        _join(staggered, model, cfg, seed=12 + i, new_tokens=95 + 8 * i)
-    _drain(staggered)
-    assert jit_stats.compilations() == before
+def _spec(text: str) -> dict:
+    name, _, args = text.partition(":")
+    return {"policy": name, **{k: int(v) for k, v in (a.split("=") for a in args.split(",") if a)}}
 
 
-def test_after_warm_prefill_no_prompt_on_any_session_state_compiles(model):
-    """warm_prefill compiles every shape plan_prefill can reach: afterwards prompts of any length,
-    on new sessions and on sessions continued from any kept length and capacity, compile nothing."""
-    cfg = CacheConfig("snapkv", budget=48, sink_size=4, window_size=8, slack=16)
-    assert warm_prefill(model, cfg, max_prompt=300, max_chunk=64) > 10
-    before = jit_stats.compilations()
-    rng = np.random.default_rng(0)
-    for n in (1, 3, 17, 40, 48, 49, 64, 65, 130, 300):
-        result = prefill(model, rng.integers(0, 50257, n).tolist(), None, cfg, max_chunk=64)
-        for m in (1, 5, 33, 64, 100, 251):  # the session continues (its idle cache as prefill left it)
-            again = prefill(model, rng.integers(0, 50257, m).tolist(), result.cache, cfg, result.length, max_chunk=64)
-            assert again.length <= cfg.trigger
-    # A batch leaves a session's cache trimmed to what its length needs: continue from there too.
-    short = prefill(model, rng.integers(0, 50257, 5).tolist(), None, cfg, max_chunk=64)
-    trimmed = short.cache.resize(128).resize(64)
-    prefill(model, rng.integers(0, 50257, 70).tolist(), trimmed, cfg, short.length, max_chunk=64)
-    assert jit_stats.compilations() == before
+def test_a_long_prompt_is_admitted_in_chunks_between_decode_calls():
+    with ready_client(max_prompt_tokens=1024, max_prefill_chunk=64, interleave_chunk=16) as c:
+        wait_ready(c)
+        engine = c.app.state.toyllm.engine
+        engine.trace = trace = []
+        started = threading.Event()
+        result = {}
 
+        def stream():
+            with c.stream("POST", "/generate", json={"prompt": "Once upon a time", "max_new_tokens": 400,
+                                                     "temperature": 0, "ignore_eos": True}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("event: token"):
+                        started.set()
+                result["status"] = r.status_code
 
-def test_plan_prefill_matches_what_prefill_does(model):
-    cfg = CacheConfig("snapkv", budget=48, slack=16)
-    chunks, final = plan_prefill(200, 0, None, cfg, max_chunk=64)
-    # 64 tokens, then 48 kept + 64 more (128 slots), ...; every chunk leaves more than the budget.
-    assert [(c.real, c.capacity, c.compress) for c in chunks] == [(64, 64, True), (64, 128, True),
-                                                                  (64, 128, True), (8, 128, True)]
-    assert final == 64  # the bucket of budget + slack
-    result = prefill(model, list(range(200)), None, cfg, max_chunk=64)
-    assert result.compressions == 4 and result.cache.capacity == final and result.length == 48
+        thread = threading.Thread(target=stream)
+        thread.start()
+        assert started.wait(60)
+        r = c.post("/generate", json={"prompt": " the" * 300, "max_new_tokens": 1, "stream": False})
+        thread.join(120)
+        assert r.status_code == 200 and result["status"] == 200
+        long_request = next(e[1] for e in trace if e[0] == "prefill" and e[2] == 16)
+        pieces = [i for i, e in enumerate(trace) if e[0] == "prefill" and e[1] is long_request]
+        assert len(pieces) >= 300 // 16  # in interleave_chunk pieces while the stream decodes
+        between = trace[pieces[0]:pieces[-1]]
+        decodes = [e for e in between if e[0] == "decode" and e[1]]
+        assert len(decodes) >= len(pieces) - 1  # the running stream got a decode call after every piece
+        streamer = decodes[0][1][0]
+        assert all(streamer in e[1] for e in decodes)

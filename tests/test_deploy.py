@@ -40,7 +40,7 @@ def _start_server(port: int, log: Path, **env) -> subprocess.Popen:
     full = {**os.environ, "TOYLLM_PRESET": "tiny", "TOYLLM_WARMUP": "false", "TOYLLM_MAX_CONCURRENT_REQUESTS": "4",
             **{k: str(v) for k, v in env.items()}}
     with log.open("w") as out:
-        return subprocess.Popen([sys.executable, "-m", "toyllm_core.cli", "serve", "--port", str(port)], env=full,
+        return subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port)], env=full,
                                 stdout=out, stderr=subprocess.STDOUT)
 
 
@@ -148,7 +148,7 @@ def test_prometheus_scrapes_the_server_and_every_dashboard_query_has_data(live_s
         api = f"http://127.0.0.1:{port}/api/v1"
         _wait(f"http://127.0.0.1:{port}/-/ready", prom, log, timeout=60)
         # Traffic while Prometheus scrapes: multi-turn sessions, some compressing, and some evictions.
-        load = subprocess.Popen([sys.executable, "-m", "toyllm_core.cli", "loadtest", "--url", live_server,
+        load = subprocess.Popen([sys.executable, "-m", "server.cli", "loadtest", "--url", live_server,
                                  "--concurrency", "3", "--requests", "24", "--turns", "3", "--prompt-tokens", "40",
                                  "--max-new-tokens", "40", "--budget", "32", "--temperature", "0.8"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

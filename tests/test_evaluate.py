@@ -18,7 +18,7 @@ from toyllm_core.evaluate import (
     prefill_scores,
     streaming_scores,
 )
-from toyllm_core.policies import CacheConfig
+from toyllm_core.policies import make_policy as CacheConfig
 
 SEQS = np.random.default_rng(0).integers(0, 50257, (5, 96), dtype=np.int32)
 
@@ -60,7 +60,7 @@ def test_copy_sequences_repeat_themselves():
 
 def test_cli_eval_writes_json_and_plot(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "toyllm_core.cli", "eval", "--preset", "tiny", "--protocol", "copy",
+        [sys.executable, "-m", "server.cli", "eval", "--preset", "tiny", "--protocol", "copy",
          "--policies", "snapkv", "--budgets", "24,40", "--seq-len", "128", "--max-sequences", "4", "--batch", "4",
          "--json", str(tmp_path / "e.json"), "--plot", str(tmp_path / "e.png")],
         capture_output=True, text=True, check=False, timeout=600)

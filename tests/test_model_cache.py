@@ -1,19 +1,24 @@
-"""Cached decoding equals full recomputation; prefill chunks and batches do too."""
+"""Cached decoding equals full recomputation (stacked layers, every head layout); prefill chunks,
+batches, and rows joining and leaving the decode slots do too; bfloat16 tracks float32."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_model
 
 from toyllm_core import jit_stats
-from toyllm_core.cache import KVCache, capacity_bucket
-from toyllm_core.generate import SamplingParams, decode_teacher_forced, generate_tokens, prefill, prefill_step
-from toyllm_core.policies import CacheConfig
+from toyllm_core.cache import empty_cache
+from toyllm_core.engine import CacheClass, Engine
+from toyllm_core.engine.steps import prefill_chunk, teacher_forced
+from toyllm_core.generate import generate_tokens
+from toyllm_core.policies import make_policy
+from toyllm_core.sampling import SamplingParams
 from toyllm_core.verify import cached_vs_recomputed
 
-FULL = CacheConfig("full")
+FULL = make_policy("full")
 
 
 def _tokens(n, seed=0):
@@ -25,32 +30,41 @@ def test_cached_decode_equals_recomputation(n_kv_heads):
     assert cached_vs_recomputed(tiny_model(n_kv_heads), length=300) < 1e-4
 
 
+def test_layers_are_stacked_and_scanned(model):
+    assert model.blocks.attn.wq.shape == (model.cfg.n_layers, model.cfg.n_heads * model.cfg.head_dim,
+                                          model.cfg.d_model)
+    # One scan over layers: the jaxpr holds one copy of the block, whatever the depth.
+    deep = tiny_model(2, n_layers=6)
+    eqns = jax.make_jaxpr(deep.hidden)(_tokens(8)).jaxpr.eqns
+    assert sum(e.primitive.name == "scan" for e in eqns) == 1
+    assert sum(e.primitive.name == "dot_general" for e in eqns) == 0  # all inside the scan
+
+
 def test_inference_copy_of_the_embedding_gives_the_same_logits(model):
     fast = model.for_inference()
     assert fast.unembed.shape == (model.cfg.d_model, model.cfg.vocab_size)
     assert cached_vs_recomputed(fast, length=100) < 1e-4  # batch-1 decode (the copy) vs parallel forward
     h = model.hidden(_tokens(5))
-    np.testing.assert_allclose(np.asarray(fast.logits(h[-1])), np.asarray(model.logits(h[-1])), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(fast.logits(h[-1:])), np.asarray(model.logits(h[-1:])), atol=1e-5)
     np.testing.assert_allclose(np.asarray(fast.logits(h)), np.asarray(model.logits(h)), atol=1e-5)
 
 
 def test_prefill_chunk_against_existing_cache_equals_recomputation(model):
     tokens = _tokens(160)
     full = np.asarray(model(tokens))
-    first = prefill(model, tokens[:100], None, FULL)
-    assert np.abs(np.asarray(first.logits) - full[99]).max() < 1e-4
+    cache = empty_cache(model.cfg, 1, 256, model.dtype)
+    chunk = np.zeros((1, 128), np.int32)
+    chunk[0, :100] = tokens[:100]
+    logits, cache = prefill_chunk(model, cache, chunk, np.array([100], np.int32))
+    assert np.abs(np.asarray(logits) - full[99]).max() < 1e-4
     # A 37-token chunk, padded to 64, attending to the 100 cached tokens plus itself.
-    cache = first.cache.resize(capacity_bucket(100 + 64))
     chunk = np.zeros((1, 64), np.int32)
     chunk[0, :37] = tokens[100:137]
-    logits, cache = prefill_step(model, chunk, np.array([37], np.int32), jax.tree.map(lambda x: x[None], cache),
-                                 all_logits=True)
-    assert np.abs(np.asarray(logits[0, :37]) - full[100:137]).max() < 1e-4
+    logits, cache = prefill_chunk(model, cache, chunk, np.array([37], np.int32))
+    assert np.abs(np.asarray(logits) - full[136]).max() < 1e-4
     assert int(cache.length[0]) == 137 and int(cache.next_pos[0]) == 137
-    # Padding left no trace: the slots after the real tokens are empty.
-    assert (np.asarray(cache.pos[0, :, :, 137:]) == -1).all()
-    # And decoding continues correctly from there.
-    more, _ = decode_teacher_forced(model, cache, tokens[None, 137:160])
+    assert (np.asarray(cache.pos)[:, 0, :, 137:] == -1).all()  # padding left no trace
+    more, _ = teacher_forced(model, cache, tokens[None, 137:160])
     assert np.abs(np.asarray(more[0]) - full[137:160]).max() < 1e-4
 
 
@@ -58,12 +72,12 @@ def _greedy(n):
     return SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
 
 
-def _run(model, prompts, cfgs, params):
+def _run(model, prompts, policies, params):
     outs: dict[int, list[int]] = {}
     order: dict[int, int] = {}
-    for g in generate_tokens(model, prompts, cfgs, params):
-        order.setdefault(id(g.row), len(order))
-        outs.setdefault(order[id(g.row)], []).append(g.token)
+    for g in generate_tokens(model, prompts, policies, params):
+        order.setdefault(id(g.seq), len(order))
+        outs.setdefault(order[id(g.seq)], []).append(g.token)
     return [outs[i] for i in range(len(prompts))]
 
 
@@ -80,58 +94,91 @@ def test_greedy_generation_equals_argmax_of_recomputation(model):
 
 
 def test_batched_decode_of_different_lengths_and_policies_equals_each_alone(model):
-    prompts = [_tokens(n, s).tolist() for s, n in enumerate((5, 37, 90, 130))]
-    cfgs = [FULL, CacheConfig("snapkv"), CacheConfig("h2o", budget=32, window_size=8), CacheConfig("streaming", budget=48)]
-    params = [_greedy(n) for n in (40, 70, 25, 60)]
-    together = _run(model, prompts, cfgs, params)
-    for p, c, s, t in zip(prompts, cfgs, params, together, strict=True):
+    prompts = [_tokens(n, s).tolist() for s, n in enumerate((5, 37, 90, 130, 60))]
+    policies = [FULL, make_policy("snapkv"), make_policy("h2o", budget=32, window_size=8),
+                make_policy("streaming", budget=48), FULL]
+    params = [_greedy(n) for n in (40, 70, 25, 60, 33)]
+    together = _run(model, prompts, policies, params)
+    for p, c, s, t in zip(prompts, policies, params, together, strict=True):
         (alone,) = _run(model, [p], [c], [s])
         assert alone == t
 
 
-def test_decode_never_recompiles_for_new_positions_in_a_bucket(model):
-    cache = KVCache.empty(model.cfg, 256, batch=2)
-    decode_teacher_forced(model, cache, _tokens(8).reshape(2, 4))  # compile
-    cache = KVCache.empty(model.cfg, 256, batch=2)
+def test_rows_join_and_leave_the_slots_without_disturbing_the_others(model):
+    classes = {p: CacheClass.make(p, 4, 64, None if p.evicts else 256)
+               for p in (FULL, make_policy("snapkv", budget=32), make_policy("h2o", budget=40))}
+    engine = Engine(model, list(classes.values()), steps_per_call=4)
+    prompts = [_tokens(n, 10 + n).tolist() for n in (12, 50, 70, 33, 20)]
+    policies = [FULL, make_policy("snapkv", budget=32), make_policy("h2o", budget=40), FULL, FULL]
+    lengths = [60, 50, 45, 30, 25]
+    outputs, seqs = {}, {}
+
+    def join(i):
+        seqs[i] = engine.run_prefill(prompts[i], classes[policies[i]], _greedy(lengths[i]))
+        outputs[i] = [seqs[i].pending]
+
+    for i in (0, 1, 2):
+        join(i)
+    steps = 0
+    while any(s.active for s in seqs.values()):
+        for out in engine.step():
+            i = next(k for k, s in seqs.items() if s is out.seq)
+            outputs[i].extend(out.tokens)
+        steps += 1
+        if steps == 3:
+            join(3)  # a late joiner in the full class, beside row 0
+        if steps == 5:
+            join(4)
+        for s in seqs.values():  # finished rows leave; the last occupied row takes the freed slot
+            if s.slot >= 0 and not s.active:
+                engine.free(s)
+    for i in range(5):
+        (alone,) = _run(model, [prompts[i]], [policies[i]], [_greedy(lengths[i])])
+        assert outputs[i] == alone, f"row {i}"
+    assert engine.running == 0
+
+
+def test_decode_never_recompiles_for_new_positions(model):
+    cache = empty_cache(model.cfg, 2, 256, model.dtype)
+    teacher_forced(model, cache, _tokens(8).reshape(2, 4))  # compile
+    cache = empty_cache(model.cfg, 2, 256, model.dtype)
     before = jit_stats.compilations()
     for i in range(5):
-        _, cache = decode_teacher_forced(model, cache, _tokens(8, i).reshape(2, 4))
+        _, cache = teacher_forced(model, cache, _tokens(8, i).reshape(2, 4))
     assert jit_stats.compilations() == before
     assert int(cache.length[0]) == 20
 
 
-def test_rows_join_and_leave_between_steps_without_disturbing_the_others(model):
-    from toyllm_core.generate import DecodeBatch, Row, first_token, new_key
+def test_bfloat16_greedy_decoding_agrees_with_float32_on_the_shipped_model():
+    from toyllm_core import checkpoint as ckpt
 
-    def start(prompt, cfg, n):
-        params = _greedy(n)
-        result = prefill(model, prompt, None, cfg)
-        token, _, key = first_token(result.logits, params, new_key(0))
-        return result.cache, Row(cfg, params, result.length, token, n - 1, key), [token]
+    model, _ = ckpt.load("weights/toyllm-base")
+    tokens = _tokens(256 + 64, 7)
+    logits = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        m = model.astype(dtype).for_inference()
+        cache = empty_cache(m.cfg, 1, 512, m.dtype)
+        out, _ = teacher_forced(m, cache, tokens[None])
+        logits[dtype] = np.asarray(out[0, 64:])  # 256 decode steps after a 64-token start
+    top32, top16 = logits[jnp.float32].argmax(-1), logits[jnp.bfloat16].argmax(-1)
+    agreement = float((top32 == top16).mean())
+    diff = float(np.abs(logits[jnp.float32] - logits[jnp.bfloat16]).max())
+    print(f"bfloat16 vs float32 on toyllm-base: top-1 agreement {agreement:.4f}, max |logit diff| {diff:.3f}")
+    assert agreement >= 0.99
 
-    prompts = [_tokens(n, 10 + n).tolist() for n in (12, 50, 70, 33)]
-    cfgs = [FULL, CacheConfig("snapkv", budget=32), CacheConfig("h2o", budget=40), FULL]
-    lengths = [60, 50, 45, 30]
-    batch = DecodeBatch(model, steps_per_call=4)
-    outputs = {}
-    rows = []
-    for i in (0, 1, 2):
-        cache, row, first = start(prompts[i], cfgs[i], lengths[i])
-        rows.append(batch.add(cache, row))
-        outputs[i] = first
-    steps = 0
-    while batch.active_rows:
-        for out in batch.step():
-            outputs[rows.index(out.row)].extend(out.tokens)
-        steps += 1
-        if steps == 3:  # a late joiner takes a free slot or grows the batch
-            cache, row, first = start(prompts[3], cfgs[3], lengths[3])
-            rows.append(batch.add(cache, row))
-            outputs[3] = first
-        for r in rows:  # finished rows leave; the batch compacts when mostly empty
-            if r.slot >= 0 and not r.active:
-                batch.remove(r)
-    for i in range(4):
-        (alone,) = _run(model, [prompts[i]], [cfgs[i]], [_greedy(lengths[i])])
-        assert outputs[i] == alone, f"row {i}"
-    assert batch.size == 0
+
+def test_smollm2_preset_prefills_and_decodes_at_a_short_context():
+    from toyllm_core.config import get_preset
+    from toyllm_core.model import ToyLLM
+
+    cfg = get_preset("smollm2-135m")
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab_size) == \
+        (30, 576, 9, 3, 1536, 49152)
+    model = ToyLLM(cfg, jax.random.PRNGKey(0)).astype(jnp.bfloat16).for_inference()
+    cls = CacheClass.make(make_policy("snapkv", budget=32, window_size=8, slack=8), 2, 32)
+    engine = Engine(model, [cls], steps_per_call=4)
+    rng = np.random.default_rng(0)
+    seqs = [engine.run_prefill(rng.integers(0, cfg.vocab_size, n), cls, _greedy(12)) for n in (40, 70)]
+    produced = sum(len(o.tokens) for _ in range(4) for o in engine.step())
+    assert produced == 2 * 11 and all(not s.active for s in seqs)
+    assert all(s.length <= 32 + 8 for s in seqs) and seqs[1].compressions >= 1

@@ -5,20 +5,30 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_model
 
-from toyllm_core.cache import RECENT_QUERIES, KVCache, kept_positions
-from toyllm_core.generate import SamplingParams, compress_one, decode_teacher_forced, generate_tokens, prefill
-from toyllm_core.policies import CacheConfig, policy_names
+from toyllm_core.cache import KVCache, empty_cache, kept_positions
+from toyllm_core.engine.steps import prefill_chunk, teacher_forced
+from toyllm_core.generate import generate_tokens
+from toyllm_core.policies import compress, make_policy, policy_names
+from toyllm_core.sampling import SamplingParams
 
 EVICTING = ["streaming", "snapkv", "h2o"]
+CacheConfig = make_policy  # CacheConfig(name, budget=...) reads as before
+compress_one = jax.jit(compress, static_argnums=1)
+RECENT_QUERIES = 16  # SnapKV's default obs_window: the ring holds that many queries
 
 
-def _filled_cache(model, n=150, seed=0) -> KVCache:
+def _filled_cache(model, n=150, seed=0, capacity=256) -> KVCache:
+    """n tokens prefilled into a one-row cache that carries every policy's signals."""
     tokens = np.random.default_rng(seed).integers(0, 50257, n, dtype=np.int32)
-    return prefill(model, tokens, None, CacheConfig("full")).cache
+    cache = empty_cache(model.cfg, 1, capacity, model.dtype, True, RECENT_QUERIES)
+    chunk = np.zeros((1, capacity), np.int32)
+    chunk[0, :n] = tokens
+    return prefill_chunk(model, cache, chunk, np.array([n], np.int32))[1]
 
 
 def _host(cache: KVCache) -> KVCache:
@@ -39,9 +49,9 @@ def test_policy_keeps_exactly_budget_with_sinks_and_window(model, policy, budget
     out = compress_one(cache, cfg)  # donates `cache`: keep the NumPy copy
     cache = before
     n = 150
-    assert int(out.length) == budget
-    pos = np.asarray(out.pos)
-    np.testing.assert_array_equal(kept_positions(out), pos[..., :budget])  # what the cache reports
+    assert int(out.length[0]) == budget
+    pos = np.asarray(out.pos)[:, 0]
+    np.testing.assert_array_equal(kept_positions(out, budget), pos[..., :budget])  # what the cache reports
     live = pos[..., :budget]
     assert (pos[..., budget:] == -1).all()
     for layer in range(model.cfg.n_layers):
@@ -51,16 +61,15 @@ def test_policy_keeps_exactly_budget_with_sinks_and_window(model, policy, budget
             assert set(range(4)) <= set(kept), "sinks are never evicted"
             assert set(range(n - 16, n)) <= set(kept), "the recent window is never evicted"
             # Each kept slot carries the key, value and accumulated score of its original position.
-            np.testing.assert_array_equal(np.asarray(out.k[layer, head, :budget]), np.asarray(cache.k[layer, head, kept]))
-            np.testing.assert_array_equal(np.asarray(out.v[layer, head, :budget]), np.asarray(cache.v[layer, head, kept]))
-            np.testing.assert_array_equal(np.asarray(out.score[layer, head, :budget]),
-                                          np.asarray(cache.score[layer, head, kept]))
+            for field in ("k", "v", "score"):
+                got = np.asarray(getattr(out, field))[layer, 0, head, :budget]
+                np.testing.assert_array_equal(got, np.asarray(getattr(cache, field))[layer, 0, head, kept])
 
 
 def test_streaming_keeps_sinks_and_most_recent(model):
     out = compress_one(_filled_cache(model), CacheConfig("streaming", budget=40, sink_size=4))
     expected = list(range(4)) + list(range(150 - 36, 150))
-    assert (np.asarray(out.pos[..., :40]) == np.array(expected)).all()
+    assert (np.asarray(out.pos)[..., :40] == np.array(expected)).all()
 
 
 # --------------------------------------------------------------------------- SnapKV reference
@@ -108,26 +117,19 @@ def test_snapkv_matches_numpy_reference_on_random_inputs(n_kv_heads, budget):
     pos = np.concatenate([np.arange(4), pos])
     next_pos = int(pos[-1]) + 1
     recent_pos = np.full(RECENT_QUERIES, -1, np.int32)
-    for p in range(next_pos - 20, next_pos):  # 20 remembered queries, the window is the last 16
+    for p in range(next_pos - RECENT_QUERIES, next_pos):  # the ring holds the last obs_window queries
         recent_pos[p % RECENT_QUERIES] = p
-    cache = KVCache(
-        k=rng.normal(size=(n_layers, n_kv_heads, cap, d)).astype(np.float32) * 2,
-        v=rng.normal(size=(n_layers, n_kv_heads, cap, d)).astype(np.float32),
-        pos=np.tile(np.concatenate([pos, np.full(cap - length, -1)]).astype(np.int32), (n_layers, n_kv_heads, 1)),
-        score=np.zeros((n_layers, n_kv_heads, cap), np.float32),
-        recent_q=rng.normal(size=(n_layers, heads, RECENT_QUERIES, d)).astype(np.float32) * 2,
-        recent_pos=recent_pos,
-        length=np.int32(length),
-        next_pos=np.int32(next_pos),
-    )
-    host = cache
+    k = rng.normal(size=(n_layers, n_kv_heads, cap, d)).astype(np.float32) * 2
+    recent_q = rng.normal(size=(n_layers, heads, RECENT_QUERIES, d)).astype(np.float32) * 2
+    pos_all = np.tile(np.concatenate([pos, np.full(cap - length, -1)]).astype(np.int32), (n_layers, n_kv_heads, 1))
+    cache = KVCache(k=jnp.asarray(k[:, None]), v=jnp.asarray(k[:, None]), pos=jnp.asarray(pos_all[:, None]),
+                    length=jnp.array([length], jnp.int32), next_pos=jnp.array([next_pos], jnp.int32),
+                    recent_q=jnp.asarray(recent_q[:, None]), recent_pos=jnp.asarray(recent_pos[None]))
     cfg = CacheConfig("snapkv", budget=budget)
-    out = compress_one(jax.tree.map(jax.numpy.asarray, cache), cfg)
-    cache = host
-    got = np.asarray(out.pos[..., :budget])
+    out = compress_one(cache, cfg)
+    got = np.asarray(out.pos)[:, 0, :, :budget]
     for layer in range(n_layers):
-        expected = snapkv_reference(np.asarray(cache.k[layer]), np.asarray(cache.pos[layer]), length,
-                                    np.asarray(cache.recent_q[layer]), recent_pos, next_pos, cfg)
+        expected = snapkv_reference(k[layer], pos_all[layer], length, recent_q[layer], recent_pos, next_pos, cfg)
         for h in range(n_kv_heads):
             assert got[layer, h].tolist() == expected[h]
     if n_kv_heads == 2:  # per-KV-head selection: the two heads of a layer choose differently
@@ -148,35 +150,36 @@ def test_h2o_accumulated_attention_matches_reference_and_selects_heavy_hitters()
     model = tiny_model(2)
     cfg = model.cfg
     tokens = np.random.default_rng(3).integers(0, 50257, 70, dtype=np.int32)
-    cache = prefill(model, tokens[:40], None, CacheConfig("full")).cache.resize(128)
-    cache = jax.tree.map(lambda x: x[None], cache)
-    _, cache = decode_teacher_forced(model, cache, tokens[None, 40:70])  # 30 decode steps
-    cache = jax.tree.map(lambda x: x[0], cache)
+    cache = empty_cache(cfg, 1, 128, model.dtype, True, 0)
+    chunk = np.zeros((1, 64), np.int32)
+    chunk[0, :40] = tokens[:40]
+    _, cache = prefill_chunk(model, cache, chunk, np.array([40], np.int32))
+    _, cache = teacher_forced(model, cache, tokens[None, 40:70])  # 30 decode steps
 
     # Layer 0 from first principles: queries/keys from the embeddings, attention, column sums.
-    block = model.blocks[0]
+    block = jax.tree.map(lambda a: np.asarray(a)[0], model.blocks)  # layer 0 of the stacked weights
     x = np.asarray(model.embed)[tokens]
-    x = x / np.sqrt((x**2).mean(-1, keepdims=True) + cfg.norm_eps) * np.asarray(block.attn_norm.weight)
+    x = x / np.sqrt((x**2).mean(-1, keepdims=True) + cfg.norm_eps) * block.attn_norm.weight
     t, hd, g = len(tokens), cfg.head_dim, cfg.group_size
-    q = _rope_np((x @ np.asarray(block.attn.wq).T).reshape(t, cfg.n_heads, hd), np.arange(t), cfg.rope_theta)
-    k = _rope_np((x @ np.asarray(block.attn.wk).T).reshape(t, cfg.n_kv_heads, hd), np.arange(t), cfg.rope_theta)
+    q = _rope_np((x @ block.attn.wq.T).reshape(t, cfg.n_heads, hd), np.arange(t), cfg.rope_theta)
+    k = _rope_np((x @ block.attn.wk.T).reshape(t, cfg.n_kv_heads, hd), np.arange(t), cfg.rope_theta)
     expected = np.zeros((cfg.n_kv_heads, t))
     for h in range(cfg.n_heads):
         s = q[:, h] @ k[:, h // g].T / math.sqrt(hd)
         s = np.where(np.tril(np.ones((t, t))) > 0, s, -np.inf)
         p = np.exp(s - s.max(-1, keepdims=True))
         expected[h // g] += (p / p.sum(-1, keepdims=True)).sum(0)
-    np.testing.assert_allclose(np.asarray(cache.score[0, :, :t]), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(cache.score)[0, 0, :, :t], expected, rtol=1e-4, atol=1e-4)
 
     budget = 32
-    score = np.asarray(cache.score)
+    score = np.asarray(cache.score)[:, 0]
     out = compress_one(cache, CacheConfig("h2o", budget=budget, sink_size=4, window_size=8))
     for layer in range(cfg.n_layers):
         for h in range(cfg.n_kv_heads):
             cand = np.arange(4, t - 8)
             heavy = cand[np.argsort(-score[layer, h, cand], kind="stable")[: budget - 12]]
             expected_kept = sorted([*range(4), *heavy.tolist(), *range(t - 8, t)])
-            assert np.asarray(out.pos[layer, h, :budget]).tolist() == expected_kept
+            assert np.asarray(out.pos)[layer, 0, h, :budget].tolist() == expected_kept
 
 
 # --------------------------------------------------------------- budget >= length: equals full

@@ -46,7 +46,7 @@ def test_inverse_cdf_partitions_the_unit_interval_by_probability():
 def test_greedy_and_temperature_zero_rows_take_the_argmax():
     logits = jnp.asarray(np.random.default_rng(1).normal(size=(4, 500)).astype(np.float32))
     keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(4))
-    sample = jax.jit(jax.vmap(partial(sample_token, spec=SamplerSpec(sample=True, filtered=True))))
+    sample = jax.jit(jax.vmap(partial(sample_token, spec=SamplerSpec(filtered=True))))
     tokens, logprobs = sample(logits, keys, jnp.zeros(4), jnp.zeros(4, jnp.int32), jnp.ones(4))
     np.testing.assert_array_equal(np.asarray(tokens), np.argmax(np.asarray(logits), -1))
     expected = jax.nn.log_softmax(logits)[jnp.arange(4), tokens]
@@ -56,7 +56,7 @@ def test_greedy_and_temperature_zero_rows_take_the_argmax():
 def test_sampling_is_deterministic_per_key_and_respects_top_k():
     logits = jnp.asarray(np.random.default_rng(2).normal(size=(64, 300)).astype(np.float32))
     keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(64))
-    sample = jax.jit(jax.vmap(partial(sample_token, spec=SamplerSpec(sample=True, filtered=True))))
+    sample = jax.jit(jax.vmap(partial(sample_token, spec=SamplerSpec(filtered=True))))
     args = (logits, keys, jnp.ones(64), jnp.full(64, 3, jnp.int32), jnp.ones(64))
     a, _ = sample(*args)
     b, _ = sample(*args)

@@ -160,7 +160,7 @@ def test_every_metric_is_exported_and_moves(server):
 
 def test_loadtest_reports_latencies(server, tmp_path):
     out = tmp_path / "load.json"
-    done = subprocess.run([sys.executable, "-m", "toyllm_core.cli", "loadtest", "--url", server, "--concurrency", "2",
+    done = subprocess.run([sys.executable, "-m", "server.cli", "loadtest", "--url", server, "--concurrency", "2",
                            "--requests", "4", "--turns", "2", "--prompt-tokens", "8", "--max-new-tokens", "12",
                            "--budget", "32", "--json", str(out)], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
@@ -173,7 +173,7 @@ def test_loadtest_reports_latencies(server, tmp_path):
 
 
 def test_loadtest_against_nothing_fails_in_one_line():
-    done = subprocess.run([sys.executable, "-m", "toyllm_core.cli", "loadtest", "--url", f"http://127.0.0.1:{_free_port()}",
+    done = subprocess.run([sys.executable, "-m", "server.cli", "loadtest", "--url", f"http://127.0.0.1:{_free_port()}",
                            "--requests", "1"], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
 

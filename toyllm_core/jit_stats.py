@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 
 from jax import monitoring
 
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _lock = threading.Lock()
 _count = 0
-_callbacks: list[Callable[[float], None]] = []
 
 
 def _on_event(event: str, duration: float, **_: object) -> None:
@@ -18,8 +16,6 @@ def _on_event(event: str, duration: float, **_: object) -> None:
     if event == _BACKEND_COMPILE_EVENT:
         with _lock:
             _count += 1
-        for callback in _callbacks:
-            callback(duration)
 
 
 monitoring.register_event_duration_secs_listener(_on_event)
@@ -28,8 +24,3 @@ monitoring.register_event_duration_secs_listener(_on_event)
 def compilations() -> int:
     """XLA backend compilations so far in this process."""
     return _count
-
-
-def on_compile(callback: Callable[[float], None]) -> None:
-    """Call `callback(seconds)` after every compilation (the server feeds a Prometheus counter)."""
-    _callbacks.append(callback)
