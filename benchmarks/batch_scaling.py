@@ -15,7 +15,7 @@ from lm_head import median_ms
 
 from toyllm_core.bench import decode_latency
 from toyllm_core.checkpoint import load
-from toyllm_core.policies import CacheConfig
+from toyllm_core.policies import make_policy
 
 
 def matmul_gflops(n: int = 2048) -> float:
@@ -34,12 +34,12 @@ def main() -> None:
     args = parser.parse_args()
     model = load(args.checkpoint)[0].for_inference()
     cfg = model.cfg
-    cache_cfg = CacheConfig("snapkv", 64).validate()
+    cache_cfg = make_policy("snapkv", budget=64)
 
     def output_layer_flops(rows: int) -> int:
         return 2 * rows * cfg.d_model * cfg.vocab_size
 
-    out: dict = {"checkpoint": args.checkpoint, "context": args.context, "policy": cache_cfg.policy,
+    out: dict = {"checkpoint": args.checkpoint, "context": args.context, "policy": cache_cfg.name,
                  "budget": cache_cfg.budget, "matmul_gflops": matmul_gflops()}
     logits = jax.jit(lambda m, h: m.logits(h))
     for rows in (1, args.batch):

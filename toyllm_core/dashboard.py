@@ -28,7 +28,7 @@ def trace(model: ToyLLM, tokens: np.ndarray, cfg: Policy, piece_max: int = 16):
     nll, snapshots = [], []
     for piece in decode_through_policy(model, tokens[None].astype(np.int32), cfg, piece_max):
         nll.extend(piece.nll[0].tolist())
-        snapshots.append((piece.end, np.asarray(piece.cache.pos)[:, 0, :, : piece.length]))
+        snapshots.append((piece.end, piece.kept_positions(0)))
     return np.asarray(nll), snapshots
 
 

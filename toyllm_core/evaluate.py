@@ -2,28 +2,34 @@
 
 - `streaming`: teacher-forced token-by-token decoding through the policy (compressing whenever the
   cache reaches budget + slack, as generation does); the NLL of every next token.
-- `prefill`: prefill `context` tokens, compress once to the budget, then teacher-force the next
-  `continuation` tokens; perplexity on those.
+- `prefill`: prefill `context` tokens (compressed to the budget after the prompt, and every
+  budget + 512 tokens for a longer one), then teacher-force the next `continuation` tokens with no
+  further compression; perplexity on those.
 - `copy`: a random token sequence, then the same sequence again; accuracy and perplexity on the
   second copy, which the model can only get right by retrieving from the compressed cache.
 
-Every (policy, budget) runs over the same sequences, so changes against `full` are paired: their
-95% interval comes from a bootstrap over sequences.
+Every protocol runs through the inference `Engine`: sequences start by its one recipe (prefill,
+first token, a decode slot), and the teacher-forced tokens go through its decode path
+(`Engine.force`), compressing where the server would. Every (policy, budget) runs over the same
+sequences, so changes against `full` are paired: their 95% interval comes from a bootstrap over
+sequences.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .cache import KVCache, empty_cache
-from .engine.steps import decode_rows
+from .engine import CacheClass, Engine, Sequence
 from .model import ToyLLM
-from .policies import Policy, compress, make_policy
+from .policies import Policy, make_policy
+from .sampling import SamplingParams
+
+MAX_CHUNK = 512  # the engine's longest prefill chunk here
 
 PROTOCOLS = ("streaming", "prefill", "copy")
 
@@ -88,36 +94,6 @@ def _window_nll(model: ToyLLM, window):
     return jax.lax.map(block, (h, targets)).reshape(-1)[:t]
 
 
-@partial(jax.jit, donate_argnames=("cache",))
-def teacher_forced_nll(model: ToyLLM, cache: KVCache, inputs, targets):
-    """Decode inputs [B, T] one step at a time; NLL [B, T] and argmax-correct [B, T] of targets."""
-
-    def step(cache, xy):
-        x, y = xy
-        logits, cache = decode_rows(model, x, jnp.ones(x.shape, bool), cache)
-        return cache, _score(logits, y)
-
-    cache, (nll, correct) = jax.lax.scan(step, cache, (inputs.T, targets.T))
-    return nll.T, correct.T, cache
-
-
-@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def compress_all(cache: KVCache, cfg: Policy) -> KVCache:
-    return compress(cache, cfg)
-
-
-@partial(jax.jit, donate_argnames=("cache",))
-def _prefill_rows(model: ToyLLM, cache: KVCache, tokens):
-    """tokens [B, T] (all real) into an empty batched cache -> (logits [B, vocab] after the last, cache)."""
-    h, cache = model.forward(tokens, cache, jnp.full(tokens.shape[0], tokens.shape[1], jnp.int32))
-    return model.logits(h[:, -1]), cache
-
-
-def _empty(model: ToyLLM, cfg: Policy, batch: int, capacity: int) -> KVCache:
-    signals = cfg.signals
-    return empty_cache(model.cfg, batch, capacity, model.dtype, signals.scores, signals.recent_queries)
-
-
 def _score(logits, targets):
     """NLL [B] of targets [B] under logits [B, vocab], and whether each is the argmax."""
     nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
@@ -137,34 +113,59 @@ class SequenceScores:
 
 @dataclass
 class StreamPiece:
-    """One teacher-forced piece of `decode_through_policy`: scores of its tokens, and the cache after."""
+    """One teacher-forced piece of `decode_through_policy`: scores of its tokens, and where to read
+    what the cache keeps after it."""
 
     end: int  # tokens fed so far (the piece scored tokens end - len + 1 .. end)
     nll: np.ndarray  # [B, piece]
     correct: np.ndarray  # [B, piece]
-    cache: KVCache  # after the piece (and any compression); valid until the next piece is run
-    length: int  # live slots in it
+    engine: Engine
+    seqs: list[Sequence]
+
+    @property
+    def length(self) -> int:
+        """Live slots of the first row after the piece (and any compression)."""
+        return self.seqs[0].length
+
+    def kept_positions(self, row: int = 0) -> np.ndarray:
+        """Original positions row `row` keeps now: [layers, kv_heads, length]."""
+        return self.engine.kept_positions(self.seqs[row])
+
+
+def _start_rows(engine: Engine, cls: CacheClass, prompts: np.ndarray, targets: np.ndarray):
+    """Start one sequence per row of prompts [B, c] through the engine's recipe (prefill, first
+    token, a decode slot); returns (sequences, NLL [B] and argmax-correct [B] of targets [B] after
+    each prompt)."""
+    seqs, logits = [], []
+    for prompt in prompts:
+        job = engine.begin(prompt, cls, _FORCED)
+        while not engine.prefill(job):
+            pass
+        logits.append(job.logits)
+        seqs.append(engine.start(job))
+    nll, correct = _first_prediction(jnp.stack(logits), jnp.asarray(targets))
+    return seqs, np.asarray(nll, np.float64), np.asarray(correct)
+
+
+# Teacher-forced sequences never stop by themselves (the engine is fed their tokens, not samples).
+_FORCED = SamplingParams(max_new_tokens=2**30, temperature=0.0, ignore_eos=True)
 
 
 def decode_through_policy(model: ToyLLM, rows: np.ndarray, cfg: Policy, piece_max: int | None = None):
-    """Teacher-force rows [B, T] token by token through the policy, compressing whenever the cache
-    reaches budget + slack (as generation does); yields a StreamPiece per jitted call."""
+    """Teacher-force rows [B, T] token by token through the policy in the engine, compressing
+    whenever the cache reaches budget + slack (as generation does); yields a StreamPiece per call."""
     t = rows.shape[1]
     piece_max = piece_max or (cfg.slack if cfg.evicts else 64)
-    cache = _empty(model, cfg, len(rows), cfg.trigger if cfg.evicts else t)
-    length = done = 0
+    cls = CacheClass.make(cfg, len(rows), MAX_CHUNK, None if cfg.evicts else t)
+    engine = Engine(model, [cls])
+    seqs, nll, correct = _start_rows(engine, cls, rows[:, :1], rows[:, 1])
+    done = 1
+    yield StreamPiece(done, nll[:, None], correct[:, None], engine, seqs)
     while done < t - 1:
-        piece = min(piece_max, t - 1 - done)
-        if cfg.evicts:
-            piece = min(piece, cfg.trigger - length)
-        nll, correct, cache = teacher_forced_nll(model, cache, rows[:, done : done + piece],
-                                                 rows[:, done + 1 : done + 1 + piece])
+        piece = min(piece_max, t - 1 - done, min(engine.room(s) for s in seqs))
+        nll, correct = engine.force(cls, rows[:, done : done + piece], rows[:, done + 1 : done + 1 + piece])
         done += piece
-        length += piece
-        if cfg.evicts and length >= cfg.trigger:
-            cache = compress_all(cache, cfg)
-            length = cfg.budget
-        yield StreamPiece(done, np.asarray(nll, np.float64), np.asarray(correct), cache, length)
+        yield StreamPiece(done, nll, correct, engine, seqs)
 
 
 def streaming_scores(model: ToyLLM, sequences: np.ndarray, cfg: Policy, batch: int = 8) -> SequenceScores:
@@ -183,26 +184,31 @@ def streaming_scores(model: ToyLLM, sequences: np.ndarray, cfg: Policy, batch: i
 
 def prefill_scores(model: ToyLLM, sequences: np.ndarray, context: int, cfg: Policy,
                    batch: int = 8) -> SequenceScores:
-    """Prefill the first `context` tokens of each sequence [N, context + M], compress once, then
-    teacher-force the remaining M; scores those M tokens."""
+    """Prefill the first `context` tokens of each sequence [N, context + M] through the engine
+    (which compresses after the prompt when it leaves more than the budget), then teacher-force the
+    remaining M with no further compression; scores those M tokens."""
     n, t = sequences.shape
     m = t - context
     if m < 1 or context < 1:
         raise ValueError(f"sequences of {t} tokens leave no continuation after a context of {context}")
+    max_chunk = max(MAX_CHUNK, 1 << (m - 1).bit_length())
+    # Room for the whole continuation before the next compression: the slack covers it.
+    policy = dataclasses.replace(cfg, slack=max(cfg.slack, m)) if cfg.evicts else cfg
     nll, correct = np.zeros(n), np.zeros(n)
     kept = context
     for lo in range(0, n, batch):
         rows = _pad_rows(sequences[lo : lo + batch], batch)
         take = min(batch, n - lo)
-        cache = _empty(model, cfg, batch, context + m)
-        logits, cache = _prefill_rows(model, cache, rows[:, :context])
-        first_nll, first_correct = _first_prediction(logits, rows[:, context])
-        if cfg.evicts and context > cfg.budget:
-            cache = compress_all(cache, cfg)
-            kept = cfg.budget
-        rest_nll, rest_correct, _ = teacher_forced_nll(model, cache, rows[:, context : t - 1], rows[:, context + 1 :])
-        nll[lo : lo + take] = (np.asarray(first_nll, np.float64) + np.asarray(rest_nll, np.float64).sum(1))[:take]
-        correct[lo : lo + take] = (np.asarray(first_correct) + np.asarray(rest_correct).sum(1))[:take]
+        cls = CacheClass.make(policy, batch, max_chunk, None if cfg.evicts else t)
+        engine = Engine(model, [cls])
+        seqs, first_nll, first_correct = _start_rows(engine, cls, rows[:, :context], rows[:, context])
+        kept = seqs[0].length
+        total_nll, total_correct = first_nll, first_correct.astype(np.int64)
+        if m > 1:
+            rest_nll, rest_correct = engine.force(cls, rows[:, context : t - 1], rows[:, context + 1 :])
+            total_nll, total_correct = total_nll + rest_nll.sum(1), total_correct + rest_correct.sum(1)
+        nll[lo : lo + take] = total_nll[:take]
+        correct[lo : lo + take] = total_correct[:take]
     return SequenceScores(nll, np.full(n, m), correct, kept)
 
 

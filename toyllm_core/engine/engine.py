@@ -237,16 +237,46 @@ class Engine:
             r.remaining = int(remaining[i])
             r.key = keys[i]
             outputs.append(StepOutput(r, out[i, :n].tolist(), logprobs[i, :n].tolist()))
-            if cls.evicts and r.length >= cls.policy.trigger:
-                started = time.perf_counter()
-                state.cache = steps.compress_row(state.cache, np.int32(i), cls=cls)
-                if self.on_compress is not None:
-                    state.cache.length.block_until_ready()
-                    self.on_compress(r, time.perf_counter() - started)
-                r.tokens_evicted += r.length - cls.policy.budget
-                r.compressions += 1
-                r.length = cls.policy.budget
+            self._compress_if_due(state, r)
         return outputs
+
+    def _compress_if_due(self, state: _ClassState, r: Sequence) -> None:
+        cls = state.cls
+        if cls.evicts and r.length >= cls.policy.trigger:
+            started = time.perf_counter()
+            state.cache = steps.compress_row(state.cache, np.int32(r.slot), cls=cls)
+            if self.on_compress is not None:
+                state.cache.length.block_until_ready()
+                self.on_compress(r, time.perf_counter() - started)
+            r.tokens_evicted += r.length - cls.policy.budget
+            r.compressions += 1
+            r.length = cls.policy.budget
+
+    def room(self, seq: Sequence) -> int:
+        """Decode steps the sequence can take before it must compress (or is at its capacity)."""
+        cls = seq.cls
+        return (cls.policy.trigger if cls.evicts else cls.capacity) - seq.length
+
+    def force(self, cls: CacheClass, tokens: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Teacher forcing (evaluation): every occupied row of class `cls`, in slot order, is fed
+        tokens [rows, k] instead of its samples, scoring targets [rows, k]; rows compress as decoding
+        does. k must not exceed any row's `room`. Returns (NLL [rows, k], argmax-correct [rows, k])."""
+        state = self._states[cls]
+        rows = state.rows
+        if tokens.shape[0] != len(rows) or tokens.shape[1] > min(self.room(r) for r in rows):
+            raise ValueError("teacher forcing needs one row of tokens per occupied slot, within their room")
+        n_rows = next(b for b in row_buckets(cls.slots) if b >= len(rows))
+        pad = ((0, n_rows - len(rows)), (0, 0))
+        state.cache, nll, correct = steps.forced_steps(self.model, state.cache, np.pad(tokens, pad).astype(np.int32),
+                                                       np.pad(targets, pad).astype(np.int32), n_rows=n_rows)
+        for r in rows:
+            r.length += tokens.shape[1]
+            self._compress_if_due(state, r)
+        return np.asarray(nll, np.float64)[: len(rows)], np.asarray(correct)[: len(rows)]
+
+    def kept_positions(self, seq: Sequence) -> np.ndarray:
+        """Original positions a decoding sequence keeps: [layers, kv_heads, length] (a device read)."""
+        return np.asarray(self._states[seq.cls].cache.pos)[:, seq.slot, :, : seq.length]
 
     def _steps_now(self, cls: CacheClass, active: list[Sequence]) -> int:
         """Steps every active row can take before one needs compression (or hits its capacity)."""

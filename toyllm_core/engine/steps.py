@@ -79,6 +79,11 @@ def _leading_rows(state: KVCache, n: int) -> KVCache:
     return jax.tree.map(lambda x, axis: jax.lax.slice_in_dim(x, 0, n, axis=axis), state, batch_axes(state))
 
 
+def _put_leading_rows(state: KVCache, rows: KVCache) -> KVCache:
+    return jax.tree.map(lambda x, y, axis: jax.lax.dynamic_update_slice_in_dim(x, y, 0, axis), state, rows,
+                        batch_axes(state))
+
+
 @partial(jax.jit, static_argnames=("n_rows", "max_steps", "spec"), donate_argnames=("state",))
 def decode_steps(model: ToyLLM, state: KVCache, n_steps, tokens, remaining, keys, temperature, top_k, top_p, eos,
                  *, n_rows: int, max_steps: int, spec: SamplerSpec):
@@ -108,11 +113,7 @@ def decode_steps(model: ToyLLM, state: KVCache, n_steps, tokens, remaining, keys
     init = (sub, tokens, remaining, keys, jnp.zeros((max_steps, n_rows), jnp.int32),
             jnp.zeros((max_steps, n_rows), jnp.float32), jnp.zeros((max_steps, n_rows), bool))
     sub, _, remaining, keys, out, logprobs, emitted = jax.lax.fori_loop(0, n_steps, step, init)
-    if n_rows != state.batch:
-        state = jax.tree.map(lambda x, y, axis: jax.lax.dynamic_update_slice_in_dim(x, y, 0, axis), state, sub,
-                             batch_axes(state))
-    else:
-        state = sub
+    state = sub if n_rows == state.batch else _put_leading_rows(state, sub)
     return state, out.T, logprobs.T, emitted.T, remaining, keys
 
 
@@ -127,3 +128,20 @@ def teacher_forced(model: ToyLLM, cache: KVCache, tokens):
 
     cache, logits = jax.lax.scan(step, cache, tokens.T)
     return logits.transpose(1, 0, 2), cache
+
+
+@partial(jax.jit, static_argnames=("n_rows",), donate_argnames=("state",))
+def forced_steps(model: ToyLLM, state: KVCache, tokens, targets, *, n_rows: int):
+    """Teacher forcing through rows [0, n_rows) of a decode state: feed tokens [n, k] one decode
+    step at a time and score targets [n, k] -> (state, NLL [n, k], argmax-correct [n, k])."""
+    sub = state if n_rows == state.batch else _leading_rows(state, n_rows)
+
+    def step(cache, xy):
+        x, y = xy
+        logits, cache = decode_rows(model, x, jnp.ones(x.shape, bool), cache)
+        nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
+        return cache, (nll, jnp.argmax(logits, axis=-1) == y)
+
+    sub, (nll, correct) = jax.lax.scan(step, sub, (tokens.T, targets.T))
+    state = sub if n_rows == state.batch else _put_leading_rows(state, sub)
+    return state, nll.T, correct.T
