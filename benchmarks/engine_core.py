@@ -25,7 +25,6 @@ from toyllm_core.bench import machine
 from toyllm_core.config import get_preset
 from toyllm_core.engine import CacheClass, plan_classes, warm_up
 from toyllm_core.engine import steps as engine_steps
-from toyllm_core.engine.programs import SPECS
 from toyllm_core.model import ToyLLM
 from toyllm_core.policies import make_policy
 
@@ -65,7 +64,7 @@ def compile_times(layers: int, repeats: int = 3) -> dict:
     calls = {
         "decode_16": lambda: engine_steps.decode_steps.lower(
             model, state, np.int32(1), z, z, np.zeros((16, 2), np.uint32), np.ones(16, np.float32), z,
-            np.ones(16, np.float32), z, n_rows=16, max_steps=STEPS_PER_CALL, spec=SPECS[0]),
+            np.ones(16, np.float32), z, n_rows=16, max_steps=STEPS_PER_CALL),
         "chunk_512": lambda: engine_steps.prefill_chunk.lower(model, prefill, np.zeros((1, 512), np.int32),
                                                               np.array([512], np.int32)),
     }
@@ -106,7 +105,7 @@ def decode_ms(model: ToyLLM, batch: int, context: int, calls: int = 6) -> dict:
     for i in range(calls + 1):
         t = time.perf_counter()
         state, out, *_ = engine_steps.decode_steps(model, state, np.int32(STEPS_PER_CALL), *args, n_rows=batch,
-                                                   max_steps=STEPS_PER_CALL, spec=SPECS[0])
+                                                   max_steps=STEPS_PER_CALL)
         jax.block_until_ready(out)
         if i:  # the first call compiles
             times.append((time.perf_counter() - t) / STEPS_PER_CALL)

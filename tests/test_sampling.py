@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from toyllm_core.sampling import SamplerSpec, _filter, _inverse_cdf, sample_token
+from toyllm_core.sampling import SamplerSpec, _filter, _inverse_cdf, sample_rows, sample_token
 
 
 def _reference_support(logits, temperature, top_k, top_p):
@@ -46,7 +46,7 @@ def test_inverse_cdf_partitions_the_unit_interval_by_probability():
 def test_greedy_and_temperature_zero_rows_take_the_argmax():
     logits = jnp.asarray(np.random.default_rng(1).normal(size=(4, 500)).astype(np.float32))
     keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(4))
-    sample = jax.jit(jax.vmap(partial(sample_token, spec=SamplerSpec(filtered=True))))
+    sample = jax.jit(jax.vmap(partial(sample_token, spec=SamplerSpec(sample=True, filtered=True))))
     tokens, logprobs = sample(logits, keys, jnp.zeros(4), jnp.zeros(4, jnp.int32), jnp.ones(4))
     np.testing.assert_array_equal(np.asarray(tokens), np.argmax(np.asarray(logits), -1))
     expected = jax.nn.log_softmax(logits)[jnp.arange(4), tokens]
@@ -56,10 +56,25 @@ def test_greedy_and_temperature_zero_rows_take_the_argmax():
 def test_sampling_is_deterministic_per_key_and_respects_top_k():
     logits = jnp.asarray(np.random.default_rng(2).normal(size=(64, 300)).astype(np.float32))
     keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(64))
-    sample = jax.jit(jax.vmap(partial(sample_token, spec=SamplerSpec(filtered=True))))
+    sample = jax.jit(jax.vmap(partial(sample_token, spec=SamplerSpec(sample=True, filtered=True))))
     args = (logits, keys, jnp.ones(64), jnp.full(64, 3, jnp.int32), jnp.ones(64))
     a, _ = sample(*args)
     b, _ = sample(*args)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     top3 = np.argsort(-np.asarray(logits), -1)[:, :3]
     assert all(int(t) in set(row) for t, row in zip(np.asarray(a), top3, strict=True))
+
+
+@pytest.mark.parametrize("settings", ["all greedy", "greedy and sampled", "greedy and filtered"])
+def test_one_program_serves_every_mix_of_settings_and_greedy_rows_take_the_argmax(settings):
+    logits = jnp.asarray(np.random.default_rng(3).normal(size=(4, 300)).astype(np.float32) * 3)
+    keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(4))
+    temperature = jnp.array([0.0, 0.0, 0.0, 0.0] if settings == "all greedy" else [0.0, 1.0, 0.0, 1.0])
+    top_k = jnp.array([0, 0, 0, 2 if settings == "greedy and filtered" else 0], jnp.int32)
+    tokens, logprobs = jax.jit(sample_rows)(logits, keys, temperature, top_k, jnp.ones(4))
+    greedy = np.argmax(np.asarray(logits), -1)
+    np.testing.assert_array_equal(np.asarray(tokens)[[0, 2]], greedy[[0, 2]])
+    if settings == "greedy and filtered":  # the filtered row drew from its top 2
+        assert int(tokens[3]) in set(np.argsort(-np.asarray(logits[3]))[:2].tolist())
+    expected = jax.nn.log_softmax(logits)[jnp.arange(4), tokens]
+    np.testing.assert_allclose(np.asarray(logprobs), np.asarray(expected), rtol=1e-5)

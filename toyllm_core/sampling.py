@@ -8,9 +8,10 @@ token ~4 ms and `lax.top_k` inside the decode scan ~17 ms, far more than the mod
   over the vocabulary), so nothing is sorted. Ties at a threshold are kept. Top-p applies to the
   distribution left after top-k, as in Hugging Face's samplers.
 
-Whether a batch compiles the filters is static (`SamplerSpec`), chosen from its rows' settings;
-each row then picks its own result (greedy rows their argmax), so rows with different settings
-share one call. This module also holds what a request asks of sampling (`SamplingParams`), the
+Which path a batch runs is chosen at run time for the whole batch (`sample_rows`, a `lax.switch`):
+argmax only when no row samples, plain sampling when none filters, the filters otherwise; each row
+then picks its own result (greedy rows their argmax), so rows with different settings share one
+call, and one compiled program serves every mix of settings. This module also holds what a request asks of sampling (`SamplingParams`), the
 per-request PRNG key, and the sampling of the first token from the prefill's logits.
 """
 
@@ -57,13 +58,10 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """What a batch's rows need (static for jit): the top-k/top-p filters, or not."""
+    """One path of the sampler (static): random sampling at all, and the top-k/top-p filters."""
 
+    sample: bool = False
     filtered: bool = False
-
-    @staticmethod
-    def for_rows(rows: list[SamplingParams]) -> SamplerSpec:
-        return SamplerSpec(filtered=any(p.filtered for p in rows))
 
 
 def new_key(seed: int | None) -> np.ndarray:
@@ -120,6 +118,8 @@ def sample_token(logits, key, temperature, top_k, top_p, *, spec: SamplerSpec):
     """One row: logits [vocab] -> (token, its log-probability under the unmodified model)."""
     logz = jax.nn.logsumexp(logits)
     greedy = jnp.argmax(logits).astype(jnp.int32)
+    if not spec.sample:
+        return greedy, logits[greedy] - logz
     u = jax.random.uniform(key)
     scaled = logits / jnp.maximum(temperature, 1e-6)
     probs = jnp.exp(scaled - jnp.max(scaled))
@@ -130,16 +130,34 @@ def sample_token(logits, key, temperature, top_k, top_p, *, spec: SamplerSpec):
     return token, logits[token] - logz
 
 
+_PATHS = (SamplerSpec(), SamplerSpec(sample=True), SamplerSpec(sample=True, filtered=True))
+
+
+def sample_rows(logits, keys, temperature, top_k, top_p):
+    """Every row: logits [B, vocab], keys [B, 2] -> (tokens [B], log-probabilities [B]). The path is
+    chosen at run time for the whole batch: the bisections of the filters cost more than the model's
+    step on a CPU, and sampling costs what argmax does not."""
+    sampled = temperature > 0
+    filtered = sampled & ((top_k > 0) | (top_p < 1))
+    path = jnp.where(jnp.any(filtered), 2, jnp.where(jnp.any(sampled), 1, 0))
+    branches = [partial(_sample_path, spec=spec) for spec in _PATHS]
+    return jax.lax.switch(path, branches, logits, keys, temperature, top_k, top_p)
+
+
+def _sample_path(logits, keys, temperature, top_k, top_p, *, spec: SamplerSpec):
+    return jax.vmap(partial(sample_token, spec=spec))(logits, keys, temperature, top_k, top_p)
+
+
 def first_token(logits: jax.Array, sampling: SamplingParams, key: np.ndarray) -> tuple[int, float, np.ndarray]:
     """Sample the first new token from the prefill's logits [vocab] (the decode step's sampler);
     returns (token, logprob, the key to continue with)."""
     token, logprob, key = _first_token(logits, key, np.float32(sampling.temperature), np.int32(sampling.top_k),
-                                       np.float32(sampling.top_p), spec=SamplerSpec.for_rows([sampling]))
+                                       np.float32(sampling.top_p))
     return int(token), float(logprob), np.asarray(key)
 
 
-@partial(jax.jit, static_argnames=("spec",))
-def _first_token(logits, key, temperature, top_k, top_p, *, spec):
+@jax.jit
+def _first_token(logits, key, temperature, top_k, top_p):
     key, sub = jax.random.split(key)
-    token, logprob = sample_token(logits, sub, temperature, top_k, top_p, spec=spec)
-    return token, logprob, key
+    token, logprob = sample_rows(logits[None], sub[None], temperature[None], top_k[None], top_p[None])
+    return token[0], logprob[0], key

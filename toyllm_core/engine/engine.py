@@ -27,7 +27,7 @@ import numpy as np
 
 from ..cache import KVCache
 from ..model import ToyLLM
-from ..sampling import SamplerSpec, SamplingParams, first_token, new_key
+from ..sampling import SamplingParams, first_token, new_key
 from . import steps
 from .classes import CacheClass, Piece, next_piece, row_buckets
 
@@ -224,7 +224,7 @@ class Engine:
             column(lambda r: r.pending, np.int32), column(lambda r: r.remaining, np.int32), keys,
             column(lambda r: r.sampling.temperature, np.float32), column(lambda r: r.sampling.top_k, np.int32),
             column(lambda r: r.sampling.top_p, np.float32), column(lambda r: r.eos, np.int32),
-            n_rows=n_rows, max_steps=self.steps_per_call, spec=SamplerSpec.for_rows([r.sampling for r in active]))
+            n_rows=n_rows, max_steps=self.steps_per_call)
         out, logprobs, emitted = np.asarray(out), np.asarray(logprobs), np.asarray(emitted)
         remaining, keys = np.asarray(remaining), np.asarray(keys)
 

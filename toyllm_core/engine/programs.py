@@ -3,8 +3,9 @@ that compiles them.
 
 Per class: its decode state, a new prefill cache, each prefill chunk length, the moves between the
 prefill cache, the decode slots and an idle session (insert, extract, move, resize), compression
-(of the prefill cache, and of a decode row), and the decode call at each compiled batch size with
-and without the top-k/top-p filters. Plus the first-token sampler, with and without filters. No
+(of the prefill cache, and of a decode row), and the decode call at each compiled batch size (one
+program for every sampling setting: the sampler picks its path at run time). Plus the first-token
+sampler. No
 request can reach a shape outside this list: prompt lengths are cut into the listed chunks, batch
 sizes are the listed buckets, and a cache configuration outside the classes is refused.
 """
@@ -20,11 +21,9 @@ import numpy as np
 
 from .. import jit_stats
 from ..model import ToyLLM
-from ..sampling import SamplerSpec, SamplingParams, first_token
+from ..sampling import SamplingParams, first_token
 from . import steps
 from .classes import CacheClass, chunk_sizes, row_buckets
-
-SPECS = (SamplerSpec(filtered=False), SamplerSpec(filtered=True))
 
 
 @dataclass(frozen=True)
@@ -33,11 +32,9 @@ class Program:
     # grow, first-token
     cls: CacheClass | None
     size: int = 0  # chunk length, decode rows, or the capacity grown from
-    spec: SamplerSpec | None = None
 
     def __str__(self) -> str:
-        parts = [self.kind] + ([self.cls.name] if self.cls else []) + ([str(self.size)] if self.size else [])
-        return " ".join(parts) + (" filtered" if self.spec and self.spec.filtered else "")
+        return " ".join([self.kind] + ([self.cls.name] if self.cls else []) + ([str(self.size)] if self.size else []))
 
 
 def programs(classes: list[CacheClass]) -> list[Program]:
@@ -52,8 +49,8 @@ def programs(classes: list[CacheClass]) -> list[Program]:
         else:  # a full session moves up from a smaller full class
             out += [Program("grow", cls, small.capacity) for small in full if small.capacity < cls.capacity]
         out += [Program("insert", cls), Program("extract", cls), Program("move", cls)]
-        out += [Program("decode", cls, n, spec) for n in row_buckets(cls.slots) for spec in SPECS]
-    out += [Program("first-token", None, spec=spec) for spec in SPECS]
+        out += [Program("decode", cls, n) for n in row_buckets(cls.slots)]
+    out.append(Program("first-token", None))
     return out
 
 
@@ -88,9 +85,9 @@ def compile_program(model: ToyLLM, p: Program, steps_per_call: int) -> None:
         z = np.zeros(n, np.int32)
         out = steps.decode_steps(model, steps.new_cache(model, cls, cls.slots, cls.capacity), np.int32(1), z, z,
                                  np.zeros((n, 2), np.uint32), np.ones(n, np.float32), z, np.ones(n, np.float32),
-                                 z - 1, n_rows=n, max_steps=steps_per_call, spec=p.spec)
+                                 z - 1, n_rows=n, max_steps=steps_per_call)
     elif p.kind == "first-token":
-        params = SamplingParams(temperature=1.0, top_k=1 if p.spec.filtered else 0)
+        params = SamplingParams(temperature=1.0, top_k=1)
         out = first_token(np.zeros(cfg.vocab_size, np.float32), params, np.zeros(2, np.uint32))
     else:
         raise ValueError(f"unknown program kind {p.kind!r}")

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from ..cache import KVCache, batch_axes, empty_cache
 from ..model import ToyLLM
 from ..policies import compress
-from ..sampling import SamplerSpec, sample_token
+from ..sampling import sample_rows
 from .classes import CacheClass
 
 
@@ -84,9 +84,9 @@ def _put_leading_rows(state: KVCache, rows: KVCache) -> KVCache:
                         batch_axes(state))
 
 
-@partial(jax.jit, static_argnames=("n_rows", "max_steps", "spec"), donate_argnames=("state",))
+@partial(jax.jit, static_argnames=("n_rows", "max_steps"), donate_argnames=("state",))
 def decode_steps(model: ToyLLM, state: KVCache, n_steps, tokens, remaining, keys, temperature, top_k, top_p, eos,
-                 *, n_rows: int, max_steps: int, spec: SamplerSpec):
+                 *, n_rows: int, max_steps: int):
     """Run n_steps (<= max_steps, an array: any count, one compile) decode steps for rows [0, n_rows)
     of the decode state.
 
@@ -104,7 +104,7 @@ def decode_steps(model: ToyLLM, state: KVCache, n_steps, tokens, remaining, keys
         logits, cache = decode_rows(model, tokens, active, cache)
         split = jax.vmap(jax.random.split)(keys)  # [n, 2, 2]
         keys, subkeys = split[:, 0], split[:, 1]
-        new, logprob = jax.vmap(partial(sample_token, spec=spec))(logits, subkeys, temperature, top_k, top_p)
+        new, logprob = sample_rows(logits, subkeys, temperature, top_k, top_p)
         new = jnp.where(active, new, tokens)
         remaining = jnp.where(active & (new != eos), remaining - 1, 0)
         return (cache, new, remaining, keys, out.at[i].set(new), logprobs.at[i].set(logprob),
