@@ -67,3 +67,22 @@ def metric(text: str, name: str, /, **labels) -> float:
         if got == want:
             return float(value)
     return 0.0
+
+
+def background_stream(client, body: dict):
+    """Start a streaming POST /generate in a thread; returns (thread, started, result): `started` is
+    set at its first token, result["status"] holds the status code once it ends."""
+    import threading
+
+    started, result = threading.Event(), {}
+
+    def run():
+        with client.stream("POST", "/generate", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("event: token"):
+                    started.set()
+            result["status"] = r.status_code
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, started, result

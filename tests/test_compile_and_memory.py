@@ -4,10 +4,8 @@ between the running streams' decode calls."""
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
-from server_utils import TEST_CLASSES, metric, ready_client, wait_ready
+from server_utils import TEST_CLASSES, background_stream, metric, ready_client, wait_ready
 
 from toyllm_core import jit_stats
 from toyllm_core.engine import CacheClass, Engine, next_piece, programs
@@ -94,19 +92,8 @@ def test_a_long_prompt_is_admitted_in_chunks_between_decode_calls():
         wait_ready(c)
         engine = c.app.state.toyllm.engine
         engine.trace = trace = []
-        started = threading.Event()
-        result = {}
-
-        def stream():
-            with c.stream("POST", "/generate", json={"prompt": "Once upon a time", "max_new_tokens": 400,
-                                                     "temperature": 0, "ignore_eos": True}) as r:
-                for line in r.iter_lines():
-                    if line.startswith("event: token"):
-                        started.set()
-                result["status"] = r.status_code
-
-        thread = threading.Thread(target=stream)
-        thread.start()
+        thread, started, result = background_stream(c, {"prompt": "Once upon a time", "max_new_tokens": 400,
+                                                        "temperature": 0, "ignore_eos": True})
         assert started.wait(60)
         r = c.post("/generate", json={"prompt": " the" * 300, "max_new_tokens": 1, "stream": False})
         thread.join(120)

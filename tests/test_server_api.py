@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from server_utils import metric, parse_sse, ready_client, wait_ready
+from server_utils import background_stream, metric, parse_sse, ready_client, wait_ready
 
 from toyllm_core.generate import generate_tokens
 from toyllm_core.policies import make_policy
@@ -161,19 +161,8 @@ def test_errors_lose_nothing(client):
 
 def test_second_request_on_a_busy_session_is_409(client):
     sid, _, _ = _turn(client, "Start")
-    started = threading.Event()
-    result = {}
-
-    def long_request():
-        with client.stream("POST", "/generate", json={"prompt": "go", "session_id": sid, "max_new_tokens": 300,
-                                                       "temperature": 0}) as r:
-            for line in r.iter_lines():
-                if line.startswith("event: token"):
-                    started.set()
-            result["status"] = r.status_code
-
-    thread = threading.Thread(target=long_request)
-    thread.start()
+    thread, started, result = background_stream(client, {"prompt": "go", "session_id": sid, "max_new_tokens": 300,
+                                                         "temperature": 0})
     assert started.wait(60)
     r = client.post("/generate", json={"prompt": "again", "session_id": sid})
     assert r.status_code == 409 and r.json()["error"]["type"] == "session_busy"
