@@ -8,10 +8,10 @@ Request flow:
 2. Each engine iteration admits waiting requests whose class has a free decode slot, up to
    `max_running` at once (continuous batching), and starts their prefill: the session's pending
    token, then the new prompt, against the session's cache.
-3. It then runs ONE prefill piece of the oldest admitted prompt, at most `interleave_chunk` tokens
-   while other rows decode (`max_chunk` when none do), so a long prompt never stalls the running
-   streams for more than one piece. When a prompt is all in, its first token is sampled and the
-   sequence joins a decode slot.
+3. It then runs ONE prefill piece of the oldest admitted prompt, at most `interleave_chunk` tokens,
+   while other rows decode, so a long prompt never stalls the running streams for more than one
+   piece (when none decode: a piece of up to `max_chunk` tokens of every admitted prompt). When a
+   prompt is all in, its first token is sampled and the sequence joins a decode slot.
 4. Then one jitted call of up to `steps_per_call` decode steps for every running sequence; each new
    token goes to its request's sink as text (incremental detokenization with stop strings).
    Sequences that are finished or whose client went away retire: the cache goes back to the session,
@@ -171,8 +171,11 @@ class Engine:
                 for request in admitted:
                     self._begin(request)
                 self._retire_cancelled()
-                if self._prefilling:
-                    self._prefill_piece(self._prefilling[0])
+                # One piece of the oldest prompt while streams decode (they wait for it); when none
+                # does, a piece of every admitted prompt, so that a burst of arrivals starts together.
+                limit = self.interleave_chunk if self._running else None
+                for request in self._prefilling[: 1 if self._running else None]:
+                    self._prefill_piece(request, limit)
                 if self._running:
                     self._decode()
             except Exception as e:
@@ -218,9 +221,8 @@ class Engine:
         session.cls = request.cls
         self._prefilling.append(request)
 
-    def _prefill_piece(self, request: GenerationRequest) -> None:
+    def _prefill_piece(self, request: GenerationRequest, limit: int | None) -> None:
         job = request.job
-        limit = self.interleave_chunk if self._running else None
         before = job.done
         try:
             finished = self.core.prefill(job, limit)
