@@ -2,11 +2,11 @@
 # The training issue's measurements of a checkpoint, in one place: WikiText validation perplexity
 # (word and token level), perplexity against cache budget (streaming, prefill, copy), decode latency
 # and cache bytes against context, the compression dashboard and sample generations.
-#   benchmarks/measure_checkpoint.sh weights/toyllm-base out/measure [WIKITEXT_VALID]
+#   benchmarks/measure_checkpoint.sh weights/toyllm-base out/measure WIKITEXT_VALID
 set -euo pipefail
 CKPT=${1:-weights/toyllm-base}
 OUT=${2:-out/measure}
-VALID=${3:-../shared/data/wikitext/wiki.valid.raw}
+VALID=${3:?the path of WikiText-103 wiki.valid.raw}
 T=${TOYLLM:-.venv/bin/toyllm}
 SEQS=${SEQS:-16}
 PARTS=${PARTS:-eval,bench,dashboard,samples}  # bench times things: run it on a quiet machine
