@@ -91,7 +91,9 @@ class KVCache(eqx.Module):
 
             return put_one(ck, new_k, at4), put_one(cv, new_v, at4), put_one(cp, new_pos, at3)
 
-        ck, cv, cp = jax.lax.fori_loop(0, b, put, (self.k, self.v, self.pos))
+        arrays = (self.k, self.v, self.pos)
+        # (One row, the prefill and batch-1 decoding: no loop around the update.)
+        ck, cv, cp = put(0, arrays) if b == 1 else jax.lax.fori_loop(0, b, put, arrays)
         return eqx.tree_at(lambda c: (c.k, c.v, c.pos), self, (ck, cv, cp))
 
     def keys(self) -> jax.Array:
