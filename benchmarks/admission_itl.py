@@ -21,13 +21,14 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
+
+from toyllm_core.machine import cpu_model
 
 
 class BenchError(Exception):
@@ -40,17 +41,6 @@ def stats(values: list[float]) -> dict:
     a = np.asarray(values)
     return {"n": len(values), "p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)),
             "max": float(a.max()), "mean": float(a.mean())}
-
-
-def cpu_model() -> str | None:
-    try:
-        out = subprocess.run(["lscpu"], check=False, capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for line in out.splitlines():
-        if line.strip().startswith("Model name"):
-            return line.split(":", 1)[1].strip()
-    return None
 
 
 def describe(e: Exception) -> str:

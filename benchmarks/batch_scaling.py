@@ -15,6 +15,7 @@ from lm_head import median_ms
 
 from toyllm_core.bench import decode_latency
 from toyllm_core.checkpoint import load
+from toyllm_core.machine import machine
 from toyllm_core.policies import make_policy
 
 
@@ -40,7 +41,7 @@ def main() -> None:
         return 2 * rows * cfg.d_model * cfg.vocab_size
 
     out: dict = {"checkpoint": args.checkpoint, "context": args.context, "policy": cache_cfg.name,
-                 "budget": cache_cfg.budget, "matmul_gflops": matmul_gflops()}
+                 "budget": cache_cfg.budget, "matmul_gflops": matmul_gflops(), "machine": machine()}
     logits = jax.jit(lambda m, h: m.logits(h))
     for rows in (1, args.batch):
         h = jax.random.normal(jax.random.PRNGKey(rows), (rows, cfg.d_model), jnp.float32)

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from toyllm_core import checkpoint as ckpt
-from toyllm_core.bench import machine
-from toyllm_core.config import get_preset
+from toyllm_core.config import get_preset, to_bits
 from toyllm_core.engine import CacheClass, plan_classes, warm_up
 from toyllm_core.engine import steps as engine_steps
+from toyllm_core.machine import machine
 from toyllm_core.model import ToyLLM
 from toyllm_core.policies import make_policy
 
@@ -86,12 +86,12 @@ def filled_state(model: ToyLLM, cls: CacheClass, rows: int, context: int):
     cache = engine_steps.new_cache(model, cls, cls.slots, cls.capacity)
     rng = np.random.default_rng(0)
     k = rng.normal(size=cache.k.shape).astype(np.float32)
-    k = np.asarray(jnp.asarray(k, model.dtype).view(cache.k.dtype)) if cache.k.dtype == jnp.uint16 else k
+    k = to_bits(jnp.asarray(k, model.dtype))  # stored as the cache stores them
     pos = np.where(np.arange(cls.capacity) < context, np.arange(cls.capacity), -1).astype(np.int32)
     pos = np.broadcast_to(pos, cache.pos.shape).copy()
     pos[:, rows:] = -1
     length = np.where(np.arange(cls.slots) < rows, context, 0).astype(np.int32)
-    return cache.__class__(k=jnp.asarray(k), v=jnp.asarray(k), pos=jnp.asarray(pos), length=jnp.asarray(length),
+    return cache.__class__(k=k, v=jnp.array(k), pos=jnp.asarray(pos), length=jnp.asarray(length),
                            next_pos=jnp.asarray(length))
 
 

@@ -19,6 +19,7 @@ import httpx
 import numpy as np
 
 from server.loadtest import make_prompt
+from toyllm_core.machine import machine
 
 
 def gauge(url: str, name: str, policy: str) -> float:
@@ -38,7 +39,8 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     rng = np.random.default_rng(0)
-    report = {"sessions": args.sessions, "tokens": args.tokens, "budget": args.budget, "policies": {}}
+    report = {"sessions": args.sessions, "tokens": args.tokens, "budget": args.budget, "policies": {},
+              "machine": machine()}
     with httpx.Client(base_url=args.url, timeout=600) as c:
         for policy in args.policies.split(","):
             cache = {"policy": policy} if policy == "full" else {"policy": policy, "budget": args.budget}

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from toyllm_core.machine import machine
+
 
 def median_ms(fn, *args, n: int = 200) -> float:
     fn(*args).block_until_ready()
@@ -46,7 +48,7 @@ def main() -> None:
                 times[name].append(median_ms(fn, weights, x))
         out[n] = {name: statistics.median(t) for name, t in times.items()}
         print(f"rows {n:3d}: " + "   ".join(f"{name} {ms:.3f} ms" for name, ms in out[n].items()))
-    print(json.dumps(out))
+    print(json.dumps({"rows_ms": out, "machine": machine()}))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from toyllm_core.bench import machine
+from toyllm_core.machine import machine
 from toyllm_core.model import linear
 
 

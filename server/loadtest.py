@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import httpx
 import numpy as np
 
+from toyllm_core.machine import machine
+
 # Common English words: about one token each under byte-level BPE, so prompt length ~ word count.
 _WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "his", "he", "it", "an", "were", "are", "which", "this", "be", "or", "first", "new", "after", "also", "had", "its", "their", "one", "two", "has", "but", "not", "have", "they", "city", "school", "year", "war", "time", "world", "state", "river", "people", "family", "history", "music", "church", "team", "game", "house", "made", "other", "all", "most"]
 
@@ -161,6 +163,7 @@ async def run(url: str, concurrency: int, requests: int, prompt_tokens: int = 64
             "jit_compilations_after": after.get("toyllm_jit_compilations_total"),
         },
         "note": "the load generator runs on the same machine as the server unless --url points elsewhere",
+        "machine": machine(),  # the load generator's
     }
 
 

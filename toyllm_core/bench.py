@@ -118,17 +118,3 @@ def supports(evicts: bool, context: int, model: ToyLLM) -> bool:
 def as_dicts(results: list[DecodeLatency]) -> list[dict]:
     return [asdict(r) for r in results]
 
-
-def machine() -> dict:
-    """What a benchmark JSON records about where it ran: the CPU model (lscpu), cores, load average."""
-    import os
-    import subprocess
-
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")),
-                     "unknown")
-    except OSError:
-        model = "unknown"
-    return {"cpu_model": model, "cpus": os.cpu_count(), "load_average": list(os.getloadavg()),
-            "jax": jax.__version__}

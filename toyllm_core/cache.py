@@ -23,27 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ModelConfig
-
-
-# bfloat16 keys and values are stored as their uint16 bit patterns. XLA's CPU backend handles
-# in-place updates and slices of bfloat16 arrays by converting through float32, which copied the
-# whole cache on every write (~100x slower at batch 16); on integers they are in place. The bits are
-# reinterpreted (free) at the two places that read or write them.
-def _to_storage(x: jax.Array) -> jax.Array:
-    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
-
-
-def _from_storage(x: jax.Array) -> jax.Array:
-    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
-
-
-def storage_dtype(dtype):
-    return jnp.uint16 if jnp.dtype(dtype) == jnp.bfloat16 else dtype
+from .config import ModelConfig, bits_dtype, from_bits, to_bits
 
 
 class KVCache(eqx.Module):
-    k: jax.Array  # [layers, batch, kv_heads, capacity, head_dim], after RoPE
+    k: jax.Array  # [layers, batch, kv_heads, capacity, head_dim], after RoPE (bfloat16 as bits: to_bits)
     v: jax.Array  # [layers, batch, kv_heads, capacity, head_dim]
     pos: jax.Array  # [layers, batch, kv_heads, capacity] int32 original position, -1 = empty
     length: jax.Array  # [batch] int32 live slots
@@ -68,41 +52,26 @@ class KVCache(eqx.Module):
     # ------------------------------------------------------------------ inside the model's scan
     def write(self, layer, k: jax.Array, v: jax.Array, slot_pos: jax.Array) -> KVCache:
         """Put a chunk's keys and values k, v [B, T, kv, hd] of layer `layer` into slots length..
-        with original positions slot_pos [B, T] (-1 for padding).
-
-        One in-place dynamic-update-slice per row (a loop over rows): XLA's CPU backend ran the
-        equivalent scatter far slower, copying the cache (~100x for bfloat16 at batch 16). A row with
-        no room (an inactive row of a full cache: slot_pos all -1) rewrites what is there already.
-        """
+        with original positions slot_pos [B, T] (-1 for padding). Writes past the capacity are
+        dropped (an inactive row of a full cache)."""
         b, t = slot_pos.shape
-        cap = self.capacity
-        new_pos = jnp.broadcast_to(slot_pos[:, None, :], (b, k.shape[2], t))  # [B, kv, T]
-        new_k, new_v = (_to_storage(x.transpose(0, 2, 1, 3).astype(self.dtype)) for x in (k, v))
-
-        def put(i, arrays):
-            ck, cv, cp = arrays
-            start = jnp.minimum(self.length[i], cap - t)
-            writes = slot_pos[i, 0] >= 0  # padding only at the end of a chunk: its first token says
-            at4, at3 = (layer, i, 0, start, 0), (layer, i, 0, start)
-
-            def put_one(c, new, at):
-                old = jax.lax.dynamic_slice(c, at, (1, 1, *new.shape[1:]))
-                return jax.lax.dynamic_update_slice(c, jnp.where(writes, new[i][None, None], old), at)
-
-            return put_one(ck, new_k, at4), put_one(cv, new_v, at4), put_one(cp, new_pos, at3)
-
-        arrays = (self.k, self.v, self.pos)
-        # (One row, the prefill and batch-1 decoding: no loop around the update.)
-        ck, cv, cp = put(0, arrays) if b == 1 else jax.lax.fori_loop(0, b, put, arrays)
-        return eqx.tree_at(lambda c: (c.k, c.v, c.pos), self, (ck, cv, cp))
+        rows = jnp.arange(b)[:, None]  # [B, 1]
+        slots = self.length[:, None] + jnp.arange(t)[None, :]  # [B, T]
+        # Advanced indices around a slice: the update is laid out [B, T, kv, (hd)], as k already is.
+        pos = jnp.broadcast_to(slot_pos[:, :, None], (b, t, k.shape[2]))
+        return eqx.tree_at(
+            lambda c: (c.k, c.v, c.pos), self,
+            (self.k.at[layer, rows, :, slots].set(to_bits(k.astype(self.dtype)), mode="drop"),
+             self.v.at[layer, rows, :, slots].set(to_bits(v.astype(self.dtype)), mode="drop"),
+             self.pos.at[layer, rows, :, slots].set(pos, mode="drop")))
 
     def keys(self) -> jax.Array:
         """Every layer's keys in their dtype: [layers, batch, kv_heads, capacity, head_dim]."""
-        return _from_storage(self.k)
+        return from_bits(self.k)
 
     def layer(self, layer) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Keys, values [B, kv, capacity, hd] and positions [B, kv, capacity] of one layer."""
-        return _from_storage(self.k[layer]), _from_storage(self.v[layer]), self.pos[layer]
+        return from_bits(self.k[layer]), from_bits(self.v[layer]), self.pos[layer]
 
     def observe(self, layer, q: jax.Array, weights: jax.Array, pos: jax.Array, valid: jax.Array) -> KVCache:
         """Record this layer's policy signals from a chunk: q [B, T, heads, hd], attention weights
@@ -132,14 +101,18 @@ class KVCache(eqx.Module):
         return cache
 
     # ---------------------------------------------------------------------------- whole rows
-    def row(self, i) -> KVCache:
-        """Row i as a batch of one (i may be traced)."""
-        return jax.tree.map(lambda x, axis: jax.lax.dynamic_slice_in_dim(x, i, 1, axis), self, batch_axes(self))
+    def rows(self, start, n: int = 1) -> KVCache:
+        """Rows start .. start + n as a cache of n rows (start may be traced)."""
+        if n == self.batch:
+            return self
+        return jax.tree.map(lambda x, axis: jax.lax.dynamic_slice_in_dim(x, start, n, axis), self, _batch_axes(self))
 
-    def set_row(self, i, row: KVCache) -> KVCache:
-        """This cache with row i replaced by `row` (a batch of one of the same capacity)."""
-        return jax.tree.map(lambda x, y, axis: jax.lax.dynamic_update_slice_in_dim(x, y, i, axis), self, row,
-                            batch_axes(self))
+    def set_rows(self, start, rows: KVCache) -> KVCache:
+        """This cache with rows start.. replaced by `rows` (of the same capacity)."""
+        if rows.batch == self.batch:
+            return rows
+        return jax.tree.map(lambda x, y, axis: jax.lax.dynamic_update_slice_in_dim(x, y, start, axis), self, rows,
+                            _batch_axes(self))
 
     def resized(self, capacity: int) -> KVCache:
         """The same rows with another capacity: pads with empty slots, or cuts slots off the end
@@ -171,7 +144,7 @@ def _ring_slots(pos: jax.Array, valid: jax.Array, ring: int) -> jax.Array:
     return jnp.where(remembered, pos % ring, ring)
 
 
-def batch_axes(cache: KVCache) -> KVCache:
+def _batch_axes(cache: KVCache) -> KVCache:
     """The batch axis of every leaf: 1 under the leading layer axis, 0 for per-row leaves."""
     per_layer = lambda x: None if x is None else 1
     return KVCache(k=1, v=1, pos=1, length=0, next_pos=0, score=per_layer(cache.score),
@@ -184,8 +157,8 @@ def empty_cache(cfg: ModelConfig, batch: int, capacity: int, dtype, scores: bool
     """An empty cache; `scores` and `recent` (ring size) add the signals a policy declares."""
     lead = (cfg.n_layers, batch, cfg.n_kv_heads, capacity)
     return KVCache(
-        k=jnp.zeros((*lead, cfg.head_dim), storage_dtype(dtype)),
-        v=jnp.zeros((*lead, cfg.head_dim), storage_dtype(dtype)),
+        k=jnp.zeros((*lead, cfg.head_dim), bits_dtype(dtype)),
+        v=jnp.zeros((*lead, cfg.head_dim), bits_dtype(dtype)),
         pos=jnp.full(lead, -1, jnp.int32),
         length=jnp.zeros(batch, jnp.int32),
         next_pos=jnp.zeros(batch, jnp.int32),

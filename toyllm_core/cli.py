@@ -199,7 +199,7 @@ def bench(
     except (ValueError, OSError) as e:
         raise _fail(str(e)) from None
     if json_out:
-        from .bench import machine
+        from .machine import machine
 
         _write_json(json_out, {"model": name, "dtype": dtype, "budget": budget, "machine": machine(),
                                "results": as_dicts(results)})

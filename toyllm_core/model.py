@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .cache import KVCache
-from .config import ModelConfig
+from .config import ModelConfig, from_bits, to_bits
 
 # Masked scores: finite, so that a row that sees no key at all (an empty decode slot) stays NaN-free.
 _MASKED = float(jnp.finfo(jnp.float32).min)
@@ -49,14 +49,6 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., in] @ w [out, in].T in w's dtype, accumulated in float32 -> [..., out] float32."""
     return _one_row_safe(lambda a, b: jax.lax.dot_general(a.astype(b.dtype), b, (((a.ndim - 1,), (1,)), ((), ())),
                                                           preferred_element_type=jnp.float32), x, w)
-
-
-def _to_bits(x: jax.Array) -> jax.Array:
-    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
-
-
-def _from_bits(x: jax.Array) -> jax.Array:
-    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
 
 
 class RMSNorm(eqx.Module):
@@ -264,15 +256,13 @@ class ToyLLM(eqx.Module):
             valid = offsets < n_valid[:, None]
         x = self.embed[tokens].astype(jnp.float32)
         params, static = eqx.partition(self.blocks, eqx.is_array)
-        # The scan slices one layer's weights per step; XLA's CPU backend copies the slice, and for
-        # bfloat16 it goes through float32 (~10x slower than the matmul itself). Sliced as uint16
-        # bits the copy is a plain memcpy; the bits are reinterpreted as bfloat16 inside the step.
-        params = jax.tree.map(_to_bits, params)
+        # The scan slices one layer's weights per step: as bits for bfloat16 (see config.to_bits).
+        params = jax.tree.map(to_bits, params)
 
         def layer_step(carry, xs):
             x, cache = carry
             layer_params, layer = xs
-            block = eqx.combine(jax.tree.map(_from_bits, layer_params), static)
+            block = eqx.combine(jax.tree.map(from_bits, layer_params), static)
             return block(x, pos, valid, cache, layer), None
 
         layers = jnp.arange(self.cfg.n_layers, dtype=jnp.int32)

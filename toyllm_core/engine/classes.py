@@ -40,6 +40,11 @@ def row_buckets(slots: int) -> list[int]:
     return sizes + [slots]
 
 
+def row_bucket(slots: int, occupied: int) -> int:
+    """The compiled batch size a decode call runs for `occupied` packed rows."""
+    return next(b for b in row_buckets(slots) if b >= occupied)
+
+
 @dataclass(frozen=True)
 class CacheClass:
     policy: Policy

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jax
 import numpy as np
@@ -29,7 +29,7 @@ from ..cache import KVCache
 from ..model import ToyLLM
 from ..sampling import SamplingParams, first_token, new_key
 from . import steps
-from .classes import CacheClass, Piece, next_piece, row_buckets
+from .classes import CacheClass, next_piece, row_bucket
 
 
 @dataclass(eq=False)
@@ -46,7 +46,6 @@ class Prefill:
     logits: jax.Array | None = None  # after the last prompt token, once done
     evicted: int = 0  # tokens evicted per layer and KV head by compressions in this prefill
     compressions: int = 0
-    pieces: list[Piece] = field(default_factory=list)
     user: object = None
 
     @property
@@ -151,7 +150,6 @@ class Engine:
         """Run the next piece of the prompt (at most `limit` tokens); True once all of it is in."""
         cls = job.cls
         piece = next_piece(cls, job.length, len(job.tokens) - job.done, limit or cls.max_chunk)
-        job.pieces.append(piece)
         if piece.compress_first:
             self._compress_prefill(job)
         chunk = np.zeros((1, piece.padded), np.int32)
@@ -209,9 +207,9 @@ class Engine:
 
     def _step_class(self, state: _ClassState) -> list[StepOutput]:
         cls, rows = state.cls, state.rows
-        n_rows = next(b for b in row_buckets(cls.slots) if b >= len(rows))
+        n_rows = row_bucket(cls.slots, len(rows))
         active = [r for r in rows if r.active]
-        n_steps = self._steps_now(cls, active)
+        n_steps = self._steps_now(active)
 
         def column(get, dtype):
             return np.array([get(r) for r in rows] + [0] * (n_rows - len(rows)), dtype)
@@ -265,7 +263,7 @@ class Engine:
         rows = state.rows
         if tokens.shape[0] != len(rows) or tokens.shape[1] > min(self.room(r) for r in rows):
             raise ValueError("teacher forcing needs one row of tokens per occupied slot, within their room")
-        n_rows = next(b for b in row_buckets(cls.slots) if b >= len(rows))
+        n_rows = row_bucket(cls.slots, len(rows))
         pad = ((0, n_rows - len(rows)), (0, 0))
         state.cache, nll, correct = steps.forced_steps(self.model, state.cache, np.pad(tokens, pad).astype(np.int32),
                                                        np.pad(targets, pad).astype(np.int32), n_rows=n_rows)
@@ -278,14 +276,11 @@ class Engine:
         """Original positions a decoding sequence keeps: [layers, kv_heads, length] (a device read)."""
         return np.asarray(self._states[seq.cls].cache.pos)[:, seq.slot, :, : seq.length]
 
-    def _steps_now(self, cls: CacheClass, active: list[Sequence]) -> int:
+    def _steps_now(self, active: list[Sequence]) -> int:
         """Steps every active row can take before one needs compression (or hits its capacity)."""
         if any(r.single_step for r in active):
             return 1
-        limit = min(self.steps_per_call, max(r.remaining for r in active))
-        for r in active:
-            room = (cls.policy.trigger if cls.evicts else cls.capacity) - r.length
-            limit = min(limit, room)
+        limit = min(self.steps_per_call, max(r.remaining for r in active), *(self.room(r) for r in active))
         return max(limit, 1)
 
     def free(self, seq: Sequence) -> tuple[KVCache, int]:

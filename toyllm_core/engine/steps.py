@@ -12,7 +12,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from ..cache import KVCache, batch_axes, empty_cache
+from ..cache import KVCache, empty_cache
 from ..model import ToyLLM
 from ..policies import compress
 from ..sampling import sample_rows
@@ -48,24 +48,24 @@ def compress_cache(cache: KVCache, *, cls: CacheClass) -> KVCache:
 @partial(jax.jit, static_argnames=("cls",), donate_argnames=("state",))
 def insert_row(state: KVCache, slot, row: KVCache, *, cls: CacheClass) -> KVCache:
     """A one-row cache (at its prefill capacity) into decode slot `slot`."""
-    return state.set_row(slot, row.resized(cls.capacity))
+    return state.set_rows(slot, row.resized(cls.capacity))
 
 
 @jax.jit
 def extract_row(state: KVCache, slot) -> KVCache:
     """Decode slot `slot` as a one-row cache (a copy)."""
-    return state.row(slot)
+    return state.rows(slot)
 
 
 @partial(jax.jit, donate_argnames=("state",))
 def move_row(state: KVCache, src, dst) -> KVCache:
     """Copy slot src into slot dst (keeps the occupied rows packed at the front)."""
-    return state.set_row(dst, state.row(src))
+    return state.set_rows(dst, state.rows(src))
 
 
 @partial(jax.jit, static_argnames=("cls",), donate_argnames=("state",))
 def compress_row(state: KVCache, slot, *, cls: CacheClass) -> KVCache:
-    return state.set_row(slot, compress(state.row(slot), cls.policy))
+    return state.set_rows(slot, compress(state.rows(slot), cls.policy))
 
 
 def decode_rows(model: ToyLLM, tokens, active, cache: KVCache):
@@ -73,15 +73,6 @@ def decode_rows(model: ToyLLM, tokens, active, cache: KVCache):
     `active` [B] is False write nothing. Returns (logits [B, vocab], cache)."""
     h, cache = model.forward(tokens[:, None], cache, active.astype(jnp.int32))
     return model.logits(h[:, 0]), cache
-
-
-def _leading_rows(state: KVCache, n: int) -> KVCache:
-    return jax.tree.map(lambda x, axis: jax.lax.slice_in_dim(x, 0, n, axis=axis), state, batch_axes(state))
-
-
-def _put_leading_rows(state: KVCache, rows: KVCache) -> KVCache:
-    return jax.tree.map(lambda x, y, axis: jax.lax.dynamic_update_slice_in_dim(x, y, 0, axis), state, rows,
-                        batch_axes(state))
 
 
 @partial(jax.jit, static_argnames=("n_rows", "max_steps"), donate_argnames=("state",))
@@ -96,7 +87,7 @@ def decode_steps(model: ToyLLM, state: KVCache, n_steps, tokens, remaining, keys
     Returns (state, new tokens [n, max_steps], logprobs, emitted [n, max_steps], remaining, keys);
     columns past n_steps are not emitted.
     """
-    sub = state if n_rows == state.batch else _leading_rows(state, n_rows)
+    sub = state.rows(0, n_rows)
 
     def step(i, carry):
         cache, tokens, remaining, keys, out, logprobs, emitted = carry
@@ -113,7 +104,7 @@ def decode_steps(model: ToyLLM, state: KVCache, n_steps, tokens, remaining, keys
     init = (sub, tokens, remaining, keys, jnp.zeros((max_steps, n_rows), jnp.int32),
             jnp.zeros((max_steps, n_rows), jnp.float32), jnp.zeros((max_steps, n_rows), bool))
     sub, _, remaining, keys, out, logprobs, emitted = jax.lax.fori_loop(0, n_steps, step, init)
-    state = sub if n_rows == state.batch else _put_leading_rows(state, sub)
+    state = state.set_rows(0, sub)
     return state, out.T, logprobs.T, emitted.T, remaining, keys
 
 
@@ -134,7 +125,7 @@ def teacher_forced(model: ToyLLM, cache: KVCache, tokens):
 def forced_steps(model: ToyLLM, state: KVCache, tokens, targets, *, n_rows: int):
     """Teacher forcing through rows [0, n_rows) of a decode state: feed tokens [n, k] one decode
     step at a time and score targets [n, k] -> (state, NLL [n, k], argmax-correct [n, k])."""
-    sub = state if n_rows == state.batch else _leading_rows(state, n_rows)
+    sub = state.rows(0, n_rows)
 
     def step(cache, xy):
         x, y = xy
@@ -143,5 +134,5 @@ def forced_steps(model: ToyLLM, state: KVCache, tokens, targets, *, n_rows: int)
         return cache, (nll, jnp.argmax(logits, axis=-1) == y)
 
     sub, (nll, correct) = jax.lax.scan(step, sub, (tokens.T, targets.T))
-    state = sub if n_rows == state.batch else _put_leading_rows(state, sub)
+    state = state.set_rows(0, sub)
     return state, nll.T, correct.T

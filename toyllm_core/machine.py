@@ -1,0 +1,27 @@
+"""What every benchmark JSON records about where it ran: the CPU model (lscpu's "Model name"), the
+core count, the load average and the JAX version. Standard library only, so that HTTP-side tools
+(`toyllm loadtest`, the admission benchmark) can record it without importing JAX."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from importlib import metadata
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
+                "unknown")
+
+
+def machine() -> dict:
+    try:
+        jax_version = metadata.version("jax")
+    except metadata.PackageNotFoundError:
+        jax_version = None
+    return {"cpu_model": cpu_model(), "cpus": os.cpu_count(), "load_average": list(os.getloadavg()),
+            "jax": jax_version}
