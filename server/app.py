@@ -18,6 +18,7 @@ from toyllm_core.config import get_dtype
 from toyllm_core.engine import Engine as CoreEngine
 from toyllm_core.engine import plan_classes, warm_up
 from toyllm_core.policies import make_policy, parse_policy, policy_class, policy_names
+from toyllm_core.weights import missing_checkpoint_hint
 
 from .engine import Engine
 from .errors import error_body, install
@@ -45,7 +46,7 @@ def _load_model(settings: Settings):
 
     directory = settings.checkpoint
     if not directory.is_dir():
-        raise ckpt.CheckpointError(f"{directory}: no checkpoint there; set TOYLLM_CHECKPOINT or --checkpoint")
+        raise ckpt.CheckpointError(missing_checkpoint_hint(directory))
     model, _ = ckpt.load(directory)
     sums = directory / ckpt.CHECKSUMS
     digest = hashlib.sha256((sums if sums.exists() else directory / "model.safetensors").read_bytes()).hexdigest()

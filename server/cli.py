@@ -9,11 +9,12 @@ from typing import Annotated
 import typer
 
 from toyllm_core.cli import PresetOpt, _fail, _write_json, app
+from toyllm_core.weights import missing_checkpoint_hint
 
 
 @app.command()
 def serve(
-    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint directory [default: weights/toyllm-base; "
+    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint directory [default: weights/smollm2-135m-instruct; "
                                                          "env TOYLLM_CHECKPOINT].")] = None,
     host: Annotated[str | None, typer.Option(help="Bind address [default 127.0.0.1; env TOYLLM_HOST].")] = None,
     port: Annotated[int | None, typer.Option(help="Port [default 8000; env TOYLLM_PORT].")] = None,
@@ -37,8 +38,7 @@ def serve(
         raise _fail("invalid settings: " + "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
                                                       for err in e.errors())) from None
     if settings.preset is None and not settings.checkpoint.is_dir():
-        raise _fail(f"{settings.checkpoint}: no checkpoint there; pass --checkpoint DIR (or --preset seed for "
-                    "random weights)")
+        raise _fail(missing_checkpoint_hint(settings.checkpoint))
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
                 timeout_graceful_shutdown=10)

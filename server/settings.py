@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "weights" / "toyllm-base"
+from toyllm_core.weights import DEFAULT_CHECKPOINT
 
 
 class Settings(BaseSettings):

