@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from toyllm_core import checkpoint as ckpt
+from toyllm_core.chat import ChatTemplate
 from toyllm_core.config import get_dtype
 from toyllm_core.engine import Engine as CoreEngine
 from toyllm_core.engine import plan_classes, warm_up
@@ -60,6 +61,10 @@ def _start(state: ServerState) -> None:
     model, tokenizer, name, digest = _load_model(s)
     model = model.astype(get_dtype(s.dtype)).for_inference()
     state.model, state.tokenizer, state.model_name, state.checkpoint_sha256 = model, tokenizer, name, digest
+    source = s.chat_template.read_text() if s.chat_template is not None else None
+    state.chat = ChatTemplate.of(tokenizer, source)
+    if state.chat is not None:
+        state.end_of_turn = state.chat.end_of_turn(tokenizer)
     cfg = model.cfg
     state.default_policy = make_policy(s.cache_policy, **_default_params(s))
     policies = [state.default_policy] + [parse_policy(text) for text in s.cache_classes]
@@ -82,6 +87,7 @@ def _start(state: ServerState) -> None:
                   "d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
                   "n_kv_heads": cfg.n_kv_heads, "parameters": cfg.num_params(), "dtype": s.dtype},
         "checkpoint": {"path": None if s.preset else str(s.checkpoint), "sha256": digest},
+        "chat": {"template": state.chat is not None, "end_of_turn_token_id": state.end_of_turn},
         "kv_bytes_per_token": model.kv_bytes_per_token,
         "policies": policy_names(),
         "default_cache": state.default_policy.describe(),

@@ -82,6 +82,7 @@ class GenerationRequest:
     sampling: SamplingParams
     sink: Callable[[object], None]
     ephemeral: bool = False  # no session to keep (the OpenAI endpoint): drop the cache at the end
+    chat: list[dict] | None = None  # a chat turn's messages: kept in the session with the reply appended
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Engine-side state.
@@ -331,6 +332,8 @@ class Engine:
             self.metrics.compressions.labels(policy).inc(row.compressions)
             self.metrics.evicted.labels(policy).inc(row.tokens_evicted)
         session.cache = None if request.ephemeral else cache
+        if request.chat is not None:
+            session.chat = request.chat + [{"role": "assistant", "content": request.text.text}]
         self.store.release(session)
         now = time.perf_counter()
         total = now - request.arrived

@@ -35,8 +35,8 @@ def cache_policy(state: ServerState, spec: CacheSpec | None) -> Policy:
     return policy
 
 
-def tokenize(state: ServerState, text: str) -> list[int]:
-    ids = state.tokenizer(text, verbose=False)["input_ids"]
+def tokenize(state: ServerState, text: str, add_special_tokens: bool = True) -> list[int]:
+    ids = state.tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
     if not ids:
         raise bad_request("the prompt tokenizes to nothing")
     vocab = state.model.cfg.vocab_size
@@ -69,10 +69,10 @@ def request_class(state: ServerState, session: Session, prompt_tokens: int, max_
 
 
 def sampling_params(max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
-                    stop: list[str], ignore_eos: bool = False) -> SamplingParams:
+                    stop: list[str], ignore_eos: bool = False, eos_id: int | None = None) -> SamplingParams:
     try:
         return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                              seed=seed, stop=tuple(stop), ignore_eos=ignore_eos).validate()
+                              seed=seed, stop=tuple(stop), ignore_eos=ignore_eos, eos_id=eos_id).validate()
     except ValueError as e:
         raise bad_request(str(e)) from None
 
@@ -81,11 +81,12 @@ class EventStream:
     """The events of one generation, delivered from the engine thread to the event loop."""
 
     def __init__(self, state: ServerState, session: Session, cls: CacheClass, prompt_ids: list[int],
-                 sampling: SamplingParams, ephemeral: bool = False):
+                 sampling: SamplingParams, ephemeral: bool = False, chat: list[dict] | None = None):
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
         self.engine = state.engine
-        self.request = GenerationRequest(session, cls, prompt_ids, sampling, self._sink, ephemeral=ephemeral)
+        self.request = GenerationRequest(session, cls, prompt_ids, sampling, self._sink, ephemeral=ephemeral,
+                                         chat=chat)
         self.finished = False
 
     def _sink(self, event) -> None:  # engine thread

@@ -165,3 +165,59 @@ class CompletionRequest(BaseModel):
         if len(stops) > 4:
             raise ValueError("at most 4 stop strings")
         return stops
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(BaseModel):
+    """POST /v1/chat/completions; `session_id` (an extension) continues a chat kept in a session."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1, le=2048, description="Default 256.")
+    max_completion_tokens: int | None = Field(None, ge=1, le=2048, description="The newer name of max_tokens.")
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    logprobs: bool = Field(False, description="Not supported: must be false.")
+    user: str | None = None
+    session_id: str | None = Field(None, description="Continue this session's chat: only the messages it does "
+                                                     "not hold yet are prefilled, against its cache.")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, logprobs: bool) -> bool:
+        if logprobs:
+            raise ValueError("logprobs are not supported")
+        return logprobs
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.max_completion_tokens or self.max_tokens or 256
+
+    @property
+    def message_dicts(self) -> list[dict]:
+        return [{"role": m.role, "content": m.text} for m in self.messages]
+
+    stop_list = CompletionRequest.stop_list

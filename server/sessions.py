@@ -47,6 +47,7 @@ class Session:
     busy: bool = False
     turns: int = 0
     capacity: int = 0  # allocated slots of the idle cache
+    chat: list[dict] | None = None  # a chat session's messages so far, its replies included
 
     @property
     def tokens_in_cache(self) -> int:

@@ -19,6 +19,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
 
+    chat_template: Path | None = Field(None, description="A Jinja chat template file to use instead of the "
+                                       "checkpoint's own (for a checkpoint without one).")
+
     # Weights and K/V; scores, softmax and accumulators are float32 either way.
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
 

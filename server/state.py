@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from toyllm_core.chat import ChatTemplate
 from toyllm_core.engine import CacheClass
 from toyllm_core.policies import Policy, policy_names
 
@@ -21,6 +22,8 @@ class ServerState:
     checkpoint_sha256: str = ""
     model: object = None
     tokenizer: object = None
+    chat: ChatTemplate | None = None  # None: the model has no chat template, /v1/chat/completions refuses
+    end_of_turn: int | None = None  # the token chat generation stops at
     engine: Engine | None = None
     store: SessionStore | None = None
     default_policy: Policy | None = None

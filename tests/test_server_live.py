@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from server_utils import metric
+from test_chat import TEST_TEMPLATE
 
 METRICS = {
     "histogram": ["toyllm_request_duration_seconds", "toyllm_time_to_first_token_seconds",
@@ -40,7 +41,9 @@ def _free_port() -> int:
 def server(tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "TOYLLM_PRESET": "tiny", "TOYLLM_MAX_CONCURRENT_REQUESTS": "2",
+    template = log.parent / "chat.jinja"
+    template.write_text(TEST_TEMPLATE)
+    env = {**os.environ, "TOYLLM_PRESET": "tiny", "TOYLLM_CHAT_TEMPLATE": str(template), "TOYLLM_MAX_CONCURRENT_REQUESTS": "2",
            "TOYLLM_MAX_PROMPT_TOKENS": "32", "TOYLLM_CACHE_BUDGET": "32", "TOYLLM_CACHE_WINDOW_SIZE": "8",
            "TOYLLM_CACHE_SLACK": "8", "TOYLLM_WARMUP": "true"}
     with log.open("w") as out:
@@ -136,6 +139,32 @@ def test_openai_client_streaming_and_not(server):
     assert chunks[-1].choices[0].finish_reason == "length"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="x", max_tokens=1)
+
+
+def test_openai_client_chat_streaming_and_not_and_in_a_session(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server + "/v1", api_key="unused")
+    messages = [{"role": "user", "content": "Hi there"}]
+    out = client.chat.completions.create(model="random-tiny", messages=messages, max_tokens=4, temperature=0)
+    assert out.choices[0].message.role == "assistant" and out.usage.completion_tokens <= 4
+    chunks = list(client.chat.completions.create(model="random-tiny", messages=messages, max_tokens=4,
+                                                 temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == out.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    # A session (the session_id extension): the second turn prefills only itself.
+    sid = httpx.post(server + "/sessions", json={}).json()["session_id"]
+    first = client.chat.completions.create(model="random-tiny", messages=messages, max_tokens=4, temperature=0,
+                                           extra_body={"session_id": sid})
+    follow = messages + [{"role": "assistant", "content": first.choices[0].message.content},
+                         {"role": "user", "content": "Hi there"}]
+    second = client.chat.completions.create(model="random-tiny", messages=follow, max_tokens=4, temperature=0,
+                                            extra_body={"session_id": sid})
+    from toyllm_core.chat import ChatTemplate
+    from toyllm_core.tokenizer import gpt2_tokenizer
+
+    closed = "<|endoftext|>" if first.choices[0].finish_reason == "stop" else ""
+    new_text = ChatTemplate(TEST_TEMPLATE).continuation(follow[:2], follow[2:], closed)
+    assert second.usage.prompt_tokens == len(gpt2_tokenizer()(new_text).input_ids) < first.usage.prompt_tokens + 3
 
 
 def test_every_metric_is_exported_and_moves(server):

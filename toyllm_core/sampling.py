@@ -39,6 +39,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    eos_id: int | None = None  # the token that ends generation instead of the model's EOS (chat: end of turn)
 
     def validate(self) -> SamplingParams:
         if self.max_new_tokens < 1:

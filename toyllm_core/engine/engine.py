@@ -143,7 +143,7 @@ class Engine:
         elif cache.capacity != cls.prefill_capacity:
             cache = steps.resize(cache, capacity=cls.prefill_capacity)
         state.reserved += 1
-        eos = -1 if sampling.ignore_eos else self.eos
+        eos = -1 if sampling.ignore_eos else (self.eos if sampling.eos_id is None else sampling.eos_id)
         return Prefill(cls, tokens, sampling, cache, length, eos, user=user)
 
     def prefill(self, job: Prefill, limit: int | None = None) -> bool:
