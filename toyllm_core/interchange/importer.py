@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import save_tensors
+from ..checkpoint import save_tensors, write_checksums
 from ..config import ModelConfig
 from .layout import heads_of, hf_name, unpermute_from_gguf
 
@@ -194,8 +194,10 @@ def model_card(path: Path, sha: str, meta: Metadata, cfg: ModelConfig, types: Co
     return "\n".join(lines)
 
 
-def import_gguf(path: str | Path, out: str | Path, source: dict | None = None, log=lambda msg: None) -> Path:
-    """Import `path` into the checkpoint directory `out` (written aside, then moved into place)."""
+def import_gguf(path: str | Path, out: str | Path, source: dict | None = None, extra_files: dict | None = None,
+                log=lambda msg: None) -> Path:
+    """Import `path` into the checkpoint directory `out` (written aside, then moved into place);
+    `extra_files` ({name: bytes}, e.g. the licence) go in beside it, under the checksums."""
     from gguf import GGUFReader
 
     path, out = Path(path), Path(out)
@@ -220,6 +222,10 @@ def import_gguf(path: str | Path, out: str | Path, source: dict | None = None, l
     shutil.rmtree(partial, ignore_errors=True)
     save_tensors(tensors, cfg, partial, tokenizer, meta={"imported_from": provenance},
                  card=model_card(path, sha, meta, cfg, types, source))
+    if extra_files:
+        for name, data in extra_files.items():
+            (partial / name).write_bytes(data)
+        write_checksums(partial)
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
     log(f"wrote {out} in {time.perf_counter() - started:.1f} s")

