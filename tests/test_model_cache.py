@@ -27,7 +27,12 @@ def _tokens(n, seed=0):
 
 @pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
 def test_cached_decode_equals_recomputation(n_kv_heads):
-    assert cached_vs_recomputed(tiny_model(n_kv_heads), length=300) < 1e-4
+    assert cached_vs_recomputed(tiny_model(n_kv_heads), length=300).cached_vs_recomputed < 1e-4
+
+
+def test_float64_reference_separates_rounding_from_cache_error():
+    check = cached_vs_recomputed(tiny_model(), length=64, float64=True)
+    assert 0 < check.recomputed_vs_float64 < 1e-4 and 0 < check.cached_vs_float64 < 1e-4
 
 
 def test_layers_are_stacked_and_scanned(model):
@@ -43,7 +48,7 @@ def test_layers_are_stacked_and_scanned(model):
 def test_inference_copy_of_the_embedding_gives_the_same_logits(model):
     fast = model.for_inference()
     assert fast.unembed.shape == (model.cfg.d_model, model.cfg.vocab_size)
-    assert cached_vs_recomputed(fast, length=100) < 1e-4  # batch-1 decode (the copy) vs parallel forward
+    assert cached_vs_recomputed(fast, length=100).cached_vs_recomputed < 1e-4  # batch-1 decode (the copy) vs parallel forward
     h = model.hidden(_tokens(5))
     np.testing.assert_allclose(np.asarray(fast.logits(h[-1:])), np.asarray(model.logits(h[-1:])), atol=1e-5)
     np.testing.assert_allclose(np.asarray(fast.logits(h)), np.asarray(model.logits(h)), atol=1e-5)

@@ -138,20 +138,32 @@ def verify_cache(
     preset: Annotated[str, typer.Option(help="Preset for random weights when no --checkpoint.")] = "seed",
     tolerance: float = 1e-4,
     seed: int = 0,
+    text_file: Annotated[Path | None, typer.Option(help="Use this text's tokens instead of random ones.")] = None,
+    float64: Annotated[bool, typer.Option(help="Also compare both with a float64 recomputation (how much of "
+                                               "the difference is float32 rounding).")] = False,
 ) -> None:
-    """Max |logit difference| between cached token-by-token decoding and full recomputation."""
+    """Max |logit difference| between cached token-by-token decoding and full recomputation (float32)."""
     from .verify import cached_vs_recomputed
 
     try:
-        model, _, name = _load(checkpoint, None if checkpoint else preset, seed)
+        model, tokenizer, name = _load(checkpoint, None if checkpoint else preset, seed)
         if not 1 < length <= model.cfg.context_length:
             raise ValueError(f"--length must be in 2..{model.cfg.context_length} (the model context)")
-        diff = cached_vs_recomputed(model, length, seed)
+        tokens = None
+        if text_file is not None:
+            tokens = np.asarray(tokenizer(text_file.read_text()[: 40 * length], verbose=False).input_ids)
+            if len(tokens) < length:
+                raise ValueError(f"{text_file} has only {len(tokens)} tokens, fewer than --length {length}")
+        check = cached_vs_recomputed(model, length, seed, tokens, float64)
     except (ValueError, OSError) as e:
         raise _fail(str(e)) from None
-    ok = diff < tolerance
-    typer.echo(f"{name}: max |logit difference| over {length} positions = {diff:.3e} "
-               f"({'OK' if ok else 'FAIL'}, tolerance {tolerance:.0e})")
+    ok = check.cached_vs_recomputed < tolerance
+    source = "random tokens" if text_file is None else text_file.name
+    typer.echo(f"{name}: max |logit difference| over {length} positions ({source}) = "
+               f"{check.cached_vs_recomputed:.3e} ({'OK' if ok else 'FAIL'}, tolerance {tolerance:.0e})")
+    if float64:
+        typer.echo(f"against float64 recomputation: recomputed {check.recomputed_vs_float64:.3e}, "
+                   f"cached {check.cached_vs_float64:.3e}")
     raise typer.Exit(0 if ok else 1)
 
 

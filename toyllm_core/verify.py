@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .cache import empty_cache
@@ -10,11 +14,31 @@ from .engine.steps import teacher_forced
 from .model import ToyLLM
 
 
-def cached_vs_recomputed(model: ToyLLM, length: int, seed: int = 0) -> float:
-    """Max |logit difference| over `length` random tokens: one parallel causal forward against
-    token-by-token decoding through the KV cache."""
-    tokens = np.random.default_rng(seed).integers(0, model.cfg.vocab_size, (1, length), dtype=np.int32)
-    full = np.asarray(jax.jit(model.__call__)(tokens[0]))
-    cache = empty_cache(model.cfg, 1, length, model.dtype)
+@dataclass
+class CacheCheck:
+    cached_vs_recomputed: float  # max |logit difference|, both in the model's dtype
+    recomputed_vs_float64: float | None = None  # the dtype's own rounding: recomputation against float64
+    cached_vs_float64: float | None = None
+
+
+def cached_vs_recomputed(model: ToyLLM, length: int, seed: int = 0, tokens: np.ndarray | None = None,
+                         float64: bool = False) -> CacheCheck:
+    """Max |logit difference| over `length` tokens (random ones unless given): one parallel causal
+    forward against token-by-token decoding through the KV cache. With `float64`, both are also
+    compared with a float64 recomputation, which tells cache error from the dtype's rounding: a deep
+    model amplifies float32 rounding, more on random tokens than on text."""
+    if tokens is None:
+        tokens = np.random.default_rng(seed).integers(0, model.cfg.vocab_size, length, dtype=np.int32)
+    tokens = np.asarray(tokens[:length], np.int32)[None]
+    full = np.asarray(jax.jit(model.__call__)(tokens[0]), np.float64)
+    cache = empty_cache(model.cfg, 1, tokens.shape[1], model.dtype)
     cached, _ = teacher_forced(model, cache, tokens)
-    return float(np.abs(np.asarray(cached[0]) - full).max())
+    cached = np.asarray(cached[0], np.float64)
+    check = CacheCheck(float(np.abs(cached - full).max()))
+    if float64:
+        with jax.enable_x64(True):
+            wide = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, model)
+            exact = np.asarray(jax.jit(wide.__call__)(tokens[0]))
+        check.recomputed_vs_float64 = float(np.abs(full - exact).max())
+        check.cached_vs_float64 = float(np.abs(cached - exact).max())
+    return check
