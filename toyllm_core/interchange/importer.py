@@ -103,16 +103,35 @@ def read_tensors(reader, cfg: ModelConfig) -> tuple[dict[str, np.ndarray], Count
     return tensors, types
 
 
-def convert_tokenizer(path: Path, meta: Metadata, context_length: int):
+# transformers' GGUF metadata reader imports torch, which serving never installs; the metadata is read
+# here with the `gguf` library instead and handed to transformers' converter, as its own loader does.
+_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+                   "pad_token": "padding_token_id"}
+
+
+def convert_tokenizer(meta: Metadata, context_length: int):
     """transformers' GGUF tokenizer converter, then corrected to the file's metadata."""
     from tokenizers.processors import TemplateProcessing
-    from transformers import AutoTokenizer
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
 
     if meta.get("tokenizer.ggml.model") != "gpt2":
         raise GGUFImportError(f"tokenizer model {meta.get('tokenizer.ggml.model')!r} is not supported "
                               "(only GPT-2-style byte-level BPE, 'gpt2')")
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     tokens = meta.require("tokenizer.ggml.tokens")
+    groups = {group: {name: meta.get(f"tokenizer.{key}") for key, name in renames.items()
+                      if meta.get(f"tokenizer.{key}") is not None}
+              for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    config = groups["tokenizer_config"]
+    for name, key in _SPECIAL_TOKENS.items():
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        if token_id is not None:
+            config[name] = tokens[int(token_id)]
+    backend, extra = convert_gguf_tokenizer(meta.require("general.architecture"), groups["tokenizer"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **{**config, **extra})
     bos, eos = meta.get("tokenizer.ggml.bos_token_id"), int(meta.require("tokenizer.ggml.eos_token_id"))
     tok.eos_token = tokens[eos]
     if bos is not None:
@@ -213,7 +232,7 @@ def import_gguf(path: str | Path, out: str | Path, source: dict | None = None, e
     cfg = config_from_gguf(meta, int(embd.shape[-1]) if embd is not None else 0)
     tensors, types = read_tensors(reader, cfg)
     log(f"read and dequantised {len(reader.tensors)} tensors in {time.perf_counter() - started:.1f} s")
-    tokenizer = convert_tokenizer(path, meta, cfg.context_length)
+    tokenizer = convert_tokenizer(meta, cfg.context_length)
     check_tokenizer(tokenizer, meta)
     sha = sha256_of(path)
     provenance = {"source_file": path.name, "source_sha256": sha, "source_format": "gguf",
