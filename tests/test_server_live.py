@@ -5,7 +5,6 @@ client disconnects, batching of concurrent streams, the openai client, every doc
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_utils import metric
+from server_utils import live_server, metric
 from test_chat import TEST_TEMPLATE
 
 METRICS = {
@@ -39,33 +38,14 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     template = log.parent / "chat.jinja"
     template.write_text(TEST_TEMPLATE)
-    env = {**os.environ, "TOYLLM_PRESET": "tiny", "TOYLLM_CHAT_TEMPLATE": str(template), "TOYLLM_MAX_CONCURRENT_REQUESTS": "2",
+    env = {"TOYLLM_PRESET": "tiny", "TOYLLM_CHAT_TEMPLATE": str(template), "TOYLLM_MAX_CONCURRENT_REQUESTS": "2",
            "TOYLLM_MAX_PROMPT_TOKENS": "32", "TOYLLM_CACHE_BUDGET": "32", "TOYLLM_CACHE_WINDOW_SIZE": "8",
            "TOYLLM_CACHE_SLACK": "8", "TOYLLM_WARMUP": "true"}
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port)],
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise TimeoutError(log.read_text())
+    with live_server(env, log) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def _metrics(url) -> str:

@@ -112,7 +112,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
     return cfg
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -148,7 +148,7 @@ def save_tensors(tensors: dict[str, np.ndarray], cfg: ModelConfig, directory: st
 
 def write_checksums(directory: Path) -> None:
     files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != CHECKSUMS)
-    lines = [f"{_sha256(p)}  {p.name}\n" for p in files]
+    lines = [f"{sha256_of(p)}  {p.name}\n" for p in files]
     (directory / CHECKSUMS).write_text("".join(lines))
 
 
@@ -165,7 +165,7 @@ def verify(directory: Path) -> bool:
         path = directory / name
         if not path.is_file():
             raise CheckpointError(f"{path}: listed in {CHECKSUMS} but missing; the checkpoint is incomplete")
-        actual = _sha256(path)
+        actual = sha256_of(path)
         if actual != expected:
             raise CheckpointError(
                 f"{path}: sha256 mismatch (expected {expected[:12]}…, got {actual[:12]}…); "

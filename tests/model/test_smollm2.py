@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import jax
 import numpy as np
 import pytest
+from server_utils import live_server
 
 from toyllm_core import checkpoint as ckpt
 from toyllm_core.interchange.pull import MODELS, is_pulled
@@ -71,25 +68,9 @@ def test_logits_on_the_first_wikitext_window_match_transformers(model):
 
 
 def test_a_live_server_answers_the_capital_of_france(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = (tmp_path / "server.log").open("w")
     # The default checkpoint and dtype (bfloat16); only the default cache class, to warm up faster.
-    env = {**os.environ, "TOYLLM_CACHE_CLASSES": "[]", "TOYLLM_MAX_CONCURRENT_REQUESTS": "2"}
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 400
-        while time.time() < deadline:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+    env = {"TOYLLM_CACHE_CLASSES": "[]", "TOYLLM_MAX_CONCURRENT_REQUESTS": "2"}
+    with live_server(env, tmp_path / "server.log", timeout=400) as url:
         r = httpx.post(url + "/v1/chat/completions", timeout=120, json={
             "model": DEFAULT_MODEL, "temperature": 0, "max_tokens": 32,
             "messages": [{"role": "user", "content": "What is the capital of France?"}]})
@@ -97,6 +78,3 @@ def test_a_live_server_answers_the_capital_of_france(tmp_path):
         answer = r.json()["choices"][0]
         print("answer:", answer)
         assert "Paris" in answer["message"]["content"] and answer["finish_reason"] == "stop"
-    finally:
-        proc.terminate()
-        proc.wait(30)

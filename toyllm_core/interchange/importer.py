@@ -9,7 +9,6 @@ punctuation untouched.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from collections import Counter
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import save_tensors, write_checksums
+from ..checkpoint import save_tensors, sha256_of, write_checksums
 from ..config import ModelConfig
 from .layout import heads_of, hf_name, unpermute_from_gguf
 
@@ -180,14 +179,6 @@ def check_tokenizer(tok, meta: Metadata) -> None:
         problems.append("decoding does not give back the encoded text")
     if problems:
         raise GGUFImportError("the converted tokenizer disagrees with the GGUF metadata: " + "; ".join(problems))
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_card(path: Path, sha: str, meta: Metadata, cfg: ModelConfig, types: Counter, source: dict | None) -> str:

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import checkpoint as ckpt
+from ..checkpoint import sha256_of
 from ..weights import WEIGHTS_DIR
-from .importer import import_gguf, sha256_of
+from .importer import import_gguf
 
 
 class PullError(RuntimeError):
