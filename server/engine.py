@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from toyllm_core.detokenize import TextStream
-from toyllm_core.engine import CacheClass, Prefill, Sequence
+from toyllm_core.engine import CacheClass, DecodeFailed, Prefill, Sequence
 from toyllm_core.engine import Engine as CoreEngine
 from toyllm_core.sampling import SamplingParams
 
@@ -237,7 +237,17 @@ class Engine:
             self.trace.append(("prefill", request, job.done - before))
         if finished:
             self._prefilling.remove(request)
-            self._start(request)
+            try:
+                self._start(request)
+            except Exception as e:
+                log.exception("starting a sequence failed")
+                if request.row is None:
+                    self.core.cancel(job)
+                else:
+                    if request in self._running:
+                        self._running.remove(request)
+                    self.core.free(request.row)
+                self._discard(request, f"could not start generating ({e}); the session was discarded")
 
     def _start(self, request: GenerationRequest) -> None:
         session, job = request.session, request.job
@@ -259,7 +269,16 @@ class Engine:
     def _decode(self) -> None:
         active = sum(r.row.active for r in self._running)
         started = time.perf_counter()
-        outputs = self.core.step()
+        try:
+            outputs = self.core.step()
+        except DecodeFailed as e:
+            # Only the rows of the failed classes are lost; every other stream goes on.
+            outputs = e.outputs
+            for cls, rows, error in e.failures:
+                log.error("decode call of class %s failed: %s", cls.name, error, exc_info=error)
+                for request in [r.user for r in rows]:
+                    self._running.remove(request)
+                    self._discard(request, f"internal error while decoding ({error}); the session was discarded")
         elapsed = time.perf_counter() - started
         if self.trace is not None:
             self.trace.append(("decode", [o.seq.user for o in outputs]))
@@ -269,11 +288,17 @@ class Engine:
             self.metrics.batch_size.observe(active)
         for out in outputs:
             request: GenerationRequest = out.seq.user
-            for token, logprob in zip(out.tokens, out.logprobs, strict=True):
-                # Rows with stop strings decode one token per call, so nothing is cached past a stop.
-                if not request.text.stopped:
-                    self._emit(request, token, logprob)
-            request.session.length = out.seq.length
+            try:
+                for token, logprob in zip(out.tokens, out.logprobs, strict=True):
+                    # Rows with stop strings decode one token per call, so nothing is cached past a stop.
+                    if not request.text.stopped:
+                        self._emit(request, token, logprob)
+                request.session.length = out.seq.length
+            except Exception as e:
+                log.exception("streaming a token failed")
+                self._running.remove(request)
+                self.core.free(request.row)
+                self._discard(request, f"internal error while streaming ({e}); the session was discarded")
         for request in [r for r in self._running if not r.row.active]:
             self._retire(request)
 

@@ -27,10 +27,10 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(min_length=1)
     session_id: str | None = Field(None, description="Continue this session's cached context.")
     max_new_tokens: int = Field(64, ge=1, le=2048)
-    temperature: float = Field(1.0, ge=0, description="0 = greedy.")
-    top_k: int = Field(0, ge=0, description="0 = off.")
+    temperature: float = Field(1.0, ge=0, le=100, description="0 = greedy.")
+    top_k: int = Field(0, ge=0, le=2**31 - 1, description="0 = off; at least the vocabulary size is off too.")
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**64 - 1, description="64-bit sampling seed.")
     stop: list[str] = Field(default_factory=list, max_length=4)
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-text token (load tests, "
                                                 "benchmarks: every request makes max_new_tokens tokens).")
@@ -131,7 +131,7 @@ class CompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**64 - 1, description="64-bit sampling seed.")
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=0)
     user: str | None = None
@@ -199,7 +199,7 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**64 - 1, description="64-bit sampling seed.")
     logprobs: bool = Field(False, description="Not supported: must be false.")
     user: str | None = None
     session_id: str | None = Field(None, description="Continue this session's chat: only the messages it does "

@@ -152,7 +152,8 @@ def _sample_path(logits, keys, temperature, top_k, top_p, *, spec: SamplerSpec):
 def first_token(logits: jax.Array, sampling: SamplingParams, key: np.ndarray) -> tuple[int, float, np.ndarray]:
     """Sample the first new token from the prefill's logits [vocab] (the decode step's sampler);
     returns (token, logprob, the key to continue with)."""
-    token, logprob, key = _first_token(logits, key, np.float32(sampling.temperature), np.int32(sampling.top_k),
+    token, logprob, key = _first_token(logits, key, np.float32(sampling.temperature),
+                                       np.int32(min(sampling.top_k, logits.shape[-1])),
                                        np.float32(sampling.top_p))
     return int(token), float(logprob), np.asarray(key)
 

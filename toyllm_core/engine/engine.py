@@ -84,6 +84,16 @@ class StepOutput:
     logprobs: list[float]
 
 
+class DecodeFailed(RuntimeError):
+    """Decode calls failed for some classes. Those classes got fresh decode states (their donated
+    caches cannot be trusted) and their rows are out of the engine; `outputs` are the other
+    classes' results of the same step, `failures` [(class, the rows it held, the error)]."""
+
+    def __init__(self, outputs: list[StepOutput], failures: list[tuple[CacheClass, list[Sequence], Exception]]):
+        super().__init__("; ".join(f"{cls.name}: {e}" for cls, _, e in failures))
+        self.outputs, self.failures = outputs, failures
+
+
 class _ClassState:
     """One class's decode state: the batched cache and who sits in each slot."""
 
@@ -174,9 +184,10 @@ class Engine:
         if not job.finished:
             raise ValueError("the prompt is not prefilled yet")
         state = self._states[job.cls]
-        state.reserved -= 1
         params = job.sampling
+        # Sampled before the reservation is given up: if it fails, the job can be cancelled as is.
         token, logprob, key = first_token(job.logits, params, new_key(params.seed))
+        state.reserved -= 1
         remaining = 0 if (token == job.eos or params.max_new_tokens == 1) else params.max_new_tokens - 1
         seq = Sequence(job.cls, params, job.length, token, remaining, key, eos=job.eos, first_logprob=logprob,
                        single_step=bool(params.stop), tokens_evicted=job.evicted, compressions=job.compressions,
@@ -198,11 +209,24 @@ class Engine:
 
     # -------------------------------------------------------------------------------- decode
     def step(self) -> list[StepOutput]:
-        """One jitted call of up to steps_per_call decode steps for each class with active rows."""
-        outputs = []
-        for state in self._states.values():
+        """One jitted call of up to steps_per_call decode steps for each class with active rows.
+
+        A class whose call fails is rebuilt empty (its prefills under way keep their reserved
+        slots) and reported by `DecodeFailed` after the other classes have stepped."""
+        outputs, failures = [], []
+        for cls, state in list(self._states.items()):
             if any(r.active for r in state.rows):
-                outputs += self._step_class(state)
+                try:
+                    outputs += self._step_class(state)
+                except Exception as e:  # noqa: BLE001 - reported to the caller with the rows it affects
+                    fresh = _ClassState(self.model, cls)
+                    fresh.reserved = state.reserved
+                    self._states[cls] = fresh
+                    for r in state.rows:
+                        r.slot, r.remaining = -1, 0
+                    failures.append((cls, list(state.rows), e))
+        if failures:
+            raise DecodeFailed(outputs, failures)
         return outputs
 
     def _step_class(self, state: _ClassState) -> list[StepOutput]:
@@ -220,7 +244,8 @@ class Engine:
         state.cache, out, logprobs, emitted, remaining, keys = steps.decode_steps(
             self.model, state.cache, np.int32(n_steps),
             column(lambda r: r.pending, np.int32), column(lambda r: r.remaining, np.int32), keys,
-            column(lambda r: r.sampling.temperature, np.float32), column(lambda r: r.sampling.top_k, np.int32),
+            column(lambda r: r.sampling.temperature, np.float32),
+            column(lambda r: min(r.sampling.top_k, self.model.cfg.vocab_size), np.int32),  # top_k >= vocab: off
             column(lambda r: r.sampling.top_p, np.float32), column(lambda r: r.eos, np.int32),
             n_rows=n_rows, max_steps=self.steps_per_call)
         out, logprobs, emitted = np.asarray(out), np.asarray(logprobs), np.asarray(emitted)

@@ -1,0 +1,114 @@
+"""No request can hurt another: bounded inputs, and faults injected into one request's start or one
+class's decode call end only the requests they touch."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from server_utils import parse_sse, ready_client, wait_ready
+
+import toyllm_core.engine.engine as core_engine
+from toyllm_core.engine import steps
+
+
+@pytest.fixture()
+def client():
+    with ready_client() as c:
+        wait_ready(c)
+        yield c
+
+
+def _generate(client, **body):
+    return client.post("/generate", json={"prompt": "Once upon a time", "max_new_tokens": 8, "stream": False,
+                                          **body})
+
+
+@pytest.mark.parametrize("field, bad, good", [("seed", 2**64, 2**64 - 1), ("seed", -1, 0),
+                                              ("top_k", 2**31, 2**31 - 1)])
+def test_numbers_are_bounded(client, field, bad, good):
+    assert _generate(client, **{field: bad}).status_code == 422
+    r = _generate(client, **{field: good}, temperature=1.0)
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/completions", json={"model": "random-tiny", "prompt": "x", "max_tokens": 2,
+                                             "seed": 2**64})
+    assert r.status_code == 422
+
+
+def test_seeds_are_used_whole(client):
+    texts = {_generate(client, seed=s, temperature=1.0, ignore_eos=True).json()["generated_text"]
+             for s in (0, 2**32, 2**63)}
+    assert len(texts) == 3
+
+
+def _stream_in_thread(client, body):
+    out = {}
+
+    def run():
+        with client.stream("POST", "/generate", json=body) as r:
+            out["status"] = r.status_code
+            out["events"] = parse_sse(r.read().decode())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+def _slow_full_stream(client):
+    body = {"prompt": "A long story", "max_new_tokens": 400, "ignore_eos": True, "cache": {"policy": "full"}}
+    return _stream_in_thread(client, body)
+
+
+def test_a_request_whose_start_fails_ends_alone(client, monkeypatch):
+    real = core_engine.first_token
+
+    def first_token(logits, params, key):
+        if params.seed == 13:
+            raise FloatingPointError("injected sampler fault")
+        return real(logits, params, key)
+
+    monkeypatch.setattr(core_engine, "first_token", first_token)
+    _slow_decode(monkeypatch)
+    thread, other = _slow_full_stream(client)
+    bad = _generate(client, seed=13)
+    thread.join(60)
+    assert bad.status_code == 500 and "injected sampler fault" in bad.json()["error"]["message"]
+    assert other["status"] == 200 and other["events"][-1][0] == "done"
+    assert len([e for e, _ in other["events"] if e == "token"]) == 400
+    assert _generate(client, seed=14).status_code == 200  # the engine goes on
+    assert client.app.state.toyllm.engine.running == 0
+
+
+def _slow_decode(monkeypatch, fail_capacity: int | None = None):
+    """Decode calls take 5 ms more (so a stream outlives the faulty request); the first call on a cache
+    of `fail_capacity` slots raises."""
+    import time
+
+    real = steps.decode_steps
+    failed = []
+
+    def decode_steps(model, state, *args, **kwargs):
+        time.sleep(0.005)
+        if fail_capacity is not None and state.capacity == fail_capacity and not failed:
+            failed.append(True)
+            raise RuntimeError("injected decode fault")
+        return real(model, state, *args, **kwargs)
+
+    monkeypatch.setattr(steps, "decode_steps", decode_steps)
+    return failed
+
+
+def test_a_failed_decode_call_fails_only_its_class(client, monkeypatch):
+    state = client.app.state.toyllm
+    snapkv = next(c for c in state.classes if c.policy.name == "snapkv")
+    failed = _slow_decode(monkeypatch, fail_capacity=snapkv.capacity)
+    thread, other = _slow_full_stream(client)
+    bad = _generate(client, cache={"policy": "snapkv"}, max_new_tokens=32)
+    thread.join(60)
+    assert failed and bad.status_code == 500 and "injected decode fault" in bad.json()["error"]["message"]
+    assert other["status"] == 200 and other["events"][-1][0] == "done"
+    assert len([e for e, _ in other["events"] if e == "token"]) == 400
+    # The failed class was rebuilt: it serves again, and nothing is left running or busy.
+    again = _generate(client, cache={"policy": "snapkv"}, max_new_tokens=32)
+    assert again.status_code == 200, again.text
+    assert state.engine.running == 0 and not any(s.busy for s in state.store._sessions.values())
