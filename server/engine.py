@@ -111,6 +111,7 @@ class Engine:
         self.interleave_chunk = interleave_chunk
         core.on_compress = self._compressed
         self._waiting: deque[GenerationRequest] = deque()
+        self._admitted = 0  # taken from the queue, not yet prefilling: still counted against the bound
         self._prefilling: list[GenerationRequest] = []
         self._running: list[GenerationRequest] = []
         self._wake = threading.Condition()
@@ -132,7 +133,7 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self._running) + len(self._prefilling)
+        return len(self._running) + len(self._prefilling) + self._admitted
 
     @property
     def waiting(self) -> int:
@@ -167,10 +168,13 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     break
-                admitted = self._take_admissible()
+                admitted = deque(self._take_admissible())
+                self._admitted = len(admitted)
             try:
-                for request in admitted:
-                    self._begin(request)
+                while admitted:  # each leaves the count once it is prefilling (or answered)
+                    self._begin(admitted[0])
+                    admitted.popleft()
+                    self._admitted = len(admitted)
                 self._retire_cancelled()
                 # One piece of the oldest prompt while streams decode (they wait for it); when none
                 # does, a piece of every admitted prompt, so that a burst of arrivals starts together.
@@ -181,6 +185,9 @@ class Engine:
                     self._decode()
             except Exception as e:
                 log.exception("engine step failed")
+                for request in admitted:  # taken from the queue but never begun: answer them too
+                    self._fail(request, f"internal error in the decode loop: {e}")
+                self._admitted = 0
                 self._fail_all(f"internal error in the decode loop: {e}")
         self._fail_all("the server is shutting down")
         with self._wake:

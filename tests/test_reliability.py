@@ -112,3 +112,46 @@ def test_a_failed_decode_call_fails_only_its_class(client, monkeypatch):
     again = _generate(client, cache={"policy": "snapkv"}, max_new_tokens=32)
     assert again.status_code == 200, again.text
     assert state.engine.running == 0 and not any(s.busy for s in state.store._sessions.values())
+
+
+def test_the_queue_bound_holds_under_concurrent_submits(monkeypatch):
+    """max_concurrent_requests=2, queue_size=3: of 40 simultaneous requests exactly 5 are taken while
+    none can finish (prefill is held), even though admitting a request takes a while."""
+    import time
+
+    import server.engine as server_engine
+
+    hold = threading.Event()
+    real_begin, real_piece = server_engine.Engine._begin, server_engine.Engine._prefill_piece
+
+    def slow_begin(self, request):
+        time.sleep(0.05)  # a wide window between leaving the queue and prefilling
+        real_begin(self, request)
+
+    def held_piece(self, request, limit):
+        hold.wait()
+        real_piece(self, request, limit)
+
+    monkeypatch.setattr(server_engine.Engine, "_begin", slow_begin)
+    monkeypatch.setattr(server_engine.Engine, "_prefill_piece", held_piece)
+    with ready_client(max_concurrent_requests=2, queue_size=3) as c:
+        wait_ready(c)
+        codes, barrier = [], threading.Barrier(40)
+
+        def one():
+            barrier.wait()
+            codes.append(_generate(c, max_new_tokens=2).status_code)
+
+        threads = [threading.Thread(target=one) for _ in range(40)]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 30
+        while codes.count(429) < 35 and time.time() < deadline:
+            time.sleep(0.05)
+        engine = c.app.state.toyllm.engine
+        taken = engine.running + engine.waiting
+        hold.set()  # before asserting, so that a failure does not leave threads held
+        for t in threads:
+            t.join(60)
+        assert taken == 5
+        assert sorted(set(codes)) == [200, 429] and codes.count(200) == 5
