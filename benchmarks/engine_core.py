@@ -64,7 +64,7 @@ def compile_times(layers: int, repeats: int = 3) -> dict:
     calls = {
         "decode_16": lambda: engine_steps.decode_steps.lower(
             model, state, np.int32(1), z, z, np.zeros((16, 2), np.uint32), np.ones(16, np.float32), z,
-            np.ones(16, np.float32), z, n_rows=16, max_steps=STEPS_PER_CALL),
+            np.ones(16, np.float32), z, z, n_rows=16, max_steps=STEPS_PER_CALL),
         "chunk_512": lambda: engine_steps.prefill_chunk.lower(model, prefill, np.zeros((1, 512), np.int32),
                                                               np.array([512], np.int32)),
     }
@@ -100,7 +100,7 @@ def decode_ms(model: ToyLLM, batch: int, context: int, calls: int = 6) -> dict:
     state = filled_state(model, cls, batch, context)
     z = np.zeros(batch, np.int32)
     args = (z, np.full(batch, 10**6, np.int32), np.zeros((batch, 2), np.uint32), np.zeros(batch, np.float32), z,
-            np.ones(batch, np.float32), z - 1)
+            np.ones(batch, np.float32), z - 1, z)
     times = []
     for i in range(calls + 1):
         t = time.perf_counter()

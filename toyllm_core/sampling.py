@@ -27,6 +27,11 @@ import numpy as np
 # Halvings of the search interval: 2^-32 of it is below float32 resolution, so thresholds are exact.
 _BISECTION_STEPS = 32
 
+# The most alternatives (the likeliest tokens and their log-probabilities) a request may ask for per
+# generated token. Every compiled program returns this many columns; they are computed only in calls
+# where some row asks for them (`lax.top_k` over the vocabulary costs more than a CPU decode step).
+TOP_LOGPROBS = 20
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -40,6 +45,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     eos_id: int | None = None  # the token that ends generation instead of the model's EOS (chat: end of turn)
+    top_logprobs: int = 0  # alternatives reported per token (0..TOP_LOGPROBS)
 
     def validate(self) -> SamplingParams:
         if self.max_new_tokens < 1:
@@ -50,6 +56,8 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0 (0 turns it off)")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
+        if not 0 <= self.top_logprobs <= TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {TOP_LOGPROBS}]")
         return self
 
     @property
@@ -145,21 +153,41 @@ def sample_rows(logits, keys, temperature, top_k, top_p):
     return jax.lax.switch(path, branches, logits, keys, temperature, top_k, top_p)
 
 
+def top_alternatives(logits, wanted) -> tuple[jax.Array, jax.Array]:
+    """logits [B, vocab] -> the TOP_LOGPROBS likeliest tokens of each row [B, K] and their
+    log-probabilities under the unmodified model [B, K]; zeros unless `wanted` (a scalar bool)."""
+    k = min(TOP_LOGPROBS, logits.shape[-1])
+
+    def top(logits):
+        values, ids = jax.lax.top_k(logits, k)
+        return ids.astype(jnp.int32), values - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+
+    def none(logits):
+        return jnp.zeros(logits.shape[:-1] + (k,), jnp.int32), jnp.zeros(logits.shape[:-1] + (k,), jnp.float32)
+
+    return jax.lax.cond(wanted, top, none, logits.astype(jnp.float32))
+
+
 def _sample_path(logits, keys, temperature, top_k, top_p, *, spec: SamplerSpec):
     return jax.vmap(partial(sample_token, spec=spec))(logits, keys, temperature, top_k, top_p)
 
 
-def first_token(logits: jax.Array, sampling: SamplingParams, key: np.ndarray) -> tuple[int, float, np.ndarray]:
+def first_token(logits: jax.Array, sampling: SamplingParams,
+                key: np.ndarray) -> tuple[int, float, list[tuple[int, float]], np.ndarray]:
     """Sample the first new token from the prefill's logits [vocab] (the decode step's sampler);
-    returns (token, logprob, the key to continue with)."""
-    token, logprob, key = _first_token(logits, key, np.float32(sampling.temperature),
-                                       np.int32(min(sampling.top_k, logits.shape[-1])),
-                                       np.float32(sampling.top_p))
-    return int(token), float(logprob), np.asarray(key)
+    returns (token, logprob, the `sampling.top_logprobs` likeliest alternatives as (id, logprob),
+    the key to continue with)."""
+    token, logprob, top_ids, top_lps, key = _first_token(
+        logits, key, np.float32(sampling.temperature), np.int32(min(sampling.top_k, logits.shape[-1])),
+        np.float32(sampling.top_p), np.bool_(sampling.top_logprobs > 0))
+    n = sampling.top_logprobs
+    top = list(zip(np.asarray(top_ids)[:n].tolist(), np.asarray(top_lps)[:n].tolist(), strict=True))
+    return int(token), float(logprob), top, np.asarray(key)
 
 
 @jax.jit
-def _first_token(logits, key, temperature, top_k, top_p):
+def _first_token(logits, key, temperature, top_k, top_p, want_top):
     key, sub = jax.random.split(key)
     token, logprob = sample_rows(logits[None], sub[None], temperature[None], top_k[None], top_p[None])
-    return token[0], logprob[0], key
+    top_ids, top_lps = top_alternatives(logits[None], want_top)
+    return token[0], logprob[0], top_ids[0], top_lps[0], key

@@ -65,6 +65,7 @@ class Sequence:
     key: np.ndarray  # [2] uint32 PRNG key
     eos: int = -1
     first_logprob: float = 0.0
+    first_top: list[tuple[int, float]] | None = None  # the first token's alternatives, when asked
     slot: int = -1  # decode row, -1 when not in one
     single_step: bool = False  # the host must see every token before the next (stop strings)
     tokens_evicted: int = 0
@@ -82,6 +83,7 @@ class StepOutput:
     seq: Sequence
     tokens: list[int]
     logprobs: list[float]
+    top: list[list[tuple[int, float]]] | None = None  # per token: its alternatives (id, logprob), when asked
 
 
 class DecodeFailed(RuntimeError):
@@ -186,10 +188,11 @@ class Engine:
         state = self._states[job.cls]
         params = job.sampling
         # Sampled before the reservation is given up: if it fails, the job can be cancelled as is.
-        token, logprob, key = first_token(job.logits, params, new_key(params.seed))
+        token, logprob, top, key = first_token(job.logits, params, new_key(params.seed))
         state.reserved -= 1
         remaining = 0 if (token == job.eos or params.max_new_tokens == 1) else params.max_new_tokens - 1
         seq = Sequence(job.cls, params, job.length, token, remaining, key, eos=job.eos, first_logprob=logprob,
+                       first_top=top if params.top_logprobs else None,
                        single_step=bool(params.stop), tokens_evicted=job.evicted, compressions=job.compressions,
                        user=job.user)
         if seq.active:
@@ -241,13 +244,13 @@ class Engine:
         keys = np.zeros((n_rows, 2), np.uint32)
         for r in rows:
             keys[r.slot] = r.key
-        state.cache, out, logprobs, emitted, remaining, keys = steps.decode_steps(
+        state.cache, out, logprobs, emitted, remaining, keys, top_ids, top_lps = steps.decode_steps(
             self.model, state.cache, np.int32(n_steps),
             column(lambda r: r.pending, np.int32), column(lambda r: r.remaining, np.int32), keys,
             column(lambda r: r.sampling.temperature, np.float32),
             column(lambda r: min(r.sampling.top_k, self.model.cfg.vocab_size), np.int32),  # top_k >= vocab: off
             column(lambda r: r.sampling.top_p, np.float32), column(lambda r: r.eos, np.int32),
-            n_rows=n_rows, max_steps=self.steps_per_call)
+            column(lambda r: r.sampling.top_logprobs, np.int32), n_rows=n_rows, max_steps=self.steps_per_call)
         out, logprobs, emitted = np.asarray(out), np.asarray(logprobs), np.asarray(emitted)
         remaining, keys = np.asarray(remaining), np.asarray(keys)
 
@@ -259,7 +262,12 @@ class Engine:
             r.pending = int(out[i, n - 1])
             r.remaining = int(remaining[i])
             r.key = keys[i]
-            outputs.append(StepOutput(r, out[i, :n].tolist(), logprobs[i, :n].tolist()))
+            top = None
+            if r.sampling.top_logprobs:
+                k = r.sampling.top_logprobs
+                ids, lps = np.asarray(top_ids[i, :n, :k]).tolist(), np.asarray(top_lps[i, :n, :k]).tolist()
+                top = [list(zip(a, b, strict=True)) for a, b in zip(ids, lps, strict=True)]
+            outputs.append(StepOutput(r, out[i, :n].tolist(), logprobs[i, :n].tolist(), top))
             self._compress_if_due(state, r)
         return outputs
 

@@ -85,7 +85,7 @@ def compile_program(model: ToyLLM, p: Program, steps_per_call: int) -> None:
         z = np.zeros(n, np.int32)
         out = steps.decode_steps(model, steps.new_cache(model, cls, cls.slots, cls.capacity), np.int32(1), z, z,
                                  np.zeros((n, 2), np.uint32), np.ones(n, np.float32), z, np.ones(n, np.float32),
-                                 z - 1, n_rows=n, max_steps=steps_per_call)
+                                 z - 1, z, n_rows=n, max_steps=steps_per_call)
     elif p.kind == "first-token":
         params = SamplingParams(temperature=1.0, top_k=1)
         out = first_token(np.zeros(cfg.vocab_size, np.float32), params, np.zeros(2, np.uint32))

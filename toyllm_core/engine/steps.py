@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from ..cache import KVCache, empty_cache
 from ..model import ToyLLM
 from ..policies import compress
-from ..sampling import sample_rows
+from ..sampling import TOP_LOGPROBS, sample_rows, top_alternatives
 from .classes import CacheClass
 
 
@@ -77,35 +77,40 @@ def decode_rows(model: ToyLLM, tokens, active, cache: KVCache):
 
 @partial(jax.jit, static_argnames=("n_rows", "max_steps"), donate_argnames=("state",))
 def decode_steps(model: ToyLLM, state: KVCache, n_steps, tokens, remaining, keys, temperature, top_k, top_p, eos,
-                 *, n_rows: int, max_steps: int):
+                 top_n, *, n_rows: int, max_steps: int):
     """Run n_steps (<= max_steps, an array: any count, one compile) decode steps for rows [0, n_rows)
     of the decode state.
 
     tokens [n]: each row's pending token (sampled, not yet in the cache); remaining [n]: tokens the
     row may still produce (0 = inactive: writes nothing); keys [n, 2]: per-row PRNG keys, so a row's
-    samples do not depend on its batch-mates; eos [n]: token that ends the row (-1 = none).
-    Returns (state, new tokens [n, max_steps], logprobs, emitted [n, max_steps], remaining, keys);
-    columns past n_steps are not emitted.
+    samples do not depend on its batch-mates; eos [n]: token that ends the row (-1 = none); top_n [n]:
+    alternatives the row wants per token (computed for the whole call only when some active row does).
+    Returns (state, new tokens [n, max_steps], logprobs, emitted [n, max_steps], remaining, keys,
+    top ids [n, max_steps, TOP_LOGPROBS], their logprobs); columns past n_steps are not emitted.
     """
     sub = state.rows(0, n_rows)
+    k = min(TOP_LOGPROBS, model.cfg.vocab_size)
 
     def step(i, carry):
-        cache, tokens, remaining, keys, out, logprobs, emitted = carry
+        cache, tokens, remaining, keys, out, logprobs, emitted, top_ids, top_lps = carry
         active = remaining > 0
         logits, cache = decode_rows(model, tokens, active, cache)
         split = jax.vmap(jax.random.split)(keys)  # [n, 2, 2]
         keys, subkeys = split[:, 0], split[:, 1]
         new, logprob = sample_rows(logits, subkeys, temperature, top_k, top_p)
+        ids, lps = top_alternatives(logits, jnp.any(active & (top_n > 0)))
         new = jnp.where(active, new, tokens)
         remaining = jnp.where(active & (new != eos), remaining - 1, 0)
         return (cache, new, remaining, keys, out.at[i].set(new), logprobs.at[i].set(logprob),
-                emitted.at[i].set(active))
+                emitted.at[i].set(active), top_ids.at[i].set(ids), top_lps.at[i].set(lps))
 
     init = (sub, tokens, remaining, keys, jnp.zeros((max_steps, n_rows), jnp.int32),
-            jnp.zeros((max_steps, n_rows), jnp.float32), jnp.zeros((max_steps, n_rows), bool))
-    sub, _, remaining, keys, out, logprobs, emitted = jax.lax.fori_loop(0, n_steps, step, init)
+            jnp.zeros((max_steps, n_rows), jnp.float32), jnp.zeros((max_steps, n_rows), bool),
+            jnp.zeros((max_steps, n_rows, k), jnp.int32), jnp.zeros((max_steps, n_rows, k), jnp.float32))
+    sub, _, remaining, keys, out, logprobs, emitted, top_ids, top_lps = jax.lax.fori_loop(0, n_steps, step, init)
     state = state.set_rows(0, sub)
-    return state, out.T, logprobs.T, emitted.T, remaining, keys
+    return (state, out.T, logprobs.T, emitted.T, remaining, keys, top_ids.transpose(1, 0, 2),
+            top_lps.transpose(1, 0, 2))
 
 
 @partial(jax.jit, donate_argnames=("cache",))
