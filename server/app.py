@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import time
 from contextlib import asynccontextmanager, suppress
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from toyllm_core import checkpoint as ckpt
@@ -22,8 +23,9 @@ from toyllm_core.policies import make_policy, parse_policy, policy_class, policy
 from toyllm_core.weights import missing_checkpoint_hint
 
 from .engine import Engine
-from .errors import error_body, install
+from .errors import install
 from .metrics import Metrics
+from .middleware import RequestGuard
 from .routes import generate, health, openai, sessions
 from .sessions import SessionStore
 from .settings import Settings
@@ -136,9 +138,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             try:
                 await run_in_threadpool(_start, state)
                 state.ready = True
-            except Exception as e:  # noqa: BLE001 - reported by /ready and the log
+            except Exception as e:  # noqa: BLE001 - reported by /health, /ready and the log
                 state.load_error = str(e)
                 log.error("cannot start: %s", e)
+                if state.request_exit is not None:  # under `toyllm serve`: exit non-zero, as orchestrators expect
+                    state.request_exit()
 
         loading = asyncio.create_task(start())
         expiring = asyncio.create_task(_expire_sessions(state))
@@ -152,46 +156,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if state.engine is not None:
                 await run_in_threadpool(state.engine.stop)
 
-    app = FastAPI(title="ToyLLM Serve", version="0.1.0", lifespan=lifespan,
-                  description="A small-model inference server with KV-cache compression.")
+    # Swagger UI and ReDoc from assets packaged on PyPI (fastapi-offline): /docs works offline.
+    app = FastAPIOffline(title="ToyLLM Serve", version="0.1.0", lifespan=lifespan,
+                         description="A small-model inference server with KV-cache compression.")
     app.state.toyllm = state
     install(app)
     for module in (health, generate, sessions, openai):
         app.include_router(module.router)
-    app.add_middleware(RequestMetrics, state=state)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["X-Session-ID"])
+    app.add_middleware(RequestGuard, state=state)  # outermost: the body limit holds before anything reads
     return app
-
-
-class RequestMetrics:
-    """ASGI middleware: counts requests by route and status, and refuses bodies over max_body_bytes."""
-
-    def __init__(self, app, state: ServerState):
-        self.app, self.state = app, state
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        limit = self.state.settings.max_body_bytes
-        length = dict(scope.get("headers", [])).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            return await _reply(send, 413, "payload_too_large", f"the request body is over {limit} bytes")
-        status = {"code": 500}
-
-        async def send_status(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
-            self.state.metrics.requests.labels(endpoint, str(status["code"])).inc()
-
-
-async def _reply(send, status: int, type_: str, message: str) -> None:
-    body = json.dumps(error_body(type_, message)).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})

@@ -29,6 +29,7 @@ def serve(
 
     from .app import create_app
     from .settings import Settings
+    from .shutdown import DrainingServer
 
     overrides = {k: v for k, v in {"checkpoint": checkpoint, "host": host, "port": port, "preset": preset}.items()
                  if v is not None}
@@ -40,8 +41,14 @@ def serve(
     if settings.preset is None and not settings.checkpoint.is_dir():
         raise _fail(missing_checkpoint_hint(settings.checkpoint))
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-                timeout_graceful_shutdown=10)
+    app = create_app(settings)
+    state = app.state.toyllm
+    # SIGTERM drains first (server/shutdown.py); then uvicorn waits a little for the last responses.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
+                            timeout_graceful_shutdown=10)
+    DrainingServer(config, state).run()
+    if state.load_error is not None:
+        raise _fail(f"cannot start: {state.load_error}")
 
 
 @app.command()

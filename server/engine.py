@@ -57,6 +57,7 @@ class TokenOut:
     id: int
     text: str
     logprob: float
+    top: list[tuple[int, float]] | None = None  # the likeliest alternatives (id, logprob), when asked
 
 
 @dataclass
@@ -72,6 +73,10 @@ class Finished:
 @dataclass
 class Failed:
     message: str
+    status: int = 500  # what a non-streaming answer says: 500 for a fault, 503 when shutting down
+
+
+SHUTTING_DOWN = "the server is shutting down"
 
 
 @dataclass(eq=False)
@@ -116,6 +121,7 @@ class Engine:
         self._running: list[GenerationRequest] = []
         self._wake = threading.Condition()
         self._stopping = False
+        self._closed = False  # draining: no new request is taken, those already in go on
         # When a list: what the loop did, in order: ("prefill", request, tokens) per prefill piece and
         # ("decode", [requests]) per decode call (tests assert the interleaving from it).
         self.trace: list | None = None
@@ -125,11 +131,24 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
 
+    def close(self) -> None:
+        """Take no new requests (the server drains before it stops); those already in go on."""
+        with self._wake:
+            self._closed = True
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waits, prefills or decodes."""
+        with self._wake:
+            return not (self._waiting or self.running)
+
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop; every request still in gets a `Failed` "the server is shutting down"."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     @property
     def running(self) -> int:
@@ -148,8 +167,8 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> None:
         with self._wake:
-            if self._stopping:
-                raise EngineStopped("the server is shutting down")
+            if self._stopping or self._closed:
+                raise EngineStopped(SHUTTING_DOWN)
             if len(self._waiting) + self.running >= self.max_running + self.queue_size:
                 raise QueueFull(f"{self.running} requests running and {len(self._waiting)} waiting; retry later")
             self._waiting.append(request)
@@ -189,11 +208,11 @@ class Engine:
                     self._fail(request, f"internal error in the decode loop: {e}")
                 self._admitted = 0
                 self._fail_all(f"internal error in the decode loop: {e}")
-        self._fail_all("the server is shutting down")
+        self._fail_all(SHUTTING_DOWN, status=503)
         with self._wake:
             waiting, self._waiting = list(self._waiting), deque()
         for request in waiting:
-            self._fail(request, "the server is shutting down")
+            self._fail(request, SHUTTING_DOWN, status=503)
 
     def _take_admissible(self) -> list[GenerationRequest]:
         """Waiting requests (in order) whose class has a free decode slot, within max_running."""
@@ -267,7 +286,7 @@ class Engine:
         request.prefill_s = time.perf_counter() - request.started
         self.metrics.prefill_duration.observe(request.prefill_s)
         request.text = TextStream(self.tokenizer, tuple(request.sampling.stop))
-        self._emit(request, seq.pending, seq.first_logprob)
+        self._emit(request, seq.pending, seq.first_logprob, seq.first_top)
         if seq.active:
             self._running.append(request)
         else:
@@ -296,10 +315,10 @@ class Engine:
         for out in outputs:
             request: GenerationRequest = out.seq.user
             try:
-                for token, logprob in zip(out.tokens, out.logprobs, strict=True):
+                for i, (token, logprob) in enumerate(zip(out.tokens, out.logprobs, strict=True)):
                     # Rows with stop strings decode one token per call, so nothing is cached past a stop.
                     if not request.text.stopped:
-                        self._emit(request, token, logprob)
+                        self._emit(request, token, logprob, out.top[i] if out.top else None)
                 request.session.length = out.seq.length
             except Exception as e:
                 log.exception("streaming a token failed")
@@ -309,7 +328,8 @@ class Engine:
         for request in [r for r in self._running if not r.row.active]:
             self._retire(request)
 
-    def _emit(self, request: GenerationRequest, token: int, logprob: float) -> None:
+    def _emit(self, request: GenerationRequest, token: int, logprob: float,
+              top: list[tuple[int, float]] | None = None) -> None:
         """Hand one generated token to the request (the row already holds it as pending)."""
         now = time.perf_counter()
         row = request.row
@@ -328,7 +348,7 @@ class Engine:
             self.metrics.itl.observe(now - request.last_token_at)
         request.last_token_at = now
         self.metrics.generation_tokens.inc()
-        request.sink(TokenOut(request.generated, int(token), text, float(logprob)))
+        request.sink(TokenOut(request.generated, int(token), text, float(logprob), top))
         request.generated += 1
 
     def _retire_cancelled(self) -> None:
@@ -382,18 +402,18 @@ class Engine:
     def _compressed(self, seq: Sequence, seconds: float) -> None:
         self.metrics.compression_duration.labels(seq.cls.policy.name).observe(seconds)
 
-    def _fail(self, request: GenerationRequest, message: str) -> None:
+    def _fail(self, request: GenerationRequest, message: str, status: int = 500) -> None:
         self.store.release(request.session)
-        request.sink(Failed(message))
+        request.sink(Failed(message, status))
 
-    def _discard(self, request: GenerationRequest, message: str) -> None:
+    def _discard(self, request: GenerationRequest, message: str, status: int = 500) -> None:
         """A request whose session cannot be trusted any more: drop the session, tell the client."""
         request.session.cache, request.session.length = None, 0
         self.store.discard(request.session)
-        self._fail(request, message)
+        self._fail(request, message, status)
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, status: int = 500) -> None:
         for request in self._running + self._prefilling:
-            self._discard(request, message)
+            self._discard(request, message, status)
         self._running, self._prefilling = [], []
         self.core.reset()

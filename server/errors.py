@@ -5,7 +5,49 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error's body."""
+
+    error: ErrorDetail
+
+
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "string"}}}
+
+# What each error status means, and the headers it carries (the OpenAPI document declares them).
+_ERRORS = {
+    400: ("The request cannot be served: the prompt does not fit, or it contradicts its session.", {}),
+    401: ("Missing or wrong API key (when the server has one).",
+          {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}}),
+    404: ("Unknown session or model.", {}),
+    409: ("The session is busy with another request.", {}),
+    413: ("The request body is over the server's max_body_bytes.", {}),
+    422: ("A field is missing, out of bounds or not supported (the message names it).", {}),
+    429: ("The queue is full.", _RETRY_AFTER),
+    499: ("The client went away before the answer (it never sees this).", {}),
+    500: ("The generation failed (only this request is affected).", {}),
+    503: ("The model is loading or warming up, or the server is shutting down.", _RETRY_AFTER),
+}
+
+
+def responses(*codes: int) -> dict:
+    """OpenAPI `responses` for these error statuses (body: ErrorBody)."""
+    return {code: {"model": ErrorBody, "description": _ERRORS[code][0], "headers": _ERRORS[code][1]}
+            for code in codes}
+
+
+# The errors any route behind the API key may answer; POST routes add 413 and 422.
+AUTH = (401,)
+READY = (401, 503)
+POSTED = (401, 413, 422, 503)
 
 
 class ApiError(Exception):

@@ -69,12 +69,22 @@ def request_class(state: ServerState, session: Session, prompt_tokens: int, max_
 
 
 def sampling_params(max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
-                    stop: list[str], ignore_eos: bool = False, eos_id: int | None = None) -> SamplingParams:
+                    stop: list[str], ignore_eos: bool = False, eos_id: int | None = None,
+                    top_logprobs: int = 0) -> SamplingParams:
     try:
         return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                              seed=seed, stop=tuple(stop), ignore_eos=ignore_eos, eos_id=eos_id).validate()
+                              seed=seed, stop=tuple(stop), ignore_eos=ignore_eos, eos_id=eos_id,
+                              top_logprobs=top_logprobs).validate()
     except ValueError as e:
         raise bad_request(str(e)) from None
+
+
+def token_text(state: ServerState, token: int) -> str:
+    """One token's text on its own (a log-probability's label)."""
+    texts = state.token_texts
+    if token not in texts:
+        texts[token] = state.tokenizer.decode([token])
+    return texts[token]
 
 
 class EventStream:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from toyllm_core.sampling import TOP_LOGPROBS
 
 
 class CacheSpec(BaseModel):
@@ -12,37 +14,33 @@ class CacheSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    policy: str | None = Field(None, description="full, streaming, snapkv or h2o.")
+    # Bounds keep numbers sane; only the server's warmed cache classes are accepted (422 otherwise).
+    policy: str | None = Field(None, max_length=32, description="full, streaming, snapkv or h2o.")
     budget: int | None = Field(None, ge=1, le=65536)
-    sink_size: int | None = Field(None, ge=0)
-    window_size: int | None = Field(None, ge=0)
+    sink_size: int | None = Field(None, ge=0, le=65536)
+    window_size: int | None = Field(None, ge=0, le=65536)
     slack: int | None = Field(None, ge=1, le=4096)
-    obs_window: int | None = Field(None, ge=1)
-    pool_kernel: int | None = Field(None, ge=1)
+    obs_window: int | None = Field(None, ge=1, le=65536)
+    pool_kernel: int | None = Field(None, ge=1, le=65536)
 
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1)
-    session_id: str | None = Field(None, description="Continue this session's cached context.")
+    session_id: str | None = Field(None, max_length=64, description="Continue this session's cached context.")
     max_new_tokens: int = Field(64, ge=1, le=2048)
     temperature: float = Field(1.0, ge=0, le=100, description="0 = greedy.")
     top_k: int = Field(0, ge=0, le=2**31 - 1, description="0 = off; at least the vocabulary size is off too.")
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=0, le=2**64 - 1, description="64-bit sampling seed.")
-    stop: list[str] = Field(default_factory=list, max_length=4)
+    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=4)
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-text token (load tests, "
                                                 "benchmarks: every request makes max_new_tokens tokens).")
+    top_logprobs: int = Field(0, ge=0, le=TOP_LOGPROBS, description="Each token event also lists this many "
+                              "likeliest tokens with their log-probabilities.")
     stream: bool = True
     cache: CacheSpec | None = Field(None, description="Fixed when the session is created.")
-
-    @field_validator("stop")
-    @classmethod
-    def _non_empty_stops(cls, stop: list[str]) -> list[str]:
-        if any(not s for s in stop):
-            raise ValueError("stop strings must be non-empty")
-        return stop
 
 
 class CreateSessionRequest(BaseModel):
@@ -82,7 +80,7 @@ class Timings(BaseModel):
 class GenerateDone(BaseModel):
     session_id: str | None
     generated_text: str
-    finish_reason: Literal["length", "stop", "eos"]
+    finish_reason: Literal["length", "stop", "eos", "cancelled"]
     usage: Usage
     cache: CacheStats
     timings: Timings
@@ -118,64 +116,124 @@ class SessionCache(BaseModel):
 
 
 # ------------------------------------------------------------------- OpenAI-compatible subset
-class CompletionRequest(BaseModel):
-    """POST /v1/completions: the fields standard clients send; unsupported ones are refused."""
+# Every field OpenAI defines for these routes is either implemented or, where this server has no
+# such feature, accepted only at the value that means "off" (anything else: 422 naming it). Fields
+# OpenAI does not define are refused (422 names them) rather than silently ignored.
+SEED = Field(None, ge=0, le=2**64 - 1, description="64-bit sampling seed (used whole).")
+TOP_K = Field(0, ge=-1, le=2**31 - 1, description="Extension (as vLLM): keep the k likeliest tokens; 0 or -1 "
+                                                  "= off; at least the vocabulary size is off too.")
 
-    model_config = ConfigDict(extra="ignore")
 
-    model: str
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1, le=2048)
+def _neutral(field: str, value, neutral):
+    if value is not None and value != neutral:
+        raise ValueError(f"{field} is not supported by this server: leave it out or send {neutral!r}")
+    return value
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(False, description="Send a last chunk with the usage (and no choices).")
+
+
+class OpenAIRequest(BaseModel):
+    """What completions and chat completions share."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(max_length=256)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=1)
+    top_k: int = TOP_K
+    n: int = Field(1, ge=1, le=1, description="One choice per request.")
     stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**64 - 1, description="64-bit sampling seed.")
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=0)
-    user: str | None = None
+    stream_options: StreamOptions | None = None
+    stop: str | list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        None, max_length=4, description="Up to 4 stop strings.")
+    seed: int | None = SEED
+    frequency_penalty: float | None = Field(None, ge=0, le=0, description="Not supported: 0 or left out.")
+    presence_penalty: float | None = Field(None, ge=0, le=0, description="Not supported: 0 or left out.")
+    logit_bias: dict[str, float] | None = Field(None, max_length=0, description="Not supported: empty or left out.")
+    user: str | None = Field(None, max_length=256, description="The end user, for the client's own records.")
 
-    @field_validator("prompt")
+    @field_validator("frequency_penalty", "presence_penalty", mode="before")
     @classmethod
-    def _one_prompt(cls, prompt: str | list[str]) -> str | list[str]:
-        if isinstance(prompt, list) and len(prompt) != 1:
-            raise ValueError("exactly one prompt is supported")
-        text = prompt if isinstance(prompt, str) else prompt[0]
-        if not text:
-            raise ValueError("prompt must be non-empty")
-        return prompt
+    def _no_penalties(cls, value, info):
+        return _neutral(info.field_name, value, 0)
 
-    @field_validator("echo")
+    @field_validator("logit_bias", mode="before")
     @classmethod
-    def _no_echo(cls, echo: bool) -> bool:
-        if echo:
-            raise ValueError("echo is not supported")
-        return echo
+    def _no_logit_bias(cls, value):
+        return _neutral("logit_bias", value or None, None)
 
-    @property
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    @field_validator("stop")
+    @classmethod
+    def _non_empty_stop(cls, stop):
+        if isinstance(stop, str) and not 1 <= len(stop) <= 256:
+            raise ValueError("a stop string must have 1 to 256 characters")
+        return stop
 
     @property
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop strings")
-        return stops
+        return [self.stop] if isinstance(self.stop, str) else self.stop
+
+    @property
+    def top_k_value(self) -> int:
+        return max(self.top_k, 0)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+Prompt = Annotated[str, Field(min_length=1)]
+
+
+class CompletionRequest(OpenAIRequest):
+    """POST /v1/completions."""
+
+    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=1)] = Field(
+        description="One prompt (a string, or a list holding one).")
+    max_tokens: int = Field(16, ge=1, le=2048)
+    echo: bool = Field(False, description="The answer's text starts with the prompt.")
+    logprobs: int | None = Field(None, ge=0, le=5, description="Log-probabilities of the generated tokens and "
+                                                              "of this many likeliest alternatives per token.")
+    best_of: int | None = Field(None, ge=1, le=1, description="Not supported: 1 or left out.")
+    suffix: str | None = Field(None, max_length=0, description="Not supported: empty or left out.")
+
+    @field_validator("best_of", mode="before")
+    @classmethod
+    def _no_best_of(cls, value):
+        return _neutral("best_of", value, 1)
+
+    @field_validator("suffix", mode="before")
+    @classmethod
+    def _no_suffix(cls, value):
+        return _neutral("suffix", value or None, None)
+
+    @model_validator(mode="after")
+    def _no_prompt_logprobs(self):
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo together with logprobs (log-probabilities of the prompt's tokens) is not "
+                             "supported: ask for one of them")
+        return self
+
+    @property
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
     content: str | list[ContentPart]
@@ -185,32 +243,23 @@ class ChatMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(OpenAIRequest):
     """POST /v1/chat/completions; `session_id` (an extension) continues a chat kept in a session."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(None, ge=1, le=2048, description="Default 256.")
     max_completion_tokens: int | None = Field(None, ge=1, le=2048, description="The newer name of max_tokens.")
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=1)
-    stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**64 - 1, description="64-bit sampling seed.")
-    logprobs: bool = Field(False, description="Not supported: must be false.")
-    user: str | None = None
-    session_id: str | None = Field(None, description="Continue this session's chat: only the messages it does "
-                                                     "not hold yet are prefilled, against its cache.")
+    logprobs: bool = Field(False, description="Log-probabilities of the reply's tokens.")
+    top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS, description="With logprobs: this many likeliest "
+                                                                              "alternatives per token.")
+    session_id: str | None = Field(None, max_length=64, description="Continue this session's chat: only the "
+                                   "messages it does not hold yet are prefilled, against its cache.")
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, logprobs: bool) -> bool:
-        if logprobs:
-            raise ValueError("logprobs are not supported")
-        return logprobs
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     @property
     def max_new_tokens(self) -> int:
@@ -219,5 +268,3 @@ class ChatCompletionRequest(BaseModel):
     @property
     def message_dicts(self) -> list[dict]:
         return [{"role": m.role, "content": m.text} for m in self.messages]
-
-    stop_list = CompletionRequest.stop_list

@@ -16,6 +16,8 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from toyllm_core.cache import KVCache
@@ -123,6 +125,21 @@ class SessionStore:
             session.last_used_at = time.time()
             self._sessions.move_to_end(session_id)
             return session
+
+    @contextmanager
+    def holding(self, session_id: str) -> Iterator[Session]:
+        """Hold a session while reading its cache (SessionBusy if a request has it), so that no
+        request takes the cache meanwhile; unlike `acquire`, it does not count as use."""
+        with self._lock:
+            session = self._get(session_id)
+            if session.busy:
+                raise SessionBusy(f"session {session_id!r} is busy with a request; its cache is in use")
+            session.busy = True
+        try:
+            yield session
+        finally:
+            with self._lock:
+                session.busy = False
 
     def release(self, session: Session) -> None:
         """The request using the session is over (its cache is back in the session)."""

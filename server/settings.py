@@ -51,8 +51,15 @@ class Settings(BaseSettings):
     queue_size: int = Field(64, ge=0)
     max_prompt_tokens: int = Field(4096, ge=1)
     max_new_tokens: int = Field(2048, ge=1, le=2048)
-    max_body_bytes: int = Field(1_000_000, ge=1)
+    max_body_bytes: int = Field(1_000_000, ge=1, description="Larger bodies get 413 (chunked uploads too).")
     api_key: str | None = None
+    drain_s: float = Field(30.0, ge=0, description="On SIGTERM: how long requests already in may go on "
+                                                   "before they end with 'the server is shutting down'.")
+    cors_origins: list[str] = Field(default_factory=list, description="Origins browsers may call the API "
+                                    "from (CORS); none by default. `[\"*\"]` allows any.")
+    trusted_proxy: bool = Field(False, description="A routing proxy is in front (deploy/nginx): honour its "
+                                "X-New-Session-ID header, which names the id of a session it creates. Never "
+                                "set it when clients reach the server directly.")
 
     # Engine.
     steps_per_call: int = Field(4, ge=1, le=64, description="Decode steps per jitted call (fewer host "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from toyllm_core.chat import ChatTemplate
@@ -32,6 +34,10 @@ class ServerState:
     shutting_down: bool = False
     load_error: str | None = None
     info: dict = field(default_factory=dict)
+    token_texts: dict[int, str] = field(default_factory=dict)  # id -> text, decoded once
+    in_flight: int = 0  # HTTP requests being answered (a shutdown waits for them)
+    drain_now: threading.Event = field(default_factory=threading.Event)  # cut the drain short
+    request_exit: Callable[[], None] | None = None  # set by the CLI's server: stop it (start-up failed)
 
     @property
     def policies(self) -> list[Policy]:

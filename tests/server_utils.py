@@ -108,6 +108,7 @@ def live_server(env: dict, log_path, timeout: float = 300.0):
         proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port)],
                                 env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    live_server.process = proc  # for tests that signal it
     try:
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -122,5 +123,6 @@ def live_server(env: dict, log_path, timeout: float = 300.0):
             raise TimeoutError(log_path.read_text()[-3000:])
         yield url
     finally:
-        proc.terminate()
-        proc.wait(30)
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(30)

@@ -177,7 +177,7 @@ def test_prometheus_scrapes_the_server_and_every_dashboard_query_has_data(live_s
 def test_nginx_routes_sessions_to_their_replica(tmp_path):
     nginx = _tool("nginx")
     ports = [_free_port() for _ in range(3)]
-    procs = [_start_server(p, tmp_path / f"replica-{p}.log") for p in ports]
+    procs = [_start_server(p, tmp_path / f"replica-{p}.log", TOYLLM_TRUSTED_PROXY="true") for p in ports]
     nginx_proc = None
     try:
         for p, proc in zip(ports, procs, strict=True):

@@ -242,7 +242,23 @@ def test_info_and_openapi(client):
             "/v1/completions", "/v1/models", "/health", "/ready", "/info", "/metrics"} <= set(paths)
 
 
-def test_session_header_continues_and_a_proxy_may_name_new_sessions(client):
+def test_clients_cannot_name_sessions_without_a_trusted_proxy(client):
+    proposed = "client-named-id-0123456789abcdef"
+    r = client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 2, "stream": False},
+                    headers={"X-New-Session-ID": proposed})
+    assert r.status_code == 200 and r.json()["session_id"] != proposed
+    r = client.post("/sessions", headers={"X-New-Session-ID": proposed})
+    assert r.status_code == 201 and r.json()["session_id"] != proposed
+    assert client.get(f"/sessions/{proposed}").status_code == 404
+
+
+def test_session_header_continues_and_a_trusted_proxy_may_name_new_sessions():
+    with ready_client(trusted_proxy=True) as client:
+        wait_ready(client)
+        _proxy_names_sessions(client)
+
+
+def _proxy_names_sessions(client):
     proposed = "proxy-minted-id-0123456789abcdef"
     r = client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 2, "stream": False},
                     headers={"X-New-Session-ID": proposed})

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 
 from ..deps import ReadyState, require_api_key
 from ..engine import Failed, Finished, TokenOut
-from ..errors import ApiError, bad_request, busy, error_body, not_found, queue_full
-from ..generation import EventStream, cache_policy, request_class, sampling_params, tokenize
+from ..errors import POSTED, bad_request, busy, error_body, not_found, queue_full, responses
+from ..generation import EventStream, cache_policy, request_class, sampling_params, token_text, tokenize
 from ..schemas import GenerateDone, GenerateRequest
 from ..sessions import SessionBusy, SessionNotFound
 
@@ -28,8 +28,9 @@ def done_payload(session_id: str | None, done: Finished) -> dict:
                         usage=usage, cache=done.cache, timings=done.timings).model_dump()
 
 
-async def wait_unless_disconnected(request: Request, stream: EventStream):
-    """Await the final event of a non-streaming request, cancelling it if the client goes away."""
+async def wait_unless_disconnected(request: Request, stream: EventStream, tokens: list | None = None):
+    """Await the final event of a non-streaming request (collecting its `TokenOut`s into `tokens`
+    when given), cancelling it if the client goes away."""
     while True:
         try:
             event = await asyncio.wait_for(stream.next(), timeout=0.25)
@@ -40,17 +41,34 @@ async def wait_unless_disconnected(request: Request, stream: EventStream):
             continue
         if isinstance(event, Finished | Failed):
             return event
+        if tokens is not None:
+            tokens.append(event)
+
+
+SESSION_HEADER = {"X-Session-ID": {"description": "The session this request ran in.", "schema": {"type": "string"}}}
+_SSE = {"text/event-stream": {"schema": {"type": "string", "description": "`event: token` per token, then "
+                                         "`event: done` (or `event: error`)."}}}
+
+
+def token_payload(state, event: TokenOut) -> dict:
+    data = {"index": event.index, "id": event.id, "text": event.text, "logprob": event.logprob}
+    if event.top is not None:
+        data["top_logprobs"] = [{"id": i, "text": token_text(state, i), "logprob": lp} for i, lp in event.top]
+    return data
 
 
 @router.post("/generate", response_model=GenerateDone,
-             responses={200: {"content": {"text/event-stream": {}}}})
+             responses={200: {"content": _SSE, "headers": SESSION_HEADER},
+                        **responses(400, 404, 409, 429, 499, 500, *POSTED)})
 async def generate(body: GenerateRequest, request: Request, state: ReadyState,
-                   x_session_id: Annotated[str | None, Header()] = None,
+                   x_session_id: Annotated[str | None, Header(max_length=64)] = None,
                    x_new_session_id: Annotated[str | None, Header(include_in_schema=False)] = None):
     """Generate from a prompt, continuing `session_id` when given (a new session otherwise)."""
     store = state.store
     sampling = sampling_params(body.max_new_tokens, body.temperature, body.top_k, body.top_p, body.seed, body.stop,
-                               body.ignore_eos)
+                               body.ignore_eos, top_logprobs=body.top_logprobs)
+    if not state.settings.trusted_proxy:
+        x_new_session_id = None  # only a trusted routing proxy may name a new session
     # Behind a routing proxy clients name the session in the X-Session-ID header (see deploy/nginx).
     session_id = body.session_id or x_session_id
     if body.session_id and x_session_id and body.session_id != x_session_id:
@@ -73,10 +91,10 @@ async def generate(body: GenerateRequest, request: Request, state: ReadyState,
         if body.cache is not None and not created and cache_policy(state, body.cache) != session.policy:
             raise bad_request("a session's cache configuration is fixed when it is created; leave `cache` out "
                               "to continue this session")
-        prompt_ids = tokenize(state, body.prompt)
+        prompt_ids = await run_in_threadpool(tokenize, state, body.prompt)  # a long prompt takes a while
         cls = request_class(state, session, len(prompt_ids), body.max_new_tokens)
         stream = EventStream(state, session, cls, prompt_ids, sampling).submit()
-    except ApiError:
+    except BaseException:  # refused, failed or cancelled before the engine took it: the session is free
         if created:
             store.discard(session)
         else:
@@ -89,14 +107,14 @@ async def generate(body: GenerateRequest, request: Request, state: ReadyState,
         if event is None:
             return JSONResponse(error_body("cancelled", "client disconnected"), 499, headers=headers)
         if isinstance(event, Failed):
-            return JSONResponse(error_body("generation_failed", event.message), 500, headers=headers)
+            return JSONResponse(error_body("generation_failed", event.message), event.status, headers=headers)
         return JSONResponse(done_payload(session.id, event), headers=headers)
 
     async def events():
         try:
             async for event in stream:
                 if isinstance(event, TokenOut):
-                    yield {"event": "token", "data": json.dumps(asdict(event))}
+                    yield {"event": "token", "data": json.dumps(token_payload(state, event))}
                 elif isinstance(event, Finished):
                     yield {"event": "done", "data": json.dumps(done_payload(session.id, event))}
                 else:

@@ -5,6 +5,10 @@ Completions are stateless: each runs in a throwaway session under the server's d
 policy. A chat is stateless too unless it names a session (`session_id` in the body, or the
 X-Session-ID header): then only the messages the session does not hold yet are rendered and
 prefilled, against its compressed cache, and the reply is kept in it for the next turn.
+
+Implemented beyond text: `logprobs` (the chosen tokens' log-probabilities and the likeliest
+alternatives), `echo`, `stream_options.include_usage`, `seed` (64 bits) and `top_k` (an extension,
+as vLLM has). Fields for features this server lacks are refused with 422 (see schemas.py).
 """
 
 from __future__ import annotations
@@ -18,25 +22,30 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 
 from toyllm_core.chat import ChatTemplateError
 
 from ..deps import ReadyState, State, require_api_key
 from ..engine import Failed, Finished, TokenOut
-from ..errors import ApiError, bad_request, busy, error_body, not_found
-from ..generation import EventStream, request_class, sampling_params, tokenize
+from ..errors import POSTED, bad_request, busy, error_body, not_found, responses
+from ..generation import EventStream, request_class, sampling_params, token_text, tokenize
 from ..schemas import ChatCompletionRequest, CompletionRequest
 from ..sessions import Session, SessionBusy, SessionNotFound
 from ..state import ServerState
-from .generate import wait_unless_disconnected
+from .generate import SESSION_HEADER, wait_unless_disconnected
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
+
+_SSE = {"text/event-stream": {"schema": {"type": "string", "description": "`data: {chunk}` per piece of text, "
+                                         "then `data: [DONE]`."}}}
+_ANSWERS = responses(400, 404, 429, 499, 500, *POSTED)
 
 # OpenAI has no "eos": the model stopping by itself is "stop".
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
 
 
-@router.get("/models")
+@router.get("/models", responses=responses(401))
 async def list_models(state: State):
     """The served model."""
     return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
@@ -46,13 +55,6 @@ async def list_models(state: State):
 def _check_model(state: ServerState, model: str) -> None:
     if model != state.model_name:
         raise not_found(f"model {model!r} is not served here; GET /v1/models lists {state.model_name!r}")
-
-
-def _stops(body) -> list[str]:
-    try:
-        return body.stop_list
-    except ValueError as e:
-        raise bad_request(str(e)) from None
 
 
 def _usage(event: Finished) -> dict:
@@ -65,26 +67,37 @@ def _ephemeral_session(state: ServerState) -> Session:
                    state.model.kv_bytes_per_token, busy=True)
 
 
-async def _respond(request: Request, stream: EventStream, chunk: Callable[[str, str | None], dict],
-                   whole: Callable[[Finished], dict], streaming: bool, headers: dict | None = None):
-    """The answer in OpenAI's shape: `whole(final event)` as JSON, or `chunk(text, finish_reason)` per
-    server-sent event, then `[DONE]`."""
+async def _respond(request: Request, stream: EventStream, chunk: Callable[[TokenOut | None, str | None], dict | None],
+                   whole: Callable[[Finished], dict], streaming: bool, include_usage: bool,
+                   headers: dict | None = None):
+    """The answer in OpenAI's shape: `whole(final event)` as JSON, or server-sent events: `chunk(token,
+    None)` per token (None: nothing to send yet), `chunk(None, finish_reason)` at the end, the usage
+    chunk when asked, then `[DONE]`."""
     if not streaming:
-        event = await wait_unless_disconnected(request, stream)
+        tokens: list[TokenOut] = []
+        event = await wait_unless_disconnected(request, stream, tokens)
         if event is None:
             return JSONResponse(error_body("cancelled", "client disconnected"), 499, headers=headers)
         if isinstance(event, Failed):
-            return JSONResponse(error_body("generation_failed", event.message), 500, headers=headers)
-        return JSONResponse(whole(event), headers=headers)
+            return JSONResponse(error_body("generation_failed", event.message), event.status, headers=headers)
+        return JSONResponse(whole(event, tokens), headers=headers)
+
+    def sent(data: dict) -> dict:
+        if include_usage:  # OpenAI's chunks then all carry `usage`, null but in the last one
+            data.setdefault("usage", None)
+        return {"data": json.dumps(data)}
 
     async def events():
         try:
             async for event in stream:
                 if isinstance(event, TokenOut):
-                    if event.text:
-                        yield {"data": json.dumps(chunk(event.text, None))}
+                    data = chunk(event, None)
+                    if data is not None:
+                        yield sent(data)
                 elif isinstance(event, Finished):
-                    yield {"data": json.dumps(chunk("", _FINISH[event.finish_reason]))}
+                    yield sent(chunk(None, _FINISH[event.finish_reason]))
+                    if include_usage:
+                        yield sent({**chunk(None, None), "choices": [], "usage": _usage(event)})
                     yield {"data": "[DONE]"}
                 else:
                     yield {"data": json.dumps(error_body("generation_failed", event.message))}
@@ -94,25 +107,66 @@ async def _respond(request: Request, stream: EventStream, chunk: Callable[[str, 
     return EventSourceResponse(events(), ping=15, headers=headers)
 
 
-@router.post("/completions")
+class _CompletionLogprobs:
+    """The legacy completions `logprobs` object, built token by token."""
+
+    def __init__(self, state: ServerState, offset: int):
+        self.state, self.offset = state, offset
+
+    def of(self, events: list[TokenOut]) -> dict:
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in events:
+            out["tokens"].append(token_text(self.state, e.id))
+            out["token_logprobs"].append(e.logprob)
+            out["top_logprobs"].append({token_text(self.state, i): lp for i, lp in e.top or []})
+            out["text_offset"].append(self.offset)
+            self.offset += len(e.text)
+        return out
+
+
+def _chat_logprob(state: ServerState, token: int, logprob: float) -> dict:
+    text = token_text(state, token)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+
+def _chat_logprobs(state: ServerState, events: list[TokenOut]) -> dict:
+    return {"content": [{**_chat_logprob(state, e.id, e.logprob),
+                         "top_logprobs": [_chat_logprob(state, i, lp) for i, lp in e.top or []]} for e in events]}
+
+
+@router.post("/completions", responses={200: {"content": _SSE}, **_ANSWERS})
 async def completions(body: CompletionRequest, request: Request, state: ReadyState):
     """A text completion of one prompt."""
     _check_model(state, body.model)
-    sampling = sampling_params(body.max_tokens, body.temperature, 0, body.top_p, body.seed, _stops(body))
+    sampling = sampling_params(body.max_tokens, body.temperature, body.top_k_value, body.top_p, body.seed,
+                               body.stop_list, top_logprobs=body.logprobs or 0)
     session = _ephemeral_session(state)
-    prompt_ids = tokenize(state, body.prompt_text)
+    prompt = body.prompt_text
+    prompt_ids = await run_in_threadpool(tokenize, state, prompt)  # a long prompt takes a while
     cls = request_class(state, session, len(prompt_ids), body.max_tokens)
     stream = EventStream(state, session, cls, prompt_ids, sampling, ephemeral=True).submit()
     cid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
+    echo = prompt if body.echo else ""
+    logprobs = _CompletionLogprobs(state, len(echo)) if body.logprobs is not None else None
+    first = {"chunk": True}
 
-    def chunk(text: str, finish: str | None) -> dict:
+    def choice(text: str, logprobs_of: dict | None, finish: str | None) -> dict:
         return {"id": cid, "object": "text_completion", "created": created, "model": state.model_name,
-                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"text": text, "index": 0, "logprobs": logprobs_of, "finish_reason": finish}]}
 
-    def whole(event: Finished) -> dict:
-        return {**chunk(event.generated_text, _FINISH[event.finish_reason]), "usage": _usage(event)}
+    def chunk(token: TokenOut | None, finish: str | None) -> dict | None:
+        text = token.text if token is not None else ""
+        if first["chunk"] and (token is not None or finish is not None):
+            first["chunk"], text = False, echo + text  # echo: the first chunk starts with the prompt
+        if token is not None and not text and logprobs is None:
+            return None  # nothing to say yet (a character split across tokens)
+        return choice(text, logprobs.of([token]) if logprobs is not None and token is not None else None, finish)
 
-    return await _respond(request, stream, chunk, whole, body.stream)
+    def whole(event: Finished, tokens: list[TokenOut]) -> dict:
+        return {**choice(echo + event.generated_text, logprobs.of(tokens) if logprobs is not None else None,
+                         _FINISH[event.finish_reason]), "usage": _usage(event)}
+
+    return await _respond(request, stream, chunk, whole, body.stream, body.include_usage)
 
 
 def _chat_prompt(state: ServerState, session: Session, messages: list[dict]) -> tuple[str, list[dict]]:
@@ -136,9 +190,10 @@ def _chat_prompt(state: ServerState, session: Session, messages: list[dict]) -> 
     return chat.continuation(held, new, reply_closed=closed), held + new
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses={200: {"content": _SSE, "headers": SESSION_HEADER},
+                                            **responses(409), **_ANSWERS})
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: ReadyState,
-                           x_session_id: Annotated[str | None, Header()] = None):
+                           x_session_id: Annotated[str | None, Header(max_length=64)] = None):
     """A chat reply, the prompt rendered with the model's chat template; stops at its end of turn."""
     _check_model(state, body.model)
     if state.chat is None:
@@ -147,8 +202,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     if body.session_id and x_session_id and body.session_id != x_session_id:
         raise bad_request("session_id in the body and the X-Session-ID header differ")
     session_id = body.session_id or x_session_id
-    sampling = sampling_params(body.max_new_tokens, body.temperature, 0, body.top_p, body.seed, _stops(body),
-                               eos_id=state.end_of_turn)
+    top = (body.top_logprobs or 0) if body.logprobs else 0
+    sampling = sampling_params(body.max_new_tokens, body.temperature, body.top_k_value, body.top_p, body.seed,
+                               body.stop_list, eos_id=state.end_of_turn, top_logprobs=top)
     if session_id is None:
         session = _ephemeral_session(state)
     else:
@@ -159,38 +215,42 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         except SessionBusy as e:
             raise busy(str(e)) from None
     try:
-        text, messages = _chat_prompt(state, session, body.message_dicts)
-        prompt_ids = tokenize(state, text, add_special_tokens=False)  # the template places any BOS itself
+        # Rendering and tokenizing a long conversation takes a while: off the event loop.
+        text, messages = await run_in_threadpool(_chat_prompt, state, session, body.message_dicts)
+        prompt_ids = await run_in_threadpool(tokenize, state, text, False)  # the template places any BOS itself
         cls = request_class(state, session, len(prompt_ids), body.max_new_tokens)
         stream = EventStream(state, session, cls, prompt_ids, sampling, ephemeral=session_id is None,
                              chat=None if session_id is None else messages).submit()
-    except ChatTemplateError as e:
+    except BaseException as e:  # refused, failed or cancelled before the engine took it: the session is free
         if session_id is not None:
             state.store.release(session)
-        raise bad_request(str(e)) from None
-    except ApiError:
-        if session_id is not None:
-            state.store.release(session)
+        if isinstance(e, ChatTemplateError):
+            raise bad_request(str(e)) from None
         raise
     cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
     started = {"role": False}
 
-    def chunk(text: str, finish: str | None) -> dict:
+    def chunk(token: TokenOut | None, finish: str | None) -> dict | None:
+        text = token.text if token is not None else ""
+        if token is not None and not text and not body.logprobs:
+            return None  # nothing to say yet (a character split across tokens)
         delta = {"content": text} if text or finish is None else {}
         if not started["role"]:  # the first chunk names the speaker, as OpenAI's do
             started["role"] = True
             delta = {"role": "assistant", **delta}
+        logprobs = _chat_logprobs(state, [token]) if body.logprobs and token is not None else None
         return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
-    def whole(event: Finished) -> dict:
+    def whole(event: Finished, tokens: list[TokenOut]) -> dict:
         out = {"id": cid, "object": "chat.completion", "created": created, "model": state.model_name,
                "choices": [{"index": 0, "message": {"role": "assistant", "content": event.generated_text},
-                            "logprobs": None, "finish_reason": _FINISH[event.finish_reason]}],
+                            "logprobs": _chat_logprobs(state, tokens) if body.logprobs else None,
+                            "finish_reason": _FINISH[event.finish_reason]}],
                "usage": _usage(event)}
         if session_id is not None:
             out["session_id"] = session_id
         return out
 
     headers = {"X-Session-ID": session_id} if session_id is not None else None
-    return await _respond(request, stream, chunk, whole, body.stream, headers)
+    return await _respond(request, stream, chunk, whole, body.stream, body.include_usage, headers)

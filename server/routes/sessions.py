@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from toyllm_core.cache import kept_positions
 
 from ..deps import ReadyState, require_api_key
-from ..errors import busy, not_found
+from ..errors import POSTED, READY, busy, not_found, responses
 from ..generation import cache_policy
 from ..schemas import CreateSessionRequest, SessionCache, SessionCreated, SessionInfo
 from ..sessions import Session, SessionBusy, SessionNotFound
@@ -26,17 +26,23 @@ def _get(state: ServerState, session_id: str) -> Session:
         raise not_found(str(e.args[0])) from None
 
 
-@router.post("", response_model=SessionCreated, status_code=201)
+_CREATED = {"X-Session-ID": {"description": "The new session's id.", "schema": {"type": "string"}}}
+
+
+@router.post("", response_model=SessionCreated, status_code=201,
+             responses={201: {"headers": _CREATED}, **responses(*POSTED)})
 async def create_session(state: ReadyState, body: CreateSessionRequest | None = None,
                          x_new_session_id: Annotated[str | None, Header(include_in_schema=False)] = None):
     """Create an empty session with its cache configuration (the server's default when left out)."""
+    if not state.settings.trusted_proxy:
+        x_new_session_id = None  # only a trusted routing proxy may name a new session
     policy = cache_policy(state, body.cache if body else None)
     session = state.store.create(state.classes_of(policy)[0], proposed_id=x_new_session_id)
     return Response(SessionCreated(session_id=session.id).model_dump_json(), 201,
                     media_type="application/json", headers={"X-Session-ID": session.id})
 
 
-@router.get("/{session_id}", response_model=SessionInfo)
+@router.get("/{session_id}", response_model=SessionInfo, responses=responses(404, *READY))
 async def get_session(session_id: str, state: ReadyState):
     """A session's statistics."""
     s = _get(state, session_id)
@@ -44,14 +50,18 @@ async def get_session(session_id: str, state: ReadyState):
                        turns=s.turns, cache=s.stats(), cache_config=s.policy.describe())
 
 
-@router.get("/{session_id}/cache", response_model=SessionCache)
+@router.get("/{session_id}/cache", response_model=SessionCache, responses=responses(404, 409, *READY))
 async def get_session_cache(session_id: str, state: ReadyState):
-    """The original positions the cache keeps, per layer and KV head, with their token texts."""
-    s = _get(state, session_id)
-    if s.busy:
-        raise busy(f"session {session_id!r} is busy with a request; its cache is in use")
-    heads = await run_in_threadpool(_kept_heads, state, s) if s.cache is not None else []
-    return SessionCache(session_id=s.id, policy=s.policy.name, tokens_seen=s.tokens_in_cache, heads=heads)
+    """The original positions the cache keeps, per layer and KV head, with their token texts (409
+    while a request uses the session: its cache is in the decode batch then)."""
+    try:
+        with state.store.holding(session_id) as s:  # no request can take the cache while it is read
+            heads = await run_in_threadpool(_kept_heads, state, s) if s.cache is not None else []
+            return SessionCache(session_id=s.id, policy=s.policy.name, tokens_seen=s.tokens_in_cache, heads=heads)
+    except SessionNotFound as e:
+        raise not_found(str(e.args[0])) from None
+    except SessionBusy as e:
+        raise busy(str(e)) from None
 
 
 def _kept_heads(state: ServerState, s: Session) -> list[dict]:
@@ -70,7 +80,7 @@ def _kept_heads(state: ServerState, s: Session) -> list[dict]:
     return heads
 
 
-@router.delete("/{session_id}", status_code=204)
+@router.delete("/{session_id}", status_code=204, responses=responses(404, 409, *READY))
 async def delete_session(session_id: str, state: ReadyState):
     """Delete a session and free its cache."""
     try:

@@ -1,0 +1,94 @@
+"""A real `toyllm serve` process: SIGTERM drains (streams in flight finish or end with an error
+event, the process exits 0), and a checkpoint that fails to load makes the process exit non-zero."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from server_utils import live_server, parse_sse
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _stream(url: str, body: dict, out: dict, first: threading.Event) -> None:
+    text = []
+    try:
+        with httpx.stream("POST", url + "/generate", json=body, timeout=60) as r:
+            out["status"] = r.status_code
+            for line in r.iter_lines():
+                text.append(line)
+                if line.startswith("event: token"):
+                    first.set()
+    except httpx.HTTPError as e:  # cut without a last event
+        out["cut"] = repr(e)
+    first.set()
+    out["events"] = parse_sse("\n".join(text))
+
+
+def test_sigterm_drains_then_exits_zero(tmp_path):
+    env = {"TOYLLM_PRESET": "tiny", "TOYLLM_DTYPE": "float32", "TOYLLM_WARMUP": "false", "TOYLLM_DRAIN_S": "2",
+           "TOYLLM_CACHE_BUDGET": "32", "TOYLLM_CACHE_WINDOW_SIZE": "8", "TOYLLM_CACHE_SLACK": "8",
+           "TOYLLM_MAX_CONCURRENT_REQUESTS": "4"}
+    log = tmp_path / "server.log"
+    with live_server(env, log) as url:
+        proc = live_server.process
+        # Compile what the streams use first, so that both are decoding when the signal comes.
+        for policy in ("full", "snapkv"):
+            httpx.post(url + "/generate", json={"prompt": "warm", "max_new_tokens": 4, "stream": False,
+                                                "cache": {"policy": policy}}, timeout=120)
+        short, long_ = {}, {}
+        started = [threading.Event(), threading.Event()]
+        # A few hundred tokens (done well within the drain), and one that outlasts it (slowed by the
+        # top-20 alternatives it asks for at every step).
+        bodies = [({"prompt": "A short one", "max_new_tokens": 300, "ignore_eos": True, "cache": {"policy": "full"}},
+                   short),
+                  ({"prompt": "A long one", "max_new_tokens": 2048, "ignore_eos": True, "top_logprobs": 20,
+                    "cache": {"policy": "snapkv"}}, long_)]
+        threads = [threading.Thread(target=_stream, args=(url, body, out, ev))
+                   for (body, out), ev in zip(bodies, started, strict=True)]
+        for t in threads:
+            t.start()
+        for ev in started:
+            assert ev.wait(60)
+        signalled = time.time()
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert httpx.get(url + "/ready").status_code == 503
+        refused = httpx.post(url + "/generate", json={"prompt": "late", "max_new_tokens": 2})
+        assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+        for t in threads:
+            t.join(60)
+        code = proc.wait(30)
+        took = time.time() - signalled
+    assert code == 0, log.read_text()[-2000:]
+    assert "cut" not in short and short["events"][-1][0] == "done"
+    assert len([e for e, _ in short["events"] if e == "token"]) == 300
+    assert "cut" not in long_ and long_["events"][-1][0] == "error"
+    assert "shutting down" in long_["events"][-1][1]["error"]["message"]
+    assert 2 <= took < 15
+    assert "ASGI callable returned without completing response" not in log.read_text()
+
+
+def test_a_checkpoint_that_fails_to_load_exits_nonzero(tmp_path):
+    bad = tmp_path / "corrupt"
+    shutil.copytree(ROOT / "weights" / "toyllm-base", bad)
+    weights = bad / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF  # a flipped byte: the checksum no longer matches
+    weights.write_bytes(bytes(data))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--checkpoint", str(bad), "--port", str(port)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot start:") and "model.safetensors" in last, proc.stderr[-2000:]
