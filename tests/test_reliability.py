@@ -4,9 +4,11 @@ class's decode call end only the requests they touch."""
 from __future__ import annotations
 
 import threading
+import time
 
+import httpx
 import pytest
-from server_utils import parse_sse, ready_client, wait_ready
+from server_utils import live_server, parse_sse, ready_client, wait_ready
 
 import toyllm_core.engine.engine as core_engine
 from toyllm_core.engine import steps
@@ -155,3 +157,109 @@ def test_the_queue_bound_holds_under_concurrent_submits(monkeypatch):
             t.join(60)
         assert taken == 5
         assert sorted(set(codes)) == [200, 429] and codes.count(200) == 5
+
+
+# ------------------------------------------------------------------- a live server: body limit, loop
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    log = tmp_path_factory.mktemp("live") / "server.log"
+    with live_server({"TOYLLM_PRESET": "tiny", "TOYLLM_WARMUP": "false", "TOYLLM_DTYPE": "float32"}, log) as url:
+        yield url
+
+
+def test_a_huge_chunked_body_is_refused_at_the_limit_and_the_loop_stays_free(live):
+    """20 MB sent chunked (no Content-Length): 413 without the server reading it into memory or
+    parsing it, and /health answers within 100 ms all the while."""
+    chunk = b"x" * 65536
+
+    def body():
+        yield b'{"prompt": "'
+        for _ in range(20 * 2**20 // len(chunk)):
+            yield chunk
+        yield b'"}'
+
+    health, stop = [], threading.Event()
+
+    def probe():
+        with httpx.Client(base_url=live) as c:
+            while not stop.is_set():
+                t = time.perf_counter()
+                assert c.get("/health").status_code == 200
+                health.append(time.perf_counter() - t)
+                time.sleep(0.01)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    started = time.perf_counter()
+    r = httpx.post(live + "/generate", content=body(), headers={"content-type": "application/json"}, timeout=60)
+    took = time.perf_counter() - started
+    stop.set()
+    prober.join()
+    assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large"
+    assert took < 5, took
+    assert health and max(health) < 0.1, max(health)
+    # The connection pool and the server are fine afterwards.
+    assert httpx.post(live + "/generate", json={"prompt": "ok", "max_new_tokens": 2, "stream": False},
+                      timeout=120).status_code == 200
+
+
+def test_a_long_prompt_is_tokenized_off_the_event_loop(live):
+    """A prompt just under the body limit takes a while to tokenize (then 400: too many tokens);
+    /health answers within 100 ms meanwhile."""
+    prompt = "word " * 190_000
+    health, stop = [], threading.Event()
+
+    def probe():
+        with httpx.Client(base_url=live) as c:
+            while not stop.is_set():
+                t = time.perf_counter()
+                c.get("/health")
+                health.append(time.perf_counter() - t)
+                time.sleep(0.005)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    r = httpx.post(live + "/generate", json={"prompt": prompt, "stream": False}, timeout=60)
+    stop.set()
+    prober.join()
+    assert r.status_code == 400 and "max_prompt_tokens" in r.json()["error"]["message"]
+    assert len(health) > 3 and max(health) < 0.1, max(health)
+
+
+# ------------------------------------------------------------------------------- session races
+def test_cache_introspection_holds_the_session(client, monkeypatch):
+    """Deterministic: while /sessions/{id}/cache reads the cache, a generation on the session gets
+    409; while a generation holds the session, the introspection gets 409 (never a 500)."""
+    import server.routes.sessions as routes
+
+    r = _generate(client, max_new_tokens=3)
+    sid = r.json()["session_id"]
+    reading, release = threading.Event(), threading.Event()
+    real = routes._kept_heads
+
+    def slow_kept_heads(state, s):
+        reading.set()
+        release.wait(30)
+        return real(state, s)
+
+    monkeypatch.setattr(routes, "_kept_heads", slow_kept_heads)
+    out = {}
+    reader = threading.Thread(target=lambda: out.setdefault("r", client.get(f"/sessions/{sid}/cache")))
+    reader.start()
+    assert reading.wait(30)
+    during = _generate(client, session_id=sid)
+    deleted = client.delete(f"/sessions/{sid}")
+    release.set()
+    reader.join(30)
+    assert during.status_code == 409 and deleted.status_code == 409
+    assert out["r"].status_code == 200 and out["r"].json()["heads"]
+    # The other way round: a request holds the session (as the engine does while it decodes).
+    store = client.app.state.toyllm.store
+    session = store.acquire(sid)
+    try:
+        r = client.get(f"/sessions/{sid}/cache")
+        assert r.status_code == 409 and r.json()["error"]["type"] == "session_busy"
+    finally:
+        store.release(session)
+    assert client.get(f"/sessions/{sid}/cache").status_code == 200
+    assert _generate(client, session_id=sid).status_code == 200

@@ -55,8 +55,8 @@ def _metrics(url) -> str:
 def test_after_warmup_serving_compiles_nothing(server):
     before = metric(_metrics(server), "toyllm_jit_compilations_total")
     assert before > 0
-    bodies = [{"prompt": "one two three " * (i + 1), "max_new_tokens": 50, "temperature": t, "top_k": k}
-              for i, (t, k) in enumerate([(0, 0), (0.8, 0), (0.8, 20)])]
+    bodies = [{"prompt": "one two three " * (i + 1), "max_new_tokens": 50, "temperature": t, "top_k": k,
+               "top_logprobs": n} for i, (t, k, n) in enumerate([(0, 0, 0), (0.8, 0, 5), (0.8, 20, 0)])]
     threads = [threading.Thread(target=httpx.post, args=(server + "/generate",),
                                 kwargs={"json": b, "timeout": 120}) for b in bodies]
     for t in threads:
