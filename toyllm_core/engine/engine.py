@@ -253,6 +253,7 @@ class Engine:
             column(lambda r: r.sampling.top_logprobs, np.int32), n_rows=n_rows, max_steps=self.steps_per_call)
         out, logprobs, emitted = np.asarray(out), np.asarray(logprobs), np.asarray(emitted)
         remaining, keys = np.asarray(remaining), np.asarray(keys)
+        top_ids, top_lps = np.asarray(top_ids), np.asarray(top_lps)  # host copies: slicing on device compiles
 
         outputs = []
         for r in active:
@@ -265,7 +266,7 @@ class Engine:
             top = None
             if r.sampling.top_logprobs:
                 k = r.sampling.top_logprobs
-                ids, lps = np.asarray(top_ids[i, :n, :k]).tolist(), np.asarray(top_lps[i, :n, :k]).tolist()
+                ids, lps = top_ids[i, :n, :k].tolist(), top_lps[i, :n, :k].tolist()
                 top = [list(zip(a, b, strict=True)) for a, b in zip(ids, lps, strict=True)]
             outputs.append(StepOutput(r, out[i, :n].tolist(), logprobs[i, :n].tolist(), top))
             self._compress_if_due(state, r)
