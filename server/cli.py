@@ -14,10 +14,12 @@ from toyllm_core.weights import missing_checkpoint_hint
 
 @app.command()
 def serve(
-    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint directory [default: weights/smollm2-135m-instruct; "
-                                                         "env TOYLLM_CHECKPOINT].")] = None,
-    host: Annotated[str | None, typer.Option(help="Bind address [default 127.0.0.1; env TOYLLM_HOST].")] = None,
-    port: Annotated[int | None, typer.Option(help="Port [default 8000; env TOYLLM_PORT].")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint directory \\[default: "
+                                                         "weights/smollm2-135m-instruct (weights/ of the source "
+                                                         "checkout, or $TOYLLM_WEIGHTS_DIR); env "
+                                                         "TOYLLM_CHECKPOINT].")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address \\[default 127.0.0.1; env TOYLLM_HOST].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port \\[default 8000; env TOYLLM_PORT].")] = None,
     preset: PresetOpt = None,
     log_level: str = "info",
 ) -> None:

@@ -7,6 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 
 class ErrorDetail(BaseModel):
@@ -102,6 +103,29 @@ def install(app: FastAPI) -> None:
         return JSONResponse(error_body("validation_error", _validation_message(exc)), 422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # FastAPI's answer to a body that is not JSON text (bad UTF-8): a validation error like the rest.
+            return JSONResponse(error_body("validation_error", "body: not valid JSON (UTF-8 text expected)"), 422)
+        if exc.status_code == 405:  # every method the path has (Starlette names only the first route's)
+            headers["Allow"] = ", ".join(_methods_of(request))
         kind = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(kind, str(exc.detail)), exc.status_code, headers=getattr(exc, "headers", None))
+        return JSONResponse(error_body(kind, str(exc.detail)), exc.status_code, headers=headers)
+
+
+def routes_of(app) -> list:
+    """Every route of the app, included routers flattened."""
+    out = []
+    for route in app.routes:
+        inner = getattr(route, "original_router", None)  # FastAPI's wrapper of an included router
+        out += routes_of(inner) if inner is not None else [route]
+    return out
+
+
+def _methods_of(request: Request) -> list[str]:
+    methods = set()
+    for route in routes_of(request.app):
+        if getattr(route, "methods", None) and route.matches({**request.scope, "method": "GET"})[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)

@@ -21,6 +21,9 @@ disable_created_metrics()  # no `_created` series: dashboards never use them
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
                    120.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# Liveness, readiness and scrapes: polled while the model loads and warms up (a readiness loop, a
+# container healthcheck, Prometheus), so they are counted apart from the API traffic.
+PROBE_ENDPOINTS = frozenset({"/health", "/ready", "/metrics"})
 
 
 class LiveState(Collector):
@@ -69,8 +72,10 @@ class Metrics:
         self.batch_size = hist("toyllm_decode_batch_size", "Rows in a batched decode step.", buckets=BATCH_BUCKETS)
         self.compression_duration = hist("toyllm_kv_compression_duration_seconds", "One cache compression.",
                                          ["policy"])
-        self.requests = Counter("toyllm_requests", "HTTP requests by endpoint and status code.",
-                                ["endpoint", "code"], registry=r)
+        self.requests = Counter("toyllm_requests", "HTTP requests by endpoint and status code (API traffic: "
+                                "probes and scrapes are toyllm_probe_requests).", ["endpoint", "code"], registry=r)
+        self.probes = Counter("toyllm_probe_requests", "Liveness, readiness and metrics requests by endpoint "
+                              "and status code.", ["endpoint", "code"], registry=r)
         self.finished = Counter("toyllm_requests_finished", "Generations by finish reason.", ["finish_reason"],
                                 registry=r)
         self.prompt_tokens = Counter("toyllm_prompt_tokens", "Prompt tokens prefilled.", registry=r)
@@ -81,6 +86,12 @@ class Metrics:
         self.sessions_created = Counter("toyllm_sessions_created", "Sessions created.", registry=r)
         self.sessions_evicted = Counter("toyllm_sessions_evicted", "Sessions removed by the server, by reason.",
                                         ["reason"], registry=r)
+
+    def count_request(self, endpoint: str, code: int | str) -> None:
+        """Count one finished HTTP request: in toyllm_requests_total, or toyllm_probe_requests_total for
+        /health, /ready and /metrics."""
+        counter = self.probes if endpoint in PROBE_ENDPOINTS else self.requests
+        counter.labels(endpoint, str(code)).inc()
 
     def watch(self, read: Callable[[], dict]) -> None:
         self.registry.register(LiveState(read))

@@ -14,7 +14,7 @@ import json
 
 from starlette.routing import Match
 
-from .errors import error_body
+from .errors import error_body, routes_of
 from .state import ServerState
 
 _WITH_BODY = {"POST", "PUT", "PATCH"}
@@ -85,7 +85,7 @@ def _replay(first: dict, receive):
 def _route_of(scope):
     """The route a request would reach (for metrics of requests refused before routing)."""
     app = scope.get("app")
-    for route in getattr(app, "routes", ()):
+    for route in routes_of(app) if app is not None else ():
         if route.matches(scope)[0] == Match.FULL:
             return route
     return None

@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from toyllm_core.policies import policy_names
+from toyllm_core.policies.snapkv import MAX_OBS_WINDOW
 from toyllm_core.sampling import TOP_LOGPROBS
 
 
@@ -15,12 +17,12 @@ class CacheSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # Bounds keep numbers sane; only the server's warmed cache classes are accepted (422 otherwise).
-    policy: str | None = Field(None, max_length=32, description="full, streaming, snapkv or h2o.")
+    policy: Literal[tuple(policy_names())] | None = None  # the registered policies
     budget: int | None = Field(None, ge=1, le=65536)
     sink_size: int | None = Field(None, ge=0, le=65536)
     window_size: int | None = Field(None, ge=0, le=65536)
     slack: int | None = Field(None, ge=1, le=4096)
-    obs_window: int | None = Field(None, ge=1, le=65536)
+    obs_window: int | None = Field(None, ge=1, le=MAX_OBS_WINDOW)
     pool_kernel: int | None = Field(None, ge=1, le=65536)
 
 
@@ -33,8 +35,9 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(1.0, ge=0, le=100, description="0 = greedy.")
     top_k: int = Field(0, ge=0, le=2**31 - 1, description="0 = off; at least the vocabulary size is off too.")
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, ge=0, le=2**64 - 1, description="64-bit sampling seed.")
-    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=4)
+    seed: int | None = Field(None, ge=0, lt=2**64, description="64-bit sampling seed (used whole).")
+    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=4,
+                                                                            description="Up to 4 stop strings.")
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-text token (load tests, "
                                                 "benchmarks: every request makes max_new_tokens tokens).")
     top_logprobs: int = Field(0, ge=0, le=TOP_LOGPROBS, description="Each token event also lists this many "
@@ -119,7 +122,7 @@ class SessionCache(BaseModel):
 # Every field OpenAI defines for these routes is either implemented or, where this server has no
 # such feature, accepted only at the value that means "off" (anything else: 422 naming it). Fields
 # OpenAI does not define are refused (422 names them) rather than silently ignored.
-SEED = Field(None, ge=0, le=2**64 - 1, description="64-bit sampling seed (used whole).")
+SEED = Field(None, ge=0, lt=2**64, description="64-bit sampling seed (used whole).")
 TOP_K = Field(0, ge=-1, le=2**31 - 1, description="Extension (as vLLM): keep the k likeliest tokens; 0 or -1 "
                                                   "= off; at least the vocabulary size is off too.")
 
@@ -128,6 +131,9 @@ def _neutral(field: str, value, neutral):
     if value is not None and value != neutral:
         raise ValueError(f"{field} is not supported by this server: leave it out or send {neutral!r}")
     return value
+
+
+StopString = Annotated[str, Field(min_length=1, max_length=256)]
 
 
 class StreamOptions(BaseModel):
@@ -148,8 +154,8 @@ class OpenAIRequest(BaseModel):
     n: int = Field(1, ge=1, le=1, description="One choice per request.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
-        None, max_length=4, description="Up to 4 stop strings.")
+    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = Field(
+        None, description="A stop string, or up to 4.")
     seed: int | None = SEED
     frequency_penalty: float | None = Field(None, ge=0, le=0, description="Not supported: 0 or left out.")
     presence_penalty: float | None = Field(None, ge=0, le=0, description="Not supported: 0 or left out.")
@@ -165,13 +171,6 @@ class OpenAIRequest(BaseModel):
     @classmethod
     def _no_logit_bias(cls, value):
         return _neutral("logit_bias", value or None, None)
-
-    @field_validator("stop")
-    @classmethod
-    def _non_empty_stop(cls, stop):
-        if isinstance(stop, str) and not 1 <= len(stop) <= 256:
-            raise ValueError("a stop string must have 1 to 256 characters")
-        return stop
 
     @property
     def stop_list(self) -> list[str]:
@@ -250,16 +249,14 @@ class ChatCompletionRequest(OpenAIRequest):
     max_tokens: int | None = Field(None, ge=1, le=2048, description="Default 256.")
     max_completion_tokens: int | None = Field(None, ge=1, le=2048, description="The newer name of max_tokens.")
     logprobs: bool = Field(False, description="Log-probabilities of the reply's tokens.")
-    top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS, description="With logprobs: this many likeliest "
-                                                                              "alternatives per token.")
+    top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS, description="This many likeliest alternatives "
+                                     "per token (implies logprobs).")
     session_id: str | None = Field(None, max_length=64, description="Continue this session's chat: only the "
                                    "messages it does not hold yet are prefilled, against its cache.")
 
-    @model_validator(mode="after")
-    def _top_needs_logprobs(self):
-        if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
-        return self
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs or bool(self.top_logprobs)
 
     @property
     def max_new_tokens(self) -> int:

@@ -154,7 +154,7 @@ def test_chat_refusals(client):
         (_chat(client, TURNS[:1], model="gpt-4"), 404),
         (_chat(client, TURNS[:1], session_id="no-such-session"), 404),
         (_chat(client, TURNS[:1], session_id=sid), 400),  # a /generate session holds no chat
-        (_chat(client, TURNS[:1], logprobs=True), 422),
+        (_chat(client, TURNS[:1], tools=[]), 422),  # no tool calls here
         (_chat(client, TURNS[:1], n=2), 422),
     ]
     for r, status in cases:

@@ -46,8 +46,11 @@ async def wait_unless_disconnected(request: Request, stream: EventStream, tokens
 
 
 SESSION_HEADER = {"X-Session-ID": {"description": "The session this request ran in.", "schema": {"type": "string"}}}
-_SSE = {"text/event-stream": {"schema": {"type": "string", "description": "`event: token` per token, then "
-                                         "`event: done` (or `event: error`)."}}}
+# Each server-sent event: `token` per token, then `done` (or `error`); `data` is JSON.
+_SSE = {"text/event-stream": {"schema": {
+    "type": "object", "required": ["event", "data"],
+    "properties": {"event": {"enum": ["token", "done", "error"]},
+                   "data": {"type": "string", "contentMediaType": "application/json"}}}}}
 
 
 def token_payload(state, event: TokenOut) -> dict:

@@ -37,8 +37,10 @@ from .generate import SESSION_HEADER, wait_unless_disconnected
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
 
-_SSE = {"text/event-stream": {"schema": {"type": "string", "description": "`data: {chunk}` per piece of text, "
-                                         "then `data: [DONE]`."}}}
+# Each server-sent event's data: a JSON chunk per piece of text, then `[DONE]`.
+_SSE = {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"anyOf": [{"const": "[DONE]"}, {"type": "string", "contentMediaType": "application/json"}]}}}}}
 _ANSWERS = responses(400, 404, 429, 499, 500, *POSTED)
 
 # OpenAI has no "eos": the model stopping by itself is "stop".
@@ -202,7 +204,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     if body.session_id and x_session_id and body.session_id != x_session_id:
         raise bad_request("session_id in the body and the X-Session-ID header differ")
     session_id = body.session_id or x_session_id
-    top = (body.top_logprobs or 0) if body.logprobs else 0
+    top = body.top_logprobs or 0
     sampling = sampling_params(body.max_new_tokens, body.temperature, body.top_k_value, body.top_p, body.seed,
                                body.stop_list, eos_id=state.end_of_turn, top_logprobs=top)
     if session_id is None:
@@ -232,20 +234,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 
     def chunk(token: TokenOut | None, finish: str | None) -> dict | None:
         text = token.text if token is not None else ""
-        if token is not None and not text and not body.logprobs:
+        if token is not None and not text and not body.wants_logprobs:
             return None  # nothing to say yet (a character split across tokens)
         delta = {"content": text} if text or finish is None else {}
         if not started["role"]:  # the first chunk names the speaker, as OpenAI's do
             started["role"] = True
             delta = {"role": "assistant", **delta}
-        logprobs = _chat_logprobs(state, [token]) if body.logprobs and token is not None else None
+        logprobs = _chat_logprobs(state, [token]) if body.wants_logprobs and token is not None else None
         return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
                 "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
     def whole(event: Finished, tokens: list[TokenOut]) -> dict:
         out = {"id": cid, "object": "chat.completion", "created": created, "model": state.model_name,
                "choices": [{"index": 0, "message": {"role": "assistant", "content": event.generated_text},
-                            "logprobs": _chat_logprobs(state, tokens) if body.logprobs else None,
+                            "logprobs": _chat_logprobs(state, tokens) if body.wants_logprobs else None,
                             "finish_reason": _FINISH[event.finish_reason]}],
                "usage": _usage(event)}
         if session_id is not None:
