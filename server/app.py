@@ -8,6 +8,7 @@ import hashlib
 import logging
 import time
 from contextlib import asynccontextmanager, suppress
+from functools import partial
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -27,6 +28,7 @@ from .errors import install
 from .metrics import Metrics
 from .middleware import RequestGuard
 from .routes import generate, health, openai, sessions
+from .schemas import SEED_LIMIT
 from .sessions import SessionStore
 from .settings import Settings
 from .state import ServerState
@@ -125,6 +127,28 @@ async def _expire_sessions(state: ServerState) -> None:
             state.store.expire()
 
 
+def _exact_openapi(app: FastAPI) -> dict:
+    """FastAPI's OpenAPI document, with the seed bound written exactly: FastAPI types numeric bounds
+    as floats, and 2^64 as a float prints as 1.8446744073709552e+19, a bound 384 past the real one."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+
+        def exact(node):
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    if key.endswith(("aximum", "inimum")) and value == float(SEED_LIMIT):
+                        node[key] = SEED_LIMIT
+                    else:
+                        exact(value)
+            elif isinstance(node, list):
+                for item in node:
+                    exact(item)
+
+        exact(schema)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     state = ServerState(settings=settings, metrics=Metrics())
@@ -160,6 +184,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPIOffline(title="ToyLLM Serve", version="0.1.0", lifespan=lifespan,
                          description="A small-model inference server with KV-cache compression.")
     app.state.toyllm = state
+    app.openapi = partial(_exact_openapi, app)
     install(app)
     for module in (health, generate, sessions, openai):
         app.include_router(module.router)

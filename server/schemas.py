@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from toyllm_core.policies import policy_names
 from toyllm_core.policies.snapkv import MAX_OBS_WINDOW
 from toyllm_core.sampling import TOP_LOGPROBS
+
+SEED_LIMIT = 2**64  # seeds are 64-bit: [0, 2^64)
 
 
 class CacheSpec(BaseModel):
@@ -35,7 +37,7 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(1.0, ge=0, le=100, description="0 = greedy.")
     top_k: int = Field(0, ge=0, le=2**31 - 1, description="0 = off; at least the vocabulary size is off too.")
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, ge=0, lt=2**64, description="64-bit sampling seed (used whole).")
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, description="64-bit sampling seed (used whole).")
     stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=4,
                                                                             description="Up to 4 stop strings.")
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-text token (load tests, "
@@ -122,7 +124,7 @@ class SessionCache(BaseModel):
 # Every field OpenAI defines for these routes is either implemented or, where this server has no
 # such feature, accepted only at the value that means "off" (anything else: 422 naming it). Fields
 # OpenAI does not define are refused (422 names them) rather than silently ignored.
-SEED = Field(None, ge=0, lt=2**64, description="64-bit sampling seed (used whole).")
+SEED = Field(None, ge=0, lt=SEED_LIMIT, description="64-bit sampling seed (used whole).")
 TOP_K = Field(0, ge=-1, le=2**31 - 1, description="Extension (as vLLM): keep the k likeliest tokens; 0 or -1 "
                                                   "= off; at least the vocabulary size is off too.")
 
@@ -196,7 +198,8 @@ class CompletionRequest(OpenAIRequest):
     prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=1)] = Field(
         description="One prompt (a string, or a list holding one).")
     max_tokens: int = Field(16, ge=1, le=2048)
-    echo: bool = Field(False, description="The answer's text starts with the prompt.")
+    echo: bool = Field(False, description="The answer's text starts with the prompt (with logprobs: its tokens "
+                                          "too, their log-probabilities null: they are not computed).")
     logprobs: int | None = Field(None, ge=0, le=5, description="Log-probabilities of the generated tokens and "
                                                               "of this many likeliest alternatives per token.")
     best_of: int | None = Field(None, ge=1, le=1, description="Not supported: 1 or left out.")
@@ -211,13 +214,6 @@ class CompletionRequest(OpenAIRequest):
     @classmethod
     def _no_suffix(cls, value):
         return _neutral("suffix", value or None, None)
-
-    @model_validator(mode="after")
-    def _no_prompt_logprobs(self):
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo together with logprobs (log-probabilities of the prompt's tokens) is not "
-                             "supported: ask for one of them")
-        return self
 
     @property
     def prompt_text(self) -> str:

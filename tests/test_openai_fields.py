@@ -100,7 +100,10 @@ def test_unsupported_completion_fields_are_refused_by_name(client, field, value)
 def test_neutral_values_of_unsupported_fields_are_accepted(client):
     r = _complete(client, best_of=1, frequency_penalty=0, presence_penalty=0, logit_bias={}, n=1, user="me")
     assert r.status_code == 200, r.text
-    assert _complete(client, echo=True, logprobs=1).status_code == 422  # prompt log-probabilities
+    # echo with logprobs: the prompt's tokens come first, their log-probabilities not computed (null).
+    lp = _complete(client, echo=True, logprobs=1).json()["choices"][0]["logprobs"]
+    assert lp["token_logprobs"][:3] == [None] * 3 and all(x <= 0 for x in lp["token_logprobs"][3:])
+    assert len(lp["tokens"]) == 3 + 5 and "".join(lp["tokens"][:3]) == "The history of"
 
 
 def _chat(client, **body):
@@ -159,3 +162,8 @@ def test_allow_lists_every_method_and_bad_utf8_is_a_validation_error(client):
     assert client.request("PUT", "/sessions/x").headers["allow"] == "DELETE, GET"
     r = client.post("/sessions", content=b"\xe2Q", headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["error"]["type"] == "validation_error"
+
+
+def test_the_documented_seed_bound_is_exact(client):
+    text = client.get("/openapi.json").text
+    assert '"exclusiveMaximum":18446744073709551616' in text.replace(" ", "") and "e+19" not in text

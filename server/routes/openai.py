@@ -110,13 +110,22 @@ async def _respond(request: Request, stream: EventStream, chunk: Callable[[Token
 
 
 class _CompletionLogprobs:
-    """The legacy completions `logprobs` object, built token by token."""
+    """The legacy completions `logprobs` object, built token by token. With echo, the prompt's tokens
+    come first, their log-probabilities null (prefill does not compute them; OpenAI's first is null too)."""
 
-    def __init__(self, state: ServerState, offset: int):
-        self.state, self.offset = state, offset
+    def __init__(self, state: ServerState, prompt_ids: list[int]):
+        self.state, self.offset, self.prompt_ids = state, 0, prompt_ids
 
     def of(self, events: list[TokenOut]) -> dict:
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token in self.prompt_ids:
+            text = token_text(self.state, token)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            out["text_offset"].append(self.offset)
+            self.offset += len(text)
+        self.prompt_ids = []
         for e in events:
             out["tokens"].append(token_text(self.state, e.id))
             out["token_logprobs"].append(e.logprob)
@@ -149,7 +158,7 @@ async def completions(body: CompletionRequest, request: Request, state: ReadySta
     stream = EventStream(state, session, cls, prompt_ids, sampling, ephemeral=True).submit()
     cid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
     echo = prompt if body.echo else ""
-    logprobs = _CompletionLogprobs(state, len(echo)) if body.logprobs is not None else None
+    logprobs = _CompletionLogprobs(state, prompt_ids if body.echo else []) if body.logprobs is not None else None
     first = {"chunk": True}
 
     def choice(text: str, logprobs_of: dict | None, finish: str | None) -> dict:
