@@ -47,7 +47,7 @@ class RequestGuard:
             state.in_flight -= 1
             route = scope.get("route") or _route_of(scope)
             endpoint = getattr(route, "path", None) or "unmatched"
-            state.metrics.requests.labels(endpoint, str(status["code"])).inc()
+            state.metrics.count_request(endpoint, status["code"])  # API traffic apart from probes
 
 
 _TOO_LARGE = object()
