@@ -31,6 +31,7 @@ USER 10001:10001
 ENV PATH=/opt/toyllm/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
+    TOYLLM_WEIGHTS_DIR=/app/weights \
     TOYLLM_CHECKPOINT=/app/weights/smollm2-135m-instruct \
     TOYLLM_HOST=0.0.0.0 \
     TOYLLM_PORT=8000

@@ -58,6 +58,9 @@ curl -fs "http://127.0.0.1:$PORT/ready" > /dev/null || { podman logs "$NAME" | t
 echo "== cold start to /ready: $(python3 -c "print(f'{$ready - $start:.1f}')") s"
 podman healthcheck run "$NAME" && echo "== HEALTHCHECK passes"
 [ "$(podman exec "$NAME" id -u)" != 0 ] && echo "== runs as non-root uid $(podman exec "$NAME" id -u)"
+# The CLI inside the image (an installed wheel, not a checkout) finds the shipped weights by default.
+podman exec -w / "$NAME" python3 -c "from toyllm_core.weights import BASE_CHECKPOINT as b, DEFAULT_CHECKPOINT as d
+assert d.is_dir() and b.is_dir(), (d, b)" && echo "== the CLI's default checkpoint is the shipped one"
 out=$(curl -fsN "http://127.0.0.1:$PORT/generate" -H 'content-type: application/json' \
   -d '{"prompt": "The history of the city", "max_new_tokens": 16, "temperature": 0}')
 echo "$out" | grep -q '^event: token' && echo "$out" | grep -q '^event: done' || { echo "$out"; exit 1; }

@@ -37,3 +37,21 @@ def test_dashboard_writes_four_figures_and_numbers(tmp_path):
     assert numbers["tokens"] == 200 and numbers["compression_ratio"] > 3
     for name in ("stability", "retention", "kept_positions", "performance"):
         assert (tmp_path / "d" / f"{name}.png").read_bytes()[:8] == PNG
+
+
+def test_bench_times_fewer_steps_under_the_full_cache_at_contexts_up_to_steps(tmp_path):
+    # The README's long example starts at context 64 with the default 64 timed steps.
+    toyllm("bench", "--preset", "tiny", "--lengths", "8,64,100", "--policies", "full", "--batches", "1",
+           "--repeats", "1", "--json", str(tmp_path / "b.json"))
+    results = json.loads((tmp_path / "b.json").read_text())["results"]
+    bpt = 2 * 2 * 2 * 8 * 2  # K and V, 2 layers, 2 KV heads, head_dim 8, bfloat16
+    assert [(r["context"], r["steps"]) for r in results] == [(8, 4), (64, 32), (100, 64)]
+    assert [r["cache_bytes_per_sequence"] for r in results] == [8 * bpt, 64 * bpt, 100 * bpt]
+
+
+def test_bench_refuses_bad_lengths_before_any_work():
+    for lengths, message in [("1,64", "context 1 is too short"), ("64,x", "--lengths must be")]:
+        result = subprocess.run([sys.executable, "-m", "server.cli", "bench", "--preset", "tiny", "--lengths", lengths,
+                                 "--policies", "none,full"], capture_output=True, text=True, check=False, timeout=300)
+        assert result.returncode == 2 and result.stdout == ""  # nothing was timed
+        assert result.stderr.strip().count("\n") == 0 and message in result.stderr

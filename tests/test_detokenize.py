@@ -19,3 +19,12 @@ def test_stop_string_ends_the_text_before_it(tokenizer):
         if stream.stopped:
             break
     assert stream.stopped and out + stream.finish() == "alpha beta "
+
+
+def test_special_tokens_add_no_text(tokenizer):
+    eos = tokenizer.eos_token_id
+    stream = TextStream(tokenizer)
+    ids = tokenizer.encode("Hello") + [eos] + tokenizer.encode(" café") + [eos]
+    pieces = [stream.push(t) for t in ids]
+    assert "".join(pieces) + stream.finish() == "Hello café"
+    assert stream.ids == ids  # the tokens themselves are all kept

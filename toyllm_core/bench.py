@@ -47,13 +47,26 @@ def _filled_engine(model: ToyLLM, cls: CacheClass, batch: int, context: int, ste
     return engine
 
 
+def timed_steps(evicts: bool, context: int, steps: int) -> int:
+    """Decode steps timed at `context`. A compressing policy times all `steps` after a prompt of `context`
+    tokens. A full cache is prefilled with context - steps tokens and decodes up to `context` (so it
+    stays inside the model's context); a context not longer than `steps` times half as many steps as it
+    has tokens instead."""
+    if evicts:
+        return steps
+    if context < 2:
+        raise ValueError(f"context {context} is too short to time decoding under the full cache (at least 2)")
+    return steps if steps < context else context // 2
+
+
 def decode_latency(model: ToyLLM, policy: Policy, batch: int, context: int, steps: int = 64,
                    repeats: int = 5, steps_per_call: int = 8, seed: int = 0) -> DecodeLatency:
     """Per-step decode latency once `context` tokens are cached (a full cache holds context - steps,
-    so decoding stays inside the model's context)."""
+    so decoding stays inside the model's context; see `timed_steps`)."""
+    if steps < 1 or repeats < 1:
+        raise ValueError("steps and repeats must be at least 1")
+    steps = timed_steps(policy.evicts, context, steps)
     prompt_len = context - steps if not policy.evicts else context
-    if prompt_len < 1:
-        raise ValueError(f"context {context} must exceed the {steps} timed steps under the full cache")
     cls = CacheClass.make(policy, batch, 512, None if policy.evicts else context + 1)
     times = []
     kept = 0

@@ -3,7 +3,7 @@
 Byte-level BPE splits multi-byte characters across tokens, so a token's text is only final once
 the characters around it are: decode a short window of recent tokens and emit what it adds, holding
 back a trailing U+FFFD (an incomplete character). Text that might be the start of a stop string is
-held back until it is known not to be one.
+held back until it is known not to be one. Special tokens (end-of-text, chat markers) add no text.
 """
 
 from __future__ import annotations
@@ -22,13 +22,16 @@ class TextStream:
     _prefix: int = 0  # ids[_prefix:_read] were decoded into text already, as context
     _read: int = 0
 
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
     def push(self, token: int) -> str:
         """Add one token; returns the text that is now safe to emit (possibly empty)."""
         if self.stopped:
             return ""
         self.ids.append(token)
-        before = self.tokenizer.decode(self.ids[self._prefix : self._read])
-        after = self.tokenizer.decode(self.ids[self._prefix :])
+        before = self._decode(self.ids[self._prefix : self._read])
+        after = self._decode(self.ids[self._prefix :])
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.text += after[len(before) :]
             self._prefix, self._read = self._read, len(self.ids)
@@ -37,9 +40,8 @@ class TextStream:
     def finish(self) -> str:
         """The text still held back, at the end of generation."""
         if not self.stopped and self._read < len(self.ids):
-            self.text += self.tokenizer.decode(self.ids[self._prefix :])[
-                len(self.tokenizer.decode(self.ids[self._prefix : self._read])) :
-            ]
+            before = self._decode(self.ids[self._prefix : self._read])
+            self.text += self._decode(self.ids[self._prefix :])[len(before) :]
             self._read = len(self.ids)
         out = self.text[self.emitted :]
         self.emitted = len(self.text)

@@ -17,6 +17,7 @@ from .model import ToyLLM
 @dataclass
 class CacheCheck:
     cached_vs_recomputed: float  # max |logit difference|, both in the model's dtype
+    logit_scale: float  # max |logit| of the recomputation: float32 rounding grows with it
     recomputed_vs_float64: float | None = None  # the dtype's own rounding: recomputation against float64
     cached_vs_float64: float | None = None
 
@@ -34,7 +35,7 @@ def cached_vs_recomputed(model: ToyLLM, length: int, seed: int = 0, tokens: np.n
     cache = empty_cache(model.cfg, 1, tokens.shape[1], model.dtype)
     cached, _ = teacher_forced(model, cache, tokens)
     cached = np.asarray(cached[0], np.float64)
-    check = CacheCheck(float(np.abs(cached - full).max()))
+    check = CacheCheck(float(np.abs(cached - full).max()), float(np.abs(full).max()))
     if float64:
         with jax.enable_x64(True):
             wide = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, model)
