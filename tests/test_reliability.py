@@ -263,3 +263,17 @@ def test_cache_introspection_holds_the_session(client, monkeypatch):
         store.release(session)
     assert client.get(f"/sessions/{sid}/cache").status_code == 200
     assert _generate(client, session_id=sid).status_code == 200
+
+
+def test_no_cache_configuration_a_client_sends_compiles(client):
+    """Any cache configuration outside the warmed classes is refused with 422 before anything runs:
+    30 distinct ones in a row compile nothing."""
+    from toyllm_core import jit_stats
+
+    _generate(client)  # whatever the first request compiles (this app skips the warm-up)
+    before = jit_stats.compilations()
+    for budget in range(100, 130):
+        r = _generate(client, cache={"policy": "snapkv", "budget": budget})
+        assert r.status_code == 422 and "cache" in r.json()["error"]["message"]
+    assert _generate(client, cache={"budget": 65536}).status_code == 422
+    assert jit_stats.compilations() == before
