@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 from server_utils import metric, ready_client, wait_ready
 
 from server.metrics import Metrics
