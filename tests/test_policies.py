@@ -16,7 +16,7 @@ from toyllm_core.generate import generate_tokens
 from toyllm_core.policies import compress, make_policy, policy_names
 from toyllm_core.sampling import SamplingParams
 
-EVICTING = ["streaming", "snapkv", "h2o"]
+EVICTING = ["streaming", "snapkv", "h2o", "knorm", "random"]
 CacheConfig = make_policy  # CacheConfig(name, budget=...) reads as before
 compress_one = jax.jit(compress, static_argnums=1)
 RECENT_QUERIES = 16  # SnapKV's default obs_window: the ring holds that many queries
@@ -36,8 +36,8 @@ def _host(cache: KVCache) -> KVCache:
     return jax.tree.map(np.asarray, cache)
 
 
-def test_registry_lists_the_four_policies():
-    assert policy_names() == ["full", "h2o", "snapkv", "streaming"]
+def test_registry_lists_the_policies():
+    assert policy_names() == ["full", "h2o", "knorm", "random", "snapkv", "streaming"]
 
 
 @pytest.mark.parametrize("policy", EVICTING)
@@ -134,6 +134,64 @@ def test_snapkv_matches_numpy_reference_on_random_inputs(n_kv_heads, budget):
             assert got[layer, h].tolist() == expected[h]
     if n_kv_heads == 2:  # per-KV-head selection: the two heads of a layer choose differently
         assert got[0, 0].tolist() != got[0, 1].tolist()
+
+
+# ----------------------------------------------------- query-agnostic baselines: key norm, random
+def _random_cache(rng, n_layers=2, n_kv=2, cap=96, length=80, d=8) -> tuple[KVCache, np.ndarray]:
+    """A one-row cache of random keys at increasing positions with gaps (as after compressions)."""
+    pos = np.concatenate([np.arange(4), np.sort(rng.choice(np.arange(4, 300), length - 4, replace=False))])
+    pos_all = np.tile(np.concatenate([pos, np.full(cap - length, -1)]).astype(np.int32), (n_layers, n_kv, 1))
+    k = (rng.normal(size=(n_layers, n_kv, cap, d)) * rng.uniform(0.2, 3, size=(n_layers, n_kv, cap, 1)))
+    cache = KVCache(k=jnp.asarray(k[:, None], jnp.float32), v=jnp.asarray(k[:, None], jnp.float32),
+                    pos=jnp.asarray(pos_all[:, None]), length=jnp.array([length], jnp.int32),
+                    next_pos=jnp.array([int(pos[-1]) + 1], jnp.int32))
+    return cache, k
+
+
+def _kept_by_scores(scores, pos, length, cfg) -> list[int]:
+    """Sinks + window + the best-scored rest (ties: earlier slot), as original positions, in order."""
+    protected = set(range(cfg.sink_size)) | set(range(length - cfg.window_size, length))
+    rest = sorted((j for j in range(length) if j not in protected), key=lambda j: (-scores[j], j))
+    slots = sorted(protected | set(rest[: cfg.budget - len(protected)]))
+    return [int(pos[j]) for j in slots]
+
+
+def _murmur_np(seed, layer, head, pos) -> float:
+    m = 0xFFFFFFFF
+    x = ((seed * 0x9E3779B1) & m) ^ ((layer * 0x85EBCA77) & m) ^ ((head * 0xC2B2AE3D) & m) ^ (pos & m)
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & m
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & m
+    x ^= x >> 16
+    return (x >> 8) / (1 << 24)
+
+
+@pytest.mark.parametrize("policy", ["knorm", "random"])
+@pytest.mark.parametrize("budget", [24, 50])
+def test_query_agnostic_baselines_match_numpy_references(policy, budget):
+    rng = np.random.default_rng(budget)
+    cache, k = _random_cache(rng)
+    pos, length = np.asarray(cache.pos)[:, 0], 80
+    cfg = CacheConfig(policy, budget=budget, sink_size=4, window_size=8, **({"seed": 7} if policy == "random" else {}))
+    got = np.asarray(compress_one(cache, cfg).pos)[:, 0, :, :budget]
+    for layer in range(pos.shape[0]):
+        for h in range(pos.shape[1]):
+            if policy == "knorm":  # the lowest L2 norms
+                scores = -np.linalg.norm(k[layer, h, :length], axis=-1)
+            else:  # the same hash of (seed, layer, head, position), in plain integers
+                scores = np.array([_murmur_np(7, layer, h, int(p)) for p in pos[layer, h, :length]])
+            assert got[layer, h].tolist() == _kept_by_scores(scores, pos[layer, h], length, cfg)
+
+
+def test_random_eviction_depends_on_its_seed_only():
+    rng = np.random.default_rng(0)
+    cache, _ = _random_cache(rng)
+    keep = lambda seed: np.asarray(compress_one(jax.tree.map(jnp.copy, cache),
+                                                CacheConfig("random", budget=30, seed=seed)).pos)[..., :30]
+    assert (keep(1) == keep(1)).all() and not (keep(1) == keep(2)).all()
+    with pytest.raises(ValueError, match="seed"):
+        CacheConfig("random", seed=-1)
 
 
 # ----------------------------------------------------------------------------- H2O reference

@@ -100,7 +100,7 @@ def generate(
     prompt: Annotated[str, typer.Option(help="Text to continue.")],
     checkpoint: CheckpointOpt = None,
     preset: PresetOpt = None,
-    policy: Annotated[str, typer.Option(help="KV-cache policy: full, streaming, snapkv, h2o.")] = "snapkv",
+    policy: Annotated[str, typer.Option(help="KV-cache policy: full, streaming, snapkv, h2o, knorm, random.")] = "snapkv",
     budget: int = 64,
     sink_size: int = 4,
     window_size: int = 16,

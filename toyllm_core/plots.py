@@ -24,7 +24,8 @@ def _plain_log_axes(ax) -> None:
 
 # One colour and marker per policy in every panel and figure.
 _POLICY_STYLE = {"none": ("tab:gray", "x"), "full": ("tab:blue", "o"), "streaming": ("tab:green", "s"),
-                 "snapkv": ("tab:red", "^"), "h2o": ("tab:orange", "v")}
+                 "snapkv": ("tab:red", "^"), "h2o": ("tab:orange", "v"), "knorm": ("tab:purple", "D"),
+                 "random": ("tab:brown", "P")}
 
 
 def _style(policy: str) -> dict:
