@@ -26,6 +26,7 @@ class CacheSpec(BaseModel):
     slack: int | None = Field(None, ge=1, le=4096)
     obs_window: int | None = Field(None, ge=1, le=MAX_OBS_WINDOW)
     pool_kernel: int | None = Field(None, ge=1, le=65536)
+    seed: int | None = Field(None, ge=0, lt=2**32, description="random: the seed of its choice.")
 
 
 class GenerateRequest(BaseModel):

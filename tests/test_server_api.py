@@ -273,3 +273,15 @@ def _proxy_names_sessions(client):
         assert r.status_code == 201 and r.json()["session_id"] not in ("short", proposed)
     r = client.post("/generate", json={"prompt": "x", "session_id": proposed}, headers={"X-Session-ID": "other"})
     assert r.status_code == 400
+
+
+def test_the_baseline_policies_serve_as_cache_classes():
+    with ready_client(cache_classes=["full", "random:budget=32,seed=3", "knorm:budget=24"]) as c:
+        wait_ready(c)
+        for cache, kept in (({"policy": "random", "budget": 32, "seed": 3}, 32), ({"policy": "knorm", "budget": 24}, 24)):
+            r = c.post("/generate", json={"prompt": "Once upon a time " * 20, "max_new_tokens": 8, "stream": False,
+                                          "cache": cache, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            assert r.json()["cache"]["policy"] == cache["policy"] and r.json()["cache"]["tokens_kept"] <= kept + 16
+        r = c.post("/generate", json={"prompt": "x", "cache": {"policy": "random", "budget": 32, "seed": 4}})
+        assert r.status_code == 422
