@@ -1,11 +1,11 @@
-"""Route dependencies: the shared state, readiness, and the API key."""
+"""Route dependencies: the shared state, readiness, the API key, and the proxy's session id."""
 
 from __future__ import annotations
 
 import secrets
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 
 from .errors import ApiError, unavailable
 from .state import ServerState
@@ -16,6 +16,16 @@ def get_state(request: Request) -> ServerState:
 
 
 State = Annotated[ServerState, Depends(get_state)]
+
+
+def proxy_session_id(state: State,
+                     x_new_session_id: Annotated[str | None, Header(include_in_schema=False)] = None) -> str | None:
+    """The id a routing proxy minted for a session it is about to create (see deploy/nginx), honoured
+    only when the settings say a trusted proxy is in front; otherwise any client could name sessions."""
+    return x_new_session_id if state.settings.trusted_proxy else None
+
+
+ProxySessionId = Annotated[str | None, Depends(proxy_session_id)]
 
 
 def require_api_key(request: Request, state: State) -> None:

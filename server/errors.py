@@ -45,8 +45,7 @@ def responses(*codes: int) -> dict:
             for code in codes}
 
 
-# The errors any route behind the API key may answer; POST routes add 413 and 422.
-AUTH = (401,)
+# The errors every route behind the API key and readiness may answer; POST routes add 413 and 422.
 READY = (401, 503)
 POSTED = (401, 413, 422, 503)
 

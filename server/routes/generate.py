@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..deps import ReadyState, require_api_key
+from ..deps import ProxySessionId, ReadyState, require_api_key
 from ..engine import Failed, Finished, TokenOut
 from ..errors import POSTED, bad_request, busy, error_body, not_found, queue_full, responses
 from ..generation import EventStream, cache_policy, request_class, sampling_params, token_text, tokenize
@@ -65,13 +65,11 @@ def token_payload(state, event: TokenOut) -> dict:
                         **responses(400, 404, 409, 429, 499, 500, *POSTED)})
 async def generate(body: GenerateRequest, request: Request, state: ReadyState,
                    x_session_id: Annotated[str | None, Header(max_length=64)] = None,
-                   x_new_session_id: Annotated[str | None, Header(include_in_schema=False)] = None):
+                   proposed_id: ProxySessionId = None):
     """Generate from a prompt, continuing `session_id` when given (a new session otherwise)."""
     store = state.store
     sampling = sampling_params(body.max_new_tokens, body.temperature, body.top_k, body.top_p, body.seed, body.stop,
                                body.ignore_eos, top_logprobs=body.top_logprobs)
-    if not state.settings.trusted_proxy:
-        x_new_session_id = None  # only a trusted routing proxy may name a new session
     # Behind a routing proxy clients name the session in the X-Session-ID header (see deploy/nginx).
     session_id = body.session_id or x_session_id
     if body.session_id and x_session_id and body.session_id != x_session_id:
@@ -88,7 +86,7 @@ async def generate(body: GenerateRequest, request: Request, state: ReadyState,
         policy = cache_policy(state, body.cache)
         if not state.engine_has_room():
             raise queue_full("the server is at capacity; retry later")
-        session = store.create(state.classes_of(policy)[0], busy=True, proposed_id=x_new_session_id)
+        session = store.create(state.classes_of(policy)[0], busy=True, proposed_id=proposed_id)
         created = True
     try:
         if body.cache is not None and not created and cache_policy(state, body.cache) != session.policy:

@@ -70,7 +70,7 @@ def _ephemeral_session(state: ServerState) -> Session:
 
 
 async def _respond(request: Request, stream: EventStream, chunk: Callable[[TokenOut | None, str | None], dict | None],
-                   whole: Callable[[Finished], dict], streaming: bool, include_usage: bool,
+                   whole: Callable[[Finished, list[TokenOut]], dict], streaming: bool, include_usage: bool,
                    headers: dict | None = None):
     """The answer in OpenAI's shape: `whole(final event)` as JSON, or server-sent events: `chunk(token,
     None)` per token (None: nothing to send yet), `chunk(None, finish_reason)` at the end, the usage
@@ -180,7 +180,13 @@ async def completions(body: CompletionRequest, request: Request, state: ReadySta
     return await _respond(request, stream, chunk, whole, body.stream, body.include_usage)
 
 
-def _chat_prompt(state: ServerState, session: Session, messages: list[dict]) -> tuple[str, list[dict]]:
+def _chat_prompt(state: ServerState, session: Session, messages: list[dict]) -> tuple[list[int], list[dict]]:
+    """(token ids to prefill, the messages the session will hold once this turn is in)."""
+    text, held = _chat_text(state, session, messages)
+    return tokenize(state, text, add_special_tokens=False), held  # the template places any BOS itself
+
+
+def _chat_text(state: ServerState, session: Session, messages: list[dict]) -> tuple[str, list[dict]]:
     """(text to prefill, the messages the session will hold once this turn is in).
 
     A new or stateless chat renders every message. A continued one renders only what the session
@@ -227,8 +233,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
             raise busy(str(e)) from None
     try:
         # Rendering and tokenizing a long conversation takes a while: off the event loop.
-        text, messages = await run_in_threadpool(_chat_prompt, state, session, body.message_dicts)
-        prompt_ids = await run_in_threadpool(tokenize, state, text, False)  # the template places any BOS itself
+        prompt_ids, messages = await run_in_threadpool(_chat_prompt, state, session, body.message_dicts)
         cls = request_class(state, session, len(prompt_ids), body.max_new_tokens)
         stream = EventStream(state, session, cls, prompt_ids, sampling, ephemeral=session_id is None,
                              chat=None if session_id is None else messages).submit()

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends, Header, Response
+from fastapi import APIRouter, Depends, Response
 from starlette.concurrency import run_in_threadpool
 
 from toyllm_core.cache import kept_positions
 
-from ..deps import ReadyState, require_api_key
+from ..deps import ProxySessionId, ReadyState, require_api_key
 from ..errors import POSTED, READY, busy, not_found, responses
 from ..generation import cache_policy
 from ..schemas import CreateSessionRequest, SessionCache, SessionCreated, SessionInfo
@@ -32,12 +30,10 @@ _CREATED = {"X-Session-ID": {"description": "The new session's id.", "schema": {
 @router.post("", response_model=SessionCreated, status_code=201,
              responses={201: {"headers": _CREATED}, **responses(*POSTED)})
 async def create_session(state: ReadyState, body: CreateSessionRequest | None = None,
-                         x_new_session_id: Annotated[str | None, Header(include_in_schema=False)] = None):
+                         proposed_id: ProxySessionId = None):
     """Create an empty session with its cache configuration (the server's default when left out)."""
-    if not state.settings.trusted_proxy:
-        x_new_session_id = None  # only a trusted routing proxy may name a new session
     policy = cache_policy(state, body.cache if body else None)
-    session = state.store.create(state.classes_of(policy)[0], proposed_id=x_new_session_id)
+    session = state.store.create(state.classes_of(policy)[0], proposed_id=proposed_id)
     return Response(SessionCreated(session_id=session.id).model_dump_json(), 201,
                     media_type="application/json", headers={"X-Session-ID": session.id})
 

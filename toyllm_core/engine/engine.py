@@ -253,7 +253,8 @@ class Engine:
             column(lambda r: r.sampling.top_logprobs, np.int32), n_rows=n_rows, max_steps=self.steps_per_call)
         out, logprobs, emitted = np.asarray(out), np.asarray(logprobs), np.asarray(emitted)
         remaining, keys = np.asarray(remaining), np.asarray(keys)
-        top_ids, top_lps = np.asarray(top_ids), np.asarray(top_lps)  # host copies: slicing on device compiles
+        if any(r.sampling.top_logprobs for r in active):  # host copies (slicing on device would compile)
+            top_ids, top_lps = np.asarray(top_ids), np.asarray(top_lps)
 
         outputs = []
         for r in active:
