@@ -78,7 +78,8 @@ def _start(state: ServerState) -> None:
     if s.interleave_chunk > s.max_prefill_chunk:
         raise ValueError("interleave_chunk must not exceed max_prefill_chunk")
     state.classes = plan_classes(policies, model.kv_bytes_per_token, s.max_concurrent_requests,
-                                 s.decode_state_bytes, s.max_prefill_chunk, full_tokens)
+                                 s.decode_state_bytes, s.max_prefill_chunk, full_tokens,
+                                 s.prefill_window)
     m = state.metrics
     state.store = SessionStore(s.max_sessions, s.session_ttl_s, s.max_cache_bytes, model.kv_bytes_per_token,
                                on_created=m.sessions_created.inc,

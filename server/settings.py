@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     steps_per_call: int = Field(4, ge=1, le=64, description="Decode steps per jitted call (fewer host "
                                                             "round trips; tokens arrive in bursts).")
     max_prefill_chunk: int = Field(512, ge=16, description="Longest prefill chunk (a power of two).")
+    prefill_window: int | None = Field(None, ge=16, description="Prompt tokens a compressing cache takes "
+                                       "in between two compressions of a prefill [default: "
+                                       "max_prefill_chunk]. Larger lets the policy choose with more of the "
+                                       "prompt in view (up to max_prompt_tokens: once, after the whole "
+                                       "prompt) for one prefill cache of that many more tokens.")
     interleave_chunk: int = Field(64, ge=16, description="Longest prefill chunk while other streams "
                                   "decode (a power of two): a long prompt is admitted in such pieces "
                                   "between decode calls.")

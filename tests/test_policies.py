@@ -37,7 +37,7 @@ def _host(cache: KVCache) -> KVCache:
 
 
 def test_registry_lists_the_policies():
-    assert policy_names() == ["full", "h2o", "knorm", "random", "snapkv", "streaming"]
+    assert policy_names() == ["adakv", "expected", "full", "h2o", "knorm", "pyramidkv", "random", "snapkv", "streaming"]
 
 
 @pytest.mark.parametrize("policy", EVICTING)
@@ -112,9 +112,10 @@ def snapkv_reference(k, pos, length, recent_q, recent_pos, next_pos, cfg: CacheC
 def test_snapkv_matches_numpy_reference_on_random_inputs(n_kv_heads, budget):
     rng = np.random.default_rng(budget + n_kv_heads)
     n_layers, heads, d, cap, length = 2, 4, 8, 128, 100
-    # A cache that was compressed before: positions increase with gaps.
-    pos = np.sort(rng.choice(np.arange(4, 400), length - 4, replace=False))
-    pos = np.concatenate([np.arange(4), pos])
+    # A cache that was compressed before: positions increase with gaps, but the recent window
+    # (never evicted) is whole.
+    pos = np.sort(rng.choice(np.arange(4, 380), length - 4 - 16, replace=False))
+    pos = np.concatenate([np.arange(4), pos, np.arange(380, 396)])
     next_pos = int(pos[-1]) + 1
     recent_pos = np.full(RECENT_QUERIES, -1, np.int32)
     for p in range(next_pos - RECENT_QUERIES, next_pos):  # the ring holds the last obs_window queries
@@ -138,8 +139,10 @@ def test_snapkv_matches_numpy_reference_on_random_inputs(n_kv_heads, budget):
 
 # ----------------------------------------------------- query-agnostic baselines: key norm, random
 def _random_cache(rng, n_layers=2, n_kv=2, cap=96, length=80, d=8) -> tuple[KVCache, np.ndarray]:
-    """A one-row cache of random keys at increasing positions with gaps (as after compressions)."""
-    pos = np.concatenate([np.arange(4), np.sort(rng.choice(np.arange(4, 300), length - 4, replace=False))])
+    """A one-row cache of random keys at increasing positions with gaps (as after compressions), the
+    last 16 (the recent window, never evicted) whole."""
+    middle = np.sort(rng.choice(np.arange(4, 284), length - 4 - 16, replace=False))
+    pos = np.concatenate([np.arange(4), middle, np.arange(284, 300)])
     pos_all = np.tile(np.concatenate([pos, np.full(cap - length, -1)]).astype(np.int32), (n_layers, n_kv, 1))
     k = (rng.normal(size=(n_layers, n_kv, cap, d)) * rng.uniform(0.2, 3, size=(n_layers, n_kv, cap, 1)))
     cache = KVCache(k=jnp.asarray(k[:, None], jnp.float32), v=jnp.asarray(k[:, None], jnp.float32),

@@ -35,6 +35,7 @@ class KVCache(eqx.Module):
     score: jax.Array | None = None  # [layers, batch, kv_heads, capacity] float32 attention received
     recent_q: jax.Array | None = None  # [layers, batch, heads, R, head_dim] float32 ring buffer, slot = pos % R
     recent_pos: jax.Array | None = None  # [batch, R] int32 position of each remembered query, -1 = none
+    rope_theta: float = eqx.field(static=True, default=10000.0)  # how the keys were rotated (Expected Attention)
 
     @property
     def capacity(self) -> int:
@@ -116,6 +117,32 @@ class KVCache(eqx.Module):
             cache = eqx.tree_at(lambda c: c.recent_pos, cache, self.recent_pos.at[rows, ring].set(pos, mode="drop"))
         return cache
 
+    def with_signals(self, scores: bool = False, recent: int = 0) -> KVCache:
+        """The same slots carrying only the signals asked for: the attention scores if `scores`, and
+        the last `recent` queries (at most the ring this cache has). One prefill recorded with every
+        signal can then be compressed by several policies (the long-context evaluation)."""
+        score = self.score if scores else None
+        recent_q = recent_pos = None
+        if recent:
+            ring = self.recent_q.shape[3]
+            if recent > ring:
+                raise ValueError(f"the cache remembers {ring} queries, fewer than {recent}")
+            last = self.next_pos[:, None] - 1  # [B, 1]
+            wanted = last - ((last - jnp.arange(recent)[None, :]) % recent)  # slot j: latest position = j mod r
+            src = wanted % ring
+            rows = jnp.arange(self.batch)[:, None]
+            ok = (wanted >= 0) & (self.recent_pos[rows, src] == wanted)
+            recent_pos = jnp.where(ok, wanted, -1).astype(jnp.int32)
+            recent_q = self.recent_q[:, rows, :, src].transpose(2, 0, 3, 1, 4)  # [L, B, H, recent, hd]
+        return KVCache(self.k, self.v, self.pos, self.length, self.next_pos, score, recent_q, recent_pos,
+                       self.rope_theta)
+
+    @staticmethod
+    def stack(caches: list[KVCache]) -> KVCache:
+        """One cache whose rows are the rows of `caches` (same capacity and signals), in order."""
+        axes = _batch_axes(caches[0])
+        return jax.tree.map(lambda *xs: jnp.concatenate(xs[1:], axis=xs[0]), axes, *caches)
+
     # ---------------------------------------------------------------------------- whole rows
     def rows(self, start, n: int = 1) -> KVCache:
         """Rows start .. start + n as a cache of n rows (start may be traced)."""
@@ -164,7 +191,8 @@ def _batch_axes(cache: KVCache) -> KVCache:
     """The batch axis of every leaf: 1 under the leading layer axis, 0 for per-row leaves."""
     per_layer = lambda x: None if x is None else 1
     return KVCache(k=1, v=1, pos=1, length=0, next_pos=0, score=per_layer(cache.score),
-                   recent_q=per_layer(cache.recent_q), recent_pos=None if cache.recent_pos is None else 0)
+                   recent_q=per_layer(cache.recent_q), recent_pos=None if cache.recent_pos is None else 0,
+                   rope_theta=cache.rope_theta)
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
@@ -181,6 +209,7 @@ def empty_cache(cfg: ModelConfig, batch: int, capacity: int, dtype, scores: bool
         score=jnp.zeros(lead, jnp.float32) if scores else None,
         recent_q=jnp.zeros((cfg.n_layers, batch, cfg.n_heads, recent, cfg.head_dim), jnp.float32) if recent else None,
         recent_pos=jnp.full((batch, recent), -1, jnp.int32) if recent else None,
+        rope_theta=cfg.rope_theta,
     )
 
 

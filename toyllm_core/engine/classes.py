@@ -2,8 +2,9 @@
 
 A cache class is a policy with its parameters plus the shapes that serve it: `slots` decode rows of
 `capacity` slots each, and the capacity a prompt is prefilled into. A compressing policy's rows
-hold `budget + slack` slots (decoding compresses when they fill); its prefill cache has room for the
-budget plus one chunk. A full cache's class holds up to `tokens` tokens (a few such classes up to
+hold `kept_slots + slack` slots (decoding compresses when they fill; `kept_slots` is the budget
+unless the policy spreads it unevenly over heads or layers); its prefill cache has room for the
+kept slots plus one chunk. A full cache's class holds up to `tokens` tokens (a few such classes up to
 the model context; a session moves up to a larger one as it grows). Every shape the engine will
 ever compile follows from the classes in closed form (see `programs`).
 """
@@ -53,16 +54,26 @@ class CacheClass:
     prefill_capacity: int  # cache slots a prompt is prefilled into
     max_chunk: int  # the longest prefill chunk
     tokens: int | None = None  # full cache: the most tokens a sequence of this class may hold
+    prefill_window: int = 0  # compressing: prompt tokens taken in between compressions of a prefill
 
     @staticmethod
-    def make(policy: Policy, slots: int, max_chunk: int, tokens: int | None = None) -> CacheClass:
+    def make(policy: Policy, slots: int, max_chunk: int, tokens: int | None = None,
+             prefill_window: int | None = None) -> CacheClass:
+        """`prefill_window` (compressing policies): prompt tokens taken in between two compressions
+        of a prefill [default: `max_chunk`]. A larger window keeps a larger prefill cache (one row,
+        kept slots + window) and lets the policy see more of the prompt, up to all of it, before it
+        chooses; the decode rows are the same size either way."""
         chunk_sizes(max_chunk)  # validates
         if slots < 1:
             raise ValueError("a cache class needs at least one slot")
         if isinstance(policy, EvictingPolicy):
             if policy.slack > max_chunk:
                 raise ValueError(f"slack ({policy.slack}) must not exceed the prefill chunk ({max_chunk})")
-            return CacheClass(policy, slots, policy.trigger, policy.budget + max_chunk + MIN_CHUNK, max_chunk)
+            window = max_chunk if prefill_window is None else prefill_window
+            if window < max_chunk:
+                raise ValueError(f"the prefill window ({window}) must not be shorter than the chunk ({max_chunk})")
+            return CacheClass(policy, slots, policy.trigger, policy.kept_slots + window + MIN_CHUNK, max_chunk,
+                              prefill_window=window)
         if tokens is None or tokens < 1:
             raise ValueError("a full-cache class needs its token limit")
         return CacheClass(policy, slots, tokens + MIN_CHUNK, tokens + MIN_CHUNK, max_chunk, tokens)
@@ -94,16 +105,16 @@ def next_piece(cls: CacheClass, length: int, remaining: int, limit: int) -> Piec
     """The next piece of a prompt with `remaining` tokens left, on a prefill cache holding `length`,
     taking at most `limit` tokens (smaller while other rows decode).
 
-    A compressing policy compresses when its prefill cache holds budget + max_chunk tokens, and after
+    A compressing policy compresses when its prefill cache holds kept slots + prefill window tokens, and after
     the prompt's last piece: the points where it compresses depend on token counts only, never on
     `limit`, so a prompt keeps the same tokens whether it was prefilled alone or beside decoding rows.
     """
     compress_first = False
     real = min(remaining, limit, cls.max_chunk)
     if cls.evicts:
-        full_at = cls.policy.budget + cls.max_chunk
+        full_at = cls.policy.kept_slots + cls.prefill_window
         if length >= full_at:
-            compress_first, length = True, cls.policy.budget
+            compress_first, length = True, cls.policy.kept_slots
         real = min(real, full_at - length)
     padded = max(MIN_CHUNK, 1 << (real - 1).bit_length())
     if length + padded > cls.prefill_capacity:
@@ -113,7 +124,7 @@ def next_piece(cls: CacheClass, length: int, remaining: int, limit: int) -> Piec
 
 
 def plan_classes(policies: list[Policy], bytes_per_token: int, max_running: int, state_bytes: int,
-                 max_chunk: int, full_tokens: list[int]) -> list[CacheClass]:
+                 max_chunk: int, full_tokens: list[int], prefill_window: int | None = None) -> list[CacheClass]:
     """The classes a server warms: one per compressing policy, and one per token limit in
     `full_tokens` for the full cache (if it is among `policies`). Each class gets as many decode
     slots as `state_bytes` of cache allow, between 1 and `max_running`."""
@@ -121,7 +132,7 @@ def plan_classes(policies: list[Policy], bytes_per_token: int, max_running: int,
     for policy in dict.fromkeys(policies):  # de-duplicated, in order
         limits = [None] if policy.evicts else sorted(set(full_tokens))
         for tokens in limits:
-            probe = CacheClass.make(policy, 1, max_chunk, tokens)
+            probe = CacheClass.make(policy, 1, max_chunk, tokens, prefill_window)
             slots = max(1, min(max_running, state_bytes // (probe.capacity * bytes_per_token)))
-            classes.append(CacheClass.make(policy, slots, max_chunk, tokens))
+            classes.append(CacheClass.make(policy, slots, max_chunk, tokens, prefill_window))
     return classes

@@ -174,10 +174,11 @@ class Engine:
         return job.finished
 
     def _compress_prefill(self, job: Prefill) -> None:
+        policy = job.cls.policy
         job.cache = steps.compress_cache(job.cache, cls=job.cls)
-        job.evicted += job.length - job.cls.policy.budget
+        job.evicted += _evicted(policy, job.length, job.compressions)
         job.compressions += 1
-        job.length = job.cls.policy.budget
+        job.length = min(job.length, policy.kept_slots)
 
     def start(self, job: Prefill) -> Sequence:
         """After the last piece: sample the first token (the same sampler as decoding) and, if the
@@ -281,9 +282,9 @@ class Engine:
             if self.on_compress is not None:
                 state.cache.length.block_until_ready()
                 self.on_compress(r, time.perf_counter() - started)
-            r.tokens_evicted += r.length - cls.policy.budget
+            r.tokens_evicted += _evicted(cls.policy, r.length, r.compressions)
             r.compressions += 1
-            r.length = cls.policy.budget
+            r.length = min(r.length, cls.policy.kept_slots)
 
     def room(self, seq: Sequence) -> int:
         """Decode steps the sequence can take before it must compress (or is at its capacity)."""
@@ -346,3 +347,11 @@ class Engine:
         while not self.prefill(job):
             pass
         return self.start(job)
+
+
+def _evicted(policy, length: int, compressions: int) -> int:
+    """Tokens a compression of a row of `length` slots evicts, on average per layer and KV head.
+    Every compression leaves `budget` live slots on average; a policy that spreads its budget
+    unevenly leaves them among `kept_slots` (the rest empty), which were not tokens."""
+    live = length - (policy.kept_slots - policy.budget if compressions else 0)
+    return max(live - policy.budget, 0)

@@ -6,6 +6,12 @@ specialise on it) and one scoring function that rates every cache slot per layer
 for the policy carries exactly those, so a forward computes only what some row needs. Everything
 else lives here, once: protecting the attention sinks and the recent window, the top-k, and
 gathering the kept slots to the front in position order.
+
+Most policies keep the same number of slots in every layer and KV head. Some spread a total over
+heads (AdaKV) or layers (PyramidKV): `allocate` says how many slots each (layer, row, KV head)
+keeps, and `kept_slots` bounds it. The cache's shape stays static: every head's kept slots go to
+the front in position order and the rest of the first `kept_slots` slots are left empty (position
+-1, masked like any empty slot), so a row's length is always `kept_slots` after a compression.
 """
 
 from __future__ import annotations
@@ -76,9 +82,21 @@ class EvictingPolicy(Policy):
         return self
 
     @property
+    def kept_slots(self) -> int:
+        """Slots a row occupies after a compression: `budget`, or the most any one layer and head
+        may keep under a policy whose budget varies."""
+        return self.budget
+
+    @property
     def trigger(self) -> int:
         """Cache length at which decoding compresses (amortises compression over `slack` steps)."""
-        return self.budget + self.slack
+        return self.kept_slots + self.slack
+
+    def allocate(self, scores: jax.Array, live: jax.Array, protected: jax.Array) -> jax.Array:
+        """Slots to keep per layer, row and KV head [layers, batch, kv_heads] int32, given the
+        scores and masks of `compress` (protected slots score +inf, empty ones -inf): `budget`
+        everywhere unless the policy spreads its budget unevenly."""
+        return jnp.full(scores.shape[:3], self.budget, jnp.int32)
 
     def score(self, cache: KVCache) -> jax.Array:
         """Score every slot: [layers, batch, kv_heads, capacity], higher = keep. Empty slots, sinks
@@ -89,37 +107,40 @@ class EvictingPolicy(Policy):
 def protected_slots(cache: KVCache, policy: EvictingPolicy) -> tuple[jax.Array, jax.Array]:
     """(live, protected) masks [layers, batch, kv_heads, capacity].
 
-    Slots are in position order, so the sinks are the first `sink_size` slots and the window the
-    last `window_size` live ones.
+    By original position, since a head may have empty slots among its live ones: the sinks are
+    positions below `sink_size`, the window the last `window_size` positions seen.
     """
-    slot = jnp.arange(cache.capacity)
-    length = cache.length[None, :, None, None]
     live = cache.pos >= 0
-    recent = (slot >= length - policy.window_size) & (slot < length)
-    protected = live & ((slot < policy.sink_size) | recent)
+    recent = cache.pos >= (cache.next_pos - policy.window_size)[None, :, None, None]
+    protected = live & ((cache.pos < policy.sink_size) | recent)
     return live, protected
 
 
 def compress(cache: KVCache, policy: EvictingPolicy) -> KVCache:
-    """Keep exactly `budget` slots per layer, row and KV head (all live ones if fewer), in position
-    order, at the front of the same capacity."""
+    """Keep the slots `policy.allocate` grants each layer, row and KV head (`budget` unless the
+    policy spreads it; all live ones if fewer) in position order at the front of the same
+    capacity; the row's length becomes `kept_slots` (or stays, if shorter)."""
     live, protected = protected_slots(cache, policy)
     scores = policy.score(cache)
     scores = jnp.where(protected, jnp.inf, jnp.where(live, scores, -jnp.inf))
-    _, keep = jax.lax.top_k(scores, policy.budget)  # [layers, batch, kv_heads, budget]
-    keep = jnp.sort(keep, axis=-1)  # slot order is position order
-    pad = cache.capacity - policy.budget
+    counts = policy.allocate(scores, live, protected)  # [layers, batch, kv_heads]
+    k_max = policy.kept_slots
+    _, best = jax.lax.top_k(scores, k_max)  # [layers, batch, kv_heads, k_max], best first
+    chosen = (jnp.arange(k_max) < counts[..., None]) & jnp.take_along_axis(live, best, axis=3)
+    # Chosen slots first in slot (= position) order, the rest after them.
+    keep = jnp.sort(jnp.where(chosen, best, best + cache.capacity), axis=-1) % cache.capacity
+    kept = jnp.sort(chosen, axis=-1)[..., ::-1]  # as many True first as were chosen
+    pad = cache.capacity - k_max
 
     def gather(x: jax.Array, fill) -> jax.Array:
         index = keep if x.ndim == 4 else keep[..., None]
-        kept = jnp.take_along_axis(x, index, axis=3)
+        kept_x = jnp.take_along_axis(x, index, axis=3)
         widths = [(0, 0)] * x.ndim
         widths[3] = (0, pad)
-        return jnp.pad(kept, widths, constant_values=fill)
+        return jnp.pad(kept_x, widths, constant_values=fill)
 
-    new_length = jnp.minimum(cache.length, policy.budget)
-    # When fewer than `budget` slots were live, top-k also picked empty slots; they sort last.
-    in_use = jnp.arange(cache.capacity) < new_length[None, :, None, None]
+    new_length = jnp.minimum(cache.length, k_max)
+    in_use = jnp.pad(kept, [(0, 0)] * 3 + [(0, pad)])
     fields = lambda c: [c.k, c.v, c.pos, c.length] + ([c.score] if c.score is not None else [])
     values = [gather(cache.k, 0), gather(cache.v, 0), jnp.where(in_use, gather(cache.pos, -1), -1), new_length]
     if cache.score is not None:
