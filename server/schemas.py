@@ -27,6 +27,10 @@ class CacheSpec(BaseModel):
     obs_window: int | None = Field(None, ge=1, le=MAX_OBS_WINDOW)
     pool_kernel: int | None = Field(None, ge=1, le=65536)
     seed: int | None = Field(None, ge=0, lt=2**32, description="random: the seed of its choice.")
+    floor_pct: int | None = Field(None, ge=0, le=100, description="adakv: the least share of the budget a head keeps (%).")
+    max_factor: int | None = Field(None, ge=1, le=16, description="adakv: the most a head keeps, in budgets.")
+    beta: int | None = Field(None, ge=1, le=1024, description="pyramidkv: the last layer keeps budget / beta.")
+    n_future: int | None = Field(None, ge=1, le=65536, description="expected: future positions averaged over.")
 
 
 class GenerateRequest(BaseModel):

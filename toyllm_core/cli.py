@@ -100,7 +100,8 @@ def generate(
     prompt: Annotated[str, typer.Option(help="Text to continue.")],
     checkpoint: CheckpointOpt = None,
     preset: PresetOpt = None,
-    policy: Annotated[str, typer.Option(help="KV-cache policy: full, streaming, snapkv, h2o, knorm, random.")] = "snapkv",
+    policy: Annotated[str, typer.Option(help="KV-cache policy: full, streaming, snapkv, h2o, knorm, random, adakv, pyramidkv, "
+                                             "expected.")] = "snapkv",
     budget: int = 64,
     sink_size: int = 4,
     window_size: int = 16,
@@ -342,9 +343,20 @@ def eval_(
     data: Annotated[str | None, typer.Option(help="Evaluation data SPEC (file:PATH, offline:DIR); not needed "
                                                   "for --protocol copy.")] = None,
     protocol: Annotated[str, typer.Option(help="streaming, prefill, copy, or corpus (full-cache token- and "
-                                               "word-level perplexity of the whole text).")] = "streaming",
+                                               "word-level perplexity of the whole text); long contexts: "
+                                               "passkey, niah, session-qa, ppl (docs/compression.md).")] = "streaming",
     policies: Annotated[str, typer.Option(help="Comma-separated policies.")] = "streaming,snapkv,h2o",
     budgets: Annotated[str, typer.Option(help="Comma-separated budgets.")] = "32,64,128,256",
+    lengths: Annotated[str, typer.Option(help="passkey, niah, ppl: comma-separated context lengths in tokens "
+                                             "(session-qa: the document length).")] = "1024,2048,4096,8192",
+    depths: Annotated[str, typer.Option(help="passkey: comma-separated needle depths in [0, 1].")] = "0,0.25,0.5,0.75,1",
+    samples: Annotated[int, typer.Option(min=1, help="passkey: prompts per (length, depth); niah: per length; "
+                                                    "session-qa: documents.")] = 2,
+    seed: Annotated[int, typer.Option(help="passkey, niah, session-qa: the generators' seed.")] = 0,
+    corpus: Annotated[str, typer.Option(help="niah, session-qa: the prose (a data SPEC; its held-out split).")] =
+        "offline:data/offline",
+    facts: Annotated[int, typer.Option(min=1, max=10, help="session-qa: planted facts = turns.")] = 5,
+    dtype: DtypeOpt = "float32",
     seq_len: Annotated[int, typer.Option(help="Sequence length (streaming; prefill: context + continuation).")] = 1024,
     context: Annotated[int | None, typer.Option(help="Prefill/copy: tokens prefilled before compressing "
                                                      "\\[default: half the sequence].")] = None,
@@ -360,10 +372,14 @@ def eval_(
 
     from .evaluate import as_dicts as rows_as_dicts
     from .evaluate import copy_sequences, corpus_perplexity, evaluate, format_table, windows
+    from .longctx.protocols import LONG_PROTOCOLS
     from .plots import perplexity_vs_budget
 
+    if protocol in LONG_PROTOCOLS:
+        return _eval_long(protocol, data, policies, budgets, lengths, depths, samples, seed, corpus, facts, max_sequences,
+                          checkpoint, preset, dtype, json_out, plot)
     try:
-        model, tokenizer, name = _load(checkpoint, preset)
+        model, tokenizer, name = _load(checkpoint, preset, dtype=dtype)
         if protocol == "corpus":
             if data is None:
                 raise ValueError("--data is required for the corpus protocol")
@@ -392,6 +408,60 @@ def eval_(
         _write_json(json_out, {"model": name, "data": data, "rows": rows_as_dicts(rows)})
     if plot:
         perplexity_vs_budget(rows_as_dicts(rows), plot, f"{name}: {protocol} protocol")
+
+
+def _eval_long(protocol, data, policies, budgets, lengths, depths, samples, seed, corpus, facts, max_sequences,
+               checkpoint, preset, dtype, json_out, plot) -> None:
+    """The long-context protocols (see `toyllm_core.longctx`)."""
+    import time
+
+    from .chat import ChatTemplate
+    from .data import load_text
+    from .longctx import protocols as lc
+    from .longctx.report import format_accuracy
+    from .machine import machine
+    from .plots import score_vs_budget
+
+    started = time.perf_counter()
+    try:
+        names = [p.strip() for p in policies.split(",") if p.strip()]
+        configs = [_policy("full")] + [_policy(p, budget=b) for p in names if p != "full"
+                                       for b in _positive_ints("--budgets", budgets)]
+        sizes = _positive_ints("--lengths", lengths)
+        at = [float(d) for d in depths.split(",")]
+        if any(not 0 <= d <= 1 for d in at):
+            raise ValueError("--depths must lie in [0, 1]")
+        model, tokenizer, name = _load(checkpoint, preset, dtype=dtype)
+        chat = ChatTemplate.of(tokenizer)
+        log = lambda m: typer.echo(m, err=True)
+        if protocol == "passkey":
+            records, rows = lc.run_passkey(model, tokenizer, chat, configs, sizes, at, samples, seed, log)
+        elif protocol == "niah":
+            records, rows = lc.run_niah(model, tokenizer, chat, load_text(corpus, "heldout"), configs, sizes, samples,
+                                        seed, log)
+        elif protocol == "session-qa":
+            records, rows = lc.run_session_qa(model, tokenizer, chat, load_text(corpus, "heldout"), configs, sizes[0],
+                                              facts, samples, seed, log)
+        else:
+            if data is None:
+                raise ValueError("--data is required for the ppl protocol")
+            _, tokens = _spec_text_and_tokens(tokenizer, data)
+            records, rows = lc.run_ppl(model, tokens, configs, sizes, max_sequences, log)
+    except (ValueError, OSError) as e:
+        raise _fail(str(e)) from None
+    if protocol == "ppl":
+        typer.echo(lc.format_ppl(rows))
+    else:
+        typer.echo(format_accuracy([r for r in rows if not r.get("by_turn")], ("length", "policy", "budget")))
+        if protocol == "session-qa":
+            typer.echo(format_accuracy([r for r in rows if r.get("by_turn")], ("policy", "budget", "turn")))
+    if json_out:
+        _write_json(json_out, {"model": name, "protocol": protocol, "dtype": dtype, "seed": seed, "samples": samples,
+                               "machine": machine(), "seconds": round(time.perf_counter() - started, 1),
+                               "rows": rows, "records": records})
+    if plot:
+        metric, label = ("perplexity", "perplexity") if protocol == "ppl" else ("accuracy", "accuracy")
+        score_vs_budget([r for r in rows if not r.get("by_turn")], plot, metric, label, f"{name}: {protocol}")
 
 
 @data_app.command("build-offline")

@@ -25,7 +25,8 @@ def _plain_log_axes(ax) -> None:
 # One colour and marker per policy in every panel and figure.
 _POLICY_STYLE = {"none": ("tab:gray", "x"), "full": ("tab:blue", "o"), "streaming": ("tab:green", "s"),
                  "snapkv": ("tab:red", "^"), "h2o": ("tab:orange", "v"), "knorm": ("tab:purple", "D"),
-                 "random": ("tab:brown", "P")}
+                 "random": ("tab:brown", "P"), "adakv": ("tab:pink", "*"), "pyramidkv": ("tab:olive", "h"),
+                 "expected": ("tab:cyan", "X")}
 
 
 def _style(policy: str) -> dict:
@@ -136,4 +137,37 @@ def training_curves(metrics_jsonl: str | Path, out: str | Path, title: str = "")
     lr_ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out)
+    plt.close(fig)
+
+
+def score_vs_budget(rows: list[dict], out: str | Path, metric: str, ylabel: str, title: str = "") -> None:
+    """One panel per context length: `metric` of each policy against cache budget (log x), the full
+    cache as a dashed line, with each cell's 95% interval as error bars when the rows have one."""
+    lengths = sorted({r["length"] for r in rows})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.6), squeeze=False)
+    for ax, length in zip(axes[0], lengths, strict=True):
+        at = [r for r in rows if r["length"] == length]
+        for r in at:
+            if r["policy"] == "full":
+                ax.axhline(r[metric], color=_style("full")["color"], ls="--", label="full")
+        for policy in sorted({r["policy"] for r in at} - {"full"}):
+            pts = sorted((r for r in at if r["policy"] == policy), key=lambda r: r["budget"])
+            x = [r["budget"] for r in pts]
+            y = [r[metric] for r in pts]
+            err = None
+            if all(r.get("ci95") for r in pts):
+                err = np.array([[v - r["ci95"][0] for v, r in zip(y, pts, strict=True)],
+                                [r["ci95"][1] - v for v, r in zip(y, pts, strict=True)]]).clip(0)
+            ax.errorbar(x, y, yerr=err, label=policy, capsize=2, lw=1.2, ms=5, **_style(policy))
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(_PLAIN)
+        ax.set_xlabel("cache budget (slots per layer and KV head)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{length} tokens")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -1,4 +1,6 @@
-"""KV-cache compression policies: `full`, `streaming`, `snapkv`, `h2o` (one module each)."""
+"""KV-cache compression policies, one module each: `full`, `streaming`, `snapkv`, `h2o`, `knorm`,
+`random`, and those whose budget varies over heads or layers, `adakv` and `pyramidkv`, and the
+query-agnostic `expected`."""
 
 from .base import EvictingPolicy, Policy, Signals, compress, protected_slots
 from .registry import make_policy, parse_policy, policy_class, policy_names, register
