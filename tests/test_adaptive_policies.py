@@ -16,6 +16,8 @@ from toyllm_core.engine.steps import decode_rows, prefill_chunk, teacher_forced
 from toyllm_core.policies import compress, make_policy
 from toyllm_core.policies.expected_attention import expected_attention
 
+pytestmark = pytest.mark.longctx
+
 compress_one = jax.jit(compress, static_argnums=1)
 score_one = jax.jit(lambda cache, policy: policy.score(cache), static_argnums=1)
 expected_one = jax.jit(expected_attention, static_argnums=(1, 2))

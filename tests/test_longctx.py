@@ -15,6 +15,8 @@ from toyllm_core.longctx.session import run_sessions
 from toyllm_core.policies import make_policy
 from toyllm_core.sampling import SamplingParams
 
+pytestmark = pytest.mark.longctx
+
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 

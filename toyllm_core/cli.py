@@ -107,7 +107,7 @@ def generate(
     window_size: int = 16,
     slack: int = 16,
     obs_window: int = 16,
-    pool_kernel: int = 7,
+    pool_kernel: int = 15,
     max_new_tokens: int = 64,
     temperature: float = 0.8,
     top_k: int = 0,

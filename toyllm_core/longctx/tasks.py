@@ -25,9 +25,10 @@ PASSKEY_QUESTION = "\nWhat is the pass key?"
 
 NIAH_TASK = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. "
              "I will quiz you about the numbers afterwards.\n")
-# No start of the answer after the generation prompt: SmolLM2-135M-Instruct found the key more
-# often when it wrote "The pass key is ..." itself (1k tokens, full cache: 3 of 4 depths against 1 of 4
-# with the prefix given in its turn, and 0 of 4 with the prefix in the question).
+# The question comes before the text and again after it, and the model writes its whole answer (no
+# "The pass key is" given in its turn): with a full cache, SmolLM2-135M-Instruct found the key at
+# 3 of 3 depths of ~5k tokens asked so, 1 of 3 with the question only after the text, and 1 of 4 at
+# 1k tokens with the start of the answer given.
 NIAH_KEYS = ("apple", "river", "lantern", "violet", "harbor", "falcon", "meadow", "copper", "thunder", "saffron",
              "glacier", "orchid", "compass", "ember", "willow", "quartz", "canyon", "marble", "pepper", "sparrow")
 
@@ -91,7 +92,7 @@ def passkey(tokenizer, frame: PromptFrame, length: int, depth: float, seed: int)
     rng = np.random.default_rng([seed, length, round(depth * 1000)])
     key = str(rng.integers(10000, 100000))
     needle = _ids(tokenizer, f" The pass key is {key}. Remember it. {key} is the pass key.")
-    task, question = _ids(tokenizer, PASSKEY_TASK), _ids(tokenizer, PASSKEY_QUESTION)
+    task, question = _ids(tokenizer, PASSKEY_TASK + PASSKEY_QUESTION.strip() + "\n"), _ids(tokenizer, PASSKEY_QUESTION)
     room = length - len(frame.before) - len(task) - len(needle) - len(question) - len(frame.after)
     unit = _ids(tokenizer, FILLER)
     if room < len(unit):
@@ -142,8 +143,8 @@ def niah(tokenizer, frame: PromptFrame, corpus: str, length: int, seed: int, n_k
     asked = int(rng.integers(n_keys))
     needles = [_ids(tokenizer, f" One of the special magic numbers for {k} is: {v}.") for k, v in zip(keys, values,
                                                                                                          strict=True)]
-    task = _ids(tokenizer, NIAH_TASK)
-    question = _ids(tokenizer, f"\nWhat is the special magic number for {keys[asked]} mentioned in the provided text?")
+    asking = f"What is the special magic number for {keys[asked]} mentioned in the provided text?"
+    task, question = _ids(tokenizer, NIAH_TASK + asking + "\n"), _ids(tokenizer, "\n" + asking)
     room = length - len(frame.before) - len(task) - sum(map(len, needles)) - len(question) - len(frame.after)
     if room < 64:
         raise ValueError(f"a niah prompt of {length} tokens leaves no room for text")
