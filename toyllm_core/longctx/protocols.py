@@ -95,7 +95,7 @@ def run_ppl(model: ToyLLM, tokens: np.ndarray, policies: list[Policy], lengths: 
             ppl = float(np.exp(nll.mean()))
             ref = float(np.exp(reference.mean()))
             delta = 100 * (ppl / ref - 1)
-            ci = None if policy is not None and not policy.evicts else perplexity.block_bootstrap(nll, reference)
+            ci = perplexity.block_bootstrap(nll, reference) if policy.evicts else None
             rows.append({"length": length, "policy": policy.name, "budget": policy.budget if policy.evicts else None,
                          "sequences": n, "tokens": int(nll.size), "perplexity": ppl,
                          "delta_pct": None if not policy.evicts else delta, "ci95": ci})
