@@ -147,3 +147,22 @@ def test_session_first_turn_under_full_equals_direct_greedy(model, tokenizer):
     assert len(full) == len(snap) == 2
     assert full[0].reply == tokenizer.decode(_direct_greedy(model, prompt, 5), skip_special_tokens=True)
     assert [t.question for t in full] == doc.questions
+
+
+def test_prefill_window_sets_the_prefill_cache_and_when_a_prompt_compresses():
+    from toyllm_core.engine import next_piece, plan_classes
+
+    policy = make_policy("snapkv", budget=64)
+    (cls,) = plan_classes([policy], 1000, 4, 1 << 20, 128, [256], prefill_window=1024)
+    assert (cls.prefill_window, cls.prefill_capacity, cls.capacity) == (1024, 64 + 1024 + 16, 64 + 16)
+    # A 1000-token prompt goes in whole before the one compression after it ...
+    length = 0
+    while length < 1000:
+        piece = next_piece(cls, length, 1000 - length, 128)
+        assert not piece.compress_first
+        length += piece.real
+    # ... while the default window (one chunk) compresses whenever kept + 128 slots are full.
+    default = CacheClass.make(policy, 1, 128)
+    assert default.prefill_window == 128 and next_piece(default, 64 + 128, 500, 128).compress_first
+    with pytest.raises(ValueError, match="must not be shorter than the chunk"):
+        CacheClass.make(policy, 1, 128, prefill_window=64)
