@@ -129,7 +129,7 @@ def compress(cache: KVCache, policy: EvictingPolicy) -> KVCache:
     chosen = (jnp.arange(k_max) < counts[..., None]) & jnp.take_along_axis(live, best, axis=3)
     # Chosen slots first in slot (= position) order, the rest after them.
     keep = jnp.sort(jnp.where(chosen, best, best + cache.capacity), axis=-1) % cache.capacity
-    kept = jnp.sort(chosen, axis=-1)[..., ::-1]  # as many True first as were chosen
+    kept = jnp.arange(k_max) < chosen.sum(axis=-1, keepdims=True)  # the chosen ones come first
     pad = cache.capacity - k_max
 
     def gather(x: jax.Array, fill) -> jax.Array:
