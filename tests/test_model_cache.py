@@ -45,13 +45,30 @@ def test_layers_are_stacked_and_scanned(model):
     assert sum(e.primitive.name == "dot_general" for e in eqns) == 0  # all inside the scan
 
 
-def test_inference_copy_of_the_embedding_gives_the_same_logits(model):
+def test_inference_layout_gives_the_same_logits(model):
+    # float32: the layout changes nothing but the storage.
     fast = model.for_inference()
-    assert fast.unembed.shape == (model.cfg.d_model, model.cfg.vocab_size)
-    assert cached_vs_recomputed(fast, length=100).cached_vs_recomputed < 1e-4  # batch-1 decode (the copy) vs parallel forward
+    assert fast.embed_bits is None
+    assert cached_vs_recomputed(fast, length=100).cached_vs_recomputed < 1e-4  # batch-1 decode vs parallel forward
     h = model.hidden(_tokens(5))
     np.testing.assert_allclose(np.asarray(fast.logits(h[-1:])), np.asarray(model.logits(h[-1:])), atol=1e-5)
     np.testing.assert_allclose(np.asarray(fast.logits(h)), np.asarray(model.logits(h)), atol=1e-5)
+
+
+def test_bfloat16_inference_layout_stores_bits_and_computes_the_same():
+    """bfloat16 weights stored as their bits (blocks) and the embedding's bits for the lookup: the
+    same numbers as the plain bfloat16 model, bit for bit."""
+    plain = tiny_model(2, seed=3).astype(jnp.bfloat16)
+    fast = plain.for_inference()
+    assert fast.embed_bits.dtype == jnp.uint16 and fast.blocks.mlp.w_up.dtype == jnp.uint16
+    np.testing.assert_array_equal(np.asarray(fast.embedding(jnp.arange(7))),
+                                  np.asarray(plain.embed[:7].astype(jnp.float32)))
+    tokens = _tokens(24)
+    cache = empty_cache(plain.cfg, 1, 32, jnp.bfloat16)
+    h_plain, _ = plain.forward(tokens[None], cache, jnp.array([24]))
+    h_fast, _ = fast.forward(tokens[None], cache, jnp.array([24]))
+    np.testing.assert_array_equal(np.asarray(h_fast), np.asarray(h_plain))
+    np.testing.assert_array_equal(np.asarray(fast.logits(h_fast[0, -1:])), np.asarray(plain.logits(h_plain[0, -1:])))
 
 
 def test_prefill_chunk_against_existing_cache_equals_recomputation(model):

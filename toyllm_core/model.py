@@ -21,7 +21,6 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .cache import KVCache
 from .config import ModelConfig, from_bits, to_bits
@@ -189,8 +188,8 @@ class ToyLLM(eqx.Module):
     blocks: Block  # every array with a leading [n_layers] axis
     norm: RMSNorm
     cfg: ModelConfig = eqx.field(static=True)
-    # Inference only (see for_inference): the embedding transposed, contiguous [d_model, vocab].
-    unembed: jax.Array | None = None
+    # Inference only (see for_inference): the embedding as bfloat16 bits, for the token lookup.
+    embed_bits: jax.Array | None = None
 
     def __init__(self, cfg: ModelConfig, key: jax.Array):
         ke, kb = jax.random.split(key)
@@ -198,7 +197,7 @@ class ToyLLM(eqx.Module):
         self.blocks = eqx.filter_vmap(lambda k: Block(cfg, k))(jax.random.split(kb, cfg.n_layers))
         self.norm = RMSNorm(jnp.ones(cfg.d_model), cfg.norm_eps)
         self.cfg = cfg
-        self.unembed = None
+        self.embed_bits = None
 
     @property
     def dtype(self):
@@ -214,13 +213,17 @@ class ToyLLM(eqx.Module):
         return jax.tree.map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, self)
 
     def for_inference(self) -> ToyLLM:
-        """This model plus a contiguous [d_model, vocab] copy of the tied embedding, for one-row
-        logits. XLA's CPU backend computes [1, d] @ embed.T by copying the transposed matrix in a
-        loop fusion on every call, most of a small model's batch-1 decode step; with the copy made
-        once the product is a plain matrix-vector one (benchmarks/lm_head.py). Costs vocab x d_model
-        more memory; not for training (the copy would not follow the embedding)."""
-        transposed = jnp.asarray(np.ascontiguousarray(np.asarray(self.embed).T))
-        return eqx.tree_at(lambda m: m.unembed, self, transposed, is_leaf=lambda x: x is None)
+        """This model laid out for the jitted serving steps. On XLA's CPU backend a bfloat16 array
+        that a step converts or gathers from is converted whole, once per call (hoisted out of the
+        decode loop): the blocks' weights to their bits for the scan (212 MB for SmolLM2-135M), the
+        embedding to float32 for the token lookup (113 MB), ~10 ms per decode step at 16 steps per
+        call and ~40 at 4 (a jax.profiler trace of decode_steps). So the blocks are stored as their
+        bits, and a bfloat16 model keeps a second copy of the embedding as bits to look tokens up in
+        (vocab x d_model more memory). Not for training (the copies would not follow the weights)."""
+        blocks = jax.tree.map(to_bits, self.blocks)
+        bits = to_bits(self.embed) if self.embed.dtype == jnp.bfloat16 else None
+        model = eqx.tree_at(lambda m: m.blocks, self, blocks)
+        return eqx.tree_at(lambda m: m.embed_bits, model, bits, is_leaf=lambda x: x is None)
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Final norm and the tied output projection: h [..., d] -> [..., vocab] float32."""
@@ -228,15 +231,18 @@ class ToyLLM(eqx.Module):
         # small model's weights.
         x = self.norm(h).astype(self.dtype)
         flat = x.reshape(-1, x.shape[-1])
-        f32 = jnp.float32
-        if flat.shape[0] == 1 and self.unembed is not None:
-            # One row (batch-1 decoding): [1, d] @ [d, vocab] with the contiguous copy is the
-            # fastest form on XLA's CPU backend; for two or more rows the next one is.
-            out = _one_row_safe(lambda a, b: jnp.dot(a, b, preferred_element_type=f32), flat, self.unembed)
-        else:
-            # Several rows: [vocab, d] @ [d, N] measured 1.2-1.7x faster in the decode step.
-            out = jax.lax.dot_general(self.embed, flat, (((1,), (1,)), ((), ())), preferred_element_type=f32).T
+        # [vocab, d] @ [d, N], the embedding as the left operand, read where it is: the fastest form
+        # on XLA's CPU backend for 1 to 32 rows (a contiguous transposed copy as the right operand was
+        # 1.2-1.8x slower; x @ embed.T copies the transposed table on every call).
+        out = _one_row_safe(lambda a, e: jax.lax.dot_general(e, a, (((1,), (1,)), ((), ())),
+                                                             preferred_element_type=jnp.float32).T, flat, self.embed)
         return out.reshape(*x.shape[:-1], self.embed.shape[0])
+
+    def embedding(self, tokens: jax.Array) -> jax.Array:
+        """The rows of tokens [...] -> [..., d] float32 (looked up in the bits when there are some)."""
+        if self.embed_bits is not None:
+            return from_bits(self.embed_bits[tokens]).astype(jnp.float32)
+        return self.embed[tokens].astype(jnp.float32)
 
     def forward(self, tokens: jax.Array, cache: KVCache | None = None,
                 n_valid: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
@@ -254,7 +260,7 @@ class ToyLLM(eqx.Module):
         else:
             pos = cache.next_pos[:, None] + offsets  # [B, T]
             valid = offsets < n_valid[:, None]
-        x = self.embed[tokens].astype(jnp.float32)
+        x = self.embedding(tokens)
         params, static = eqx.partition(self.blocks, eqx.is_array)
         # The scan slices one layer's weights per step: as bits for bfloat16 (see config.to_bits).
         params = jax.tree.map(to_bits, params)
