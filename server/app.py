@@ -21,6 +21,8 @@ from toyllm_core.config import get_dtype
 from toyllm_core.engine import Engine as CoreEngine
 from toyllm_core.engine import plan_classes, warm_up
 from toyllm_core.policies import make_policy, parse_policy, policy_class, policy_names
+from toyllm_core.quant import apply as apply_quantization
+from toyllm_core.quant import weight_bytes
 from toyllm_core.weights import missing_checkpoint_hint
 
 from .engine import Engine
@@ -63,7 +65,7 @@ def _start(state: ServerState) -> None:
     s = state.settings
     started = time.perf_counter()
     model, tokenizer, name, digest = _load_model(s)
-    model = model.astype(get_dtype(s.dtype)).for_inference()
+    model = apply_quantization(model.astype(get_dtype(s.dtype)), s.quant).for_inference()
     state.model, state.tokenizer, state.model_name, state.checkpoint_sha256 = model, tokenizer, name, digest
     source = s.chat_template.read_text() if s.chat_template is not None else None
     state.chat = ChatTemplate.of(tokenizer, source)
@@ -90,7 +92,8 @@ def _start(state: ServerState) -> None:
     state.info = {
         "model": {"name": name, "vocab_size": cfg.vocab_size, "context_length": cfg.context_length,
                   "d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
-                  "n_kv_heads": cfg.n_kv_heads, "parameters": cfg.num_params(), "dtype": s.dtype},
+                  "n_kv_heads": cfg.n_kv_heads, "parameters": cfg.num_params(), "dtype": s.dtype,
+                  "quant": s.quant, "weight_bytes": weight_bytes(model)},
         "checkpoint": {"path": None if s.preset else str(s.checkpoint), "sha256": digest},
         "chat": {"template": state.chat is not None, "end_of_turn_token_id": state.end_of_turn},
         "kv_bytes_per_token": model.kv_bytes_per_token,

@@ -24,6 +24,8 @@ class Settings(BaseSettings):
 
     # Weights and K/V; scores, softmax and accumulators are float32 either way.
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    # Block weights: as they are, or int8 weight-only (per-channel scales; docs/serving-speed.md).
+    quant: Literal["none", "int8"] = "none"
 
     # The cache configuration a session gets when its request does not name one.
     cache_policy: str = "snapkv"

@@ -285,3 +285,15 @@ def test_the_baseline_policies_serve_as_cache_classes():
             assert r.json()["cache"]["policy"] == cache["policy"] and r.json()["cache"]["tokens_kept"] <= kept + 16
         r = c.post("/generate", json={"prompt": "x", "cache": {"policy": "random", "budget": 32, "seed": 4}})
         assert r.status_code == 422
+
+
+def test_int8_server_reports_its_weights_and_generates():
+    with ready_client(quant="int8", dtype="bfloat16") as c:
+        wait_ready(c)
+        model = c.get("/info").json()["model"]
+        with ready_client(dtype="bfloat16") as plain:
+            wait_ready(plain)
+            plain_bytes = plain.get("/info").json()["model"]["weight_bytes"]
+        assert model["quant"] == "int8" and model["dtype"] == "bfloat16" and model["weight_bytes"] < plain_bytes
+        r = c.post("/generate", json={"prompt": "the river", "max_new_tokens": 6, "temperature": 0, "stream": False})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6, r.text

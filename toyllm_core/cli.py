@@ -74,25 +74,31 @@ def _policy(name: str, **given):
 
 
 DtypeOpt = Annotated[str, typer.Option(help="Weights and K/V: bfloat16 or float32.")]
+QuantOpt = Annotated[str, typer.Option("--quant", help="Block weights: none, or int8 (weight-only, per-channel "
+                                                       "scales; docs/serving-speed.md).")]
 
 
-def _load(checkpoint: Path | None, preset: str | None, seed: int = 0, dtype: str = "float32"):
-    """(model, tokenizer, name) from a checkpoint, or random weights of a preset, as `dtype`."""
+def _load(checkpoint: Path | None, preset: str | None, seed: int = 0, dtype: str = "float32", quant: str = "none"):
+    """(model, tokenizer, name) from a checkpoint, or random weights of a preset, as `dtype` (and under
+    the quantization `quant`), laid out for inference."""
     import jax
 
     from . import checkpoint as ckpt
     from .config import get_dtype, get_preset
     from .model import ToyLLM
+    from .quant import apply, check
     from .tokenizer import gpt2_tokenizer, load_tokenizer
 
+    check(quant)  # before anything is loaded
+    prepare = lambda m: apply(m.astype(get_dtype(dtype)), quant).for_inference()
     if preset is not None and checkpoint is None:
         model = ToyLLM(get_preset(preset), jax.random.PRNGKey(seed))
-        return model.astype(get_dtype(dtype)).for_inference(), gpt2_tokenizer(), f"random-{preset}"
+        return prepare(model), gpt2_tokenizer(), f"random-{preset}"
     directory = checkpoint or DEFAULT_CHECKPOINT
     if not directory.exists():
         raise ckpt.CheckpointError(missing_checkpoint_hint(directory))
     model, _ = ckpt.load(directory)
-    return model.astype(get_dtype(dtype)).for_inference(), load_tokenizer(directory), directory.name
+    return prepare(model), load_tokenizer(directory), directory.name
 
 
 @app.command()
@@ -117,6 +123,7 @@ def generate(
                                                        "\\\\ are unescaped, so \"\\n\\n\" is a blank line.")] = None,
     stats: Annotated[bool, typer.Option(help="Print cache statistics to stderr at the end.")] = False,
     dtype: DtypeOpt = "bfloat16",
+    quant: QuantOpt = "none",
 ) -> None:
     """Stream a continuation of PROMPT to stdout."""
     from . import jit_stats
@@ -133,7 +140,7 @@ def generate(
                                obs_window=obs_window, pool_kernel=pool_kernel)
         stops = tuple(unescape(s) for s in stop or ())
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, stops).validate()
-        model, tokenizer, _ = _load(checkpoint, preset, dtype=dtype)
+        model, tokenizer, _ = _load(checkpoint, preset, dtype=dtype, quant=quant)
         ids = tokenizer.encode(prompt)
         stream = TextStream(tokenizer, params.stop)
         sys.stdout.write(prompt)
@@ -215,6 +222,7 @@ def bench(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write latency and cache bytes against context here (PNG).")] = None,
     dtype: DtypeOpt = "bfloat16",
+    quant: QuantOpt = "none",
 ) -> None:
     """Per-token decode latency and cache bytes against context length, policy and batch."""
     from .bench import NO_CACHE, as_dicts, decode_latency, recompute_latency, supports, timed_steps
@@ -227,7 +235,7 @@ def bench(
         for cache_policy in (c for c in cache_policies.values() if c is not None):
             for context in contexts:
                 timed_steps(cache_policy.evicts, context, steps)
-        model, _, name = _load(checkpoint, preset, dtype=dtype)
+        model, _, name = _load(checkpoint, preset, dtype=dtype, quant=quant)
         results = []
         for batch in batch_sizes:
             for context in contexts:
@@ -251,7 +259,7 @@ def bench(
     if json_out:
         from .machine import machine
 
-        _write_json(json_out, {"model": name, "dtype": dtype, "budget": budget, "machine": machine(),
+        _write_json(json_out, {"model": name, "dtype": dtype, "quant": quant, "budget": budget, "machine": machine(),
                                "results": as_dicts(results)})
     if plot:
         bench_curves(as_dicts(results), plot, name)
@@ -357,6 +365,7 @@ def eval_(
         "offline:data/offline",
     facts: Annotated[int, typer.Option(min=1, max=10, help="session-qa: planted facts = turns.")] = 5,
     dtype: DtypeOpt = "float32",
+    quant: QuantOpt = "none",
     seq_len: Annotated[int, typer.Option(help="Sequence length (streaming; prefill: context + continuation).")] = 1024,
     context: Annotated[int | None, typer.Option(help="Prefill/copy: tokens prefilled before compressing "
                                                      "\\[default: half the sequence].")] = None,
@@ -377,9 +386,9 @@ def eval_(
 
     if protocol in LONG_PROTOCOLS:
         return _eval_long(protocol, data, policies, budgets, lengths, depths, samples, seed, corpus, facts, max_sequences,
-                          checkpoint, preset, dtype, json_out, plot)
+                          checkpoint, preset, dtype, quant, json_out, plot)
     try:
-        model, tokenizer, name = _load(checkpoint, preset, dtype=dtype)
+        model, tokenizer, name = _load(checkpoint, preset, dtype=dtype, quant=quant)
         if protocol == "corpus":
             if data is None:
                 raise ValueError("--data is required for the corpus protocol")
@@ -388,7 +397,7 @@ def eval_(
             typer.echo(f"{name} on {data}: {result.tokens:,} tokens, {result.words:,} words; "
                        f"token-level perplexity {result.token_perplexity:.3f}, word-level {result.word_perplexity:.3f}")
             if json_out:
-                _write_json(json_out, {"model": name, "data": data, **asdict(result)})
+                _write_json(json_out, {"model": name, "data": data, "dtype": dtype, "quant": quant, **asdict(result)})
             return
         configs = [_policy(p, budget=int(b)) for p in policies.split(",") for b in budgets.split(",")]
         if protocol == "copy":
@@ -411,7 +420,7 @@ def eval_(
 
 
 def _eval_long(protocol, data, policies, budgets, lengths, depths, samples, seed, corpus, facts, max_sequences,
-               checkpoint, preset, dtype, json_out, plot) -> None:
+               checkpoint, preset, dtype, quant, json_out, plot) -> None:
     """The long-context protocols (see `toyllm_core.longctx`)."""
     import time
 
@@ -431,7 +440,7 @@ def _eval_long(protocol, data, policies, budgets, lengths, depths, samples, seed
         at = [float(d) for d in depths.split(",")]
         if any(not 0 <= d <= 1 for d in at):
             raise ValueError("--depths must lie in [0, 1]")
-        model, tokenizer, name = _load(checkpoint, preset, dtype=dtype)
+        model, tokenizer, name = _load(checkpoint, preset, dtype=dtype, quant=quant)
         chat = ChatTemplate.of(tokenizer)
         log = lambda m: typer.echo(m, err=True)
         if protocol == "passkey":
@@ -456,8 +465,8 @@ def _eval_long(protocol, data, policies, budgets, lengths, depths, samples, seed
         if protocol == "session-qa":
             typer.echo(format_accuracy([r for r in rows if r.get("by_turn")], ("policy", "budget", "turn")))
     if json_out:
-        _write_json(json_out, {"model": name, "protocol": protocol, "dtype": dtype, "seed": seed, "samples": samples,
-                               "machine": machine(), "seconds": round(time.perf_counter() - started, 1),
+        _write_json(json_out, {"model": name, "protocol": protocol, "dtype": dtype, "quant": quant, "seed": seed,
+                               "samples": samples, "machine": machine(), "seconds": round(time.perf_counter() - started, 1),
                                "rows": rows, "records": records})
     if plot:
         metric, label = ("perplexity", "perplexity") if protocol == "ppl" else ("accuracy", "accuracy")

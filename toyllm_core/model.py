@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from .cache import KVCache
 from .config import ModelConfig, from_bits, to_bits
+from .quant import Int8Weight, int8_linear
 
 # Masked scores: finite, so that a row that sees no key at all (an empty decode slot) stays NaN-free.
 _MASKED = float(jnp.finfo(jnp.float32).min)
@@ -44,8 +45,11 @@ def _one_row_safe(dot, x: jax.Array, w: jax.Array) -> jax.Array:
     return dot(x, w)
 
 
-def linear(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., in] @ w [out, in].T in w's dtype, accumulated in float32 -> [..., out] float32."""
+def linear(x: jax.Array, w) -> jax.Array:
+    """x [..., in] @ w [out, in].T in w's dtype, accumulated in float32 -> [..., out] float32 (w may be
+    an int8 weight with per-channel scales: quant.Int8Weight)."""
+    if isinstance(w, Int8Weight):
+        return _one_row_safe(int8_linear, x, w)
     return _one_row_safe(lambda a, b: jax.lax.dot_general(a.astype(b.dtype), b, (((a.ndim - 1,), (1,)), ((), ())),
                                                           preferred_element_type=jnp.float32), x, w)
 
