@@ -5,7 +5,10 @@
 
 Each session gets one request: a prompt of T - 1 tokens and one generated token (so T tokens seen,
 which a `full` cache can hold within a 1024-token context). The server's own gauges are read
-before and after; sessions are deleted at the end.
+before and after (kept bytes, their full-cache equivalent, and the bytes allocated for them), and
+checked against the arithmetic: sessions x tokens x the model's KV bytes per token (from /info) for
+full caches; sessions x the class's row capacity x bytes per token for what is allocated. Sessions
+are deleted at the end.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from server.loadtest import make_prompt
 from toyllm_core.machine import machine
 
 
-def gauge(url: str, name: str, policy: str) -> float:
+def gauge(url: str, name: str, policy: str | None = None) -> float:
+    prefix = name + (f'{{policy="{policy}"}}' if policy else " ")
     for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(f'{name}{{policy="{policy}"}}'):
+        if line.startswith(prefix):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
@@ -42,11 +46,15 @@ def main() -> None:
     report = {"sessions": args.sessions, "tokens": args.tokens, "budget": args.budget, "policies": {},
               "machine": machine()}
     with httpx.Client(base_url=args.url, timeout=600) as c:
+        info = c.get("/info").json()
+        per_token = info["kv_bytes_per_token"]
+        report["kv_bytes_per_token"] = per_token
         for policy in args.policies.split(","):
             cache = {"policy": policy} if policy == "full" else {"policy": policy, "budget": args.budget}
             # Sessions left by earlier runs count in the gauges too: measure what these sessions add.
             before = gauge(args.url, "toyllm_kv_cache_bytes", policy)
             full_before = gauge(args.url, "toyllm_kv_cache_full_equivalent_bytes", policy)
+            allocated_before = gauge(args.url, "toyllm_kv_cache_capacity_bytes")
             ids, seen = [], []
             for _ in range(args.sessions):
                 words = args.tokens - 1
@@ -63,10 +71,23 @@ def main() -> None:
                 seen.append(done["cache"]["tokens_seen"] + 1)  # + the generated token, pending
             kept = gauge(args.url, "toyllm_kv_cache_bytes", policy) - before
             full = gauge(args.url, "toyllm_kv_cache_full_equivalent_bytes", policy) - full_before
-            report["policies"][policy] = {"cache_bytes": kept, "mean_tokens_seen": float(np.mean(seen)),
-                                          "full_equivalent_bytes": full}
+            allocated = gauge(args.url, "toyllm_kv_cache_capacity_bytes") - allocated_before
+            # The row capacity of the class these sessions live in (compressing: one class per policy).
+            capacity = next((k["capacity"] for k in info["cache_classes"] if k["policy"] == policy
+                             and (policy == "full" or k.get("budget") == args.budget)), None)
+            if policy == "full":
+                capacity = None  # a full session sits in the smallest full class that holds it
+            arithmetic_full = sum(seen) * per_token
+            report["policies"][policy] = {
+                "cache_bytes": kept, "mean_tokens_seen": float(np.mean(seen)), "full_equivalent_bytes": full,
+                "allocated_bytes": allocated, "full_equivalent_arithmetic": arithmetic_full,
+                "row_capacity": capacity,
+                "allocated_arithmetic": None if capacity is None else args.sessions * capacity * per_token,
+                "allocated_over_full": allocated / arithmetic_full}
             print(f"{policy}: {args.sessions} idle sessions of ~{np.mean(seen):.0f} tokens hold {kept / 2**20:.2f} MiB "
-                  f"of KV cache (full-cache equivalent {full / 2**20:.2f} MiB)")
+                  f"of KV cache in {allocated / 2**20:.2f} MiB allocated (full-cache equivalent {full / 2**20:.2f} "
+                  f"MiB; arithmetic {arithmetic_full / 2**20:.2f} MiB): allocated / full = "
+                  f"1/{arithmetic_full / max(allocated, 1):.1f}")
             for sid in ids:
                 c.delete(f"/sessions/{sid}")
     if args.json:
