@@ -82,12 +82,20 @@ def attention_weights(q: jax.Array, k: jax.Array, q_pos: jax.Array, k_pos: jax.A
     k_pos: [B, kv_heads, S] (-1 = empty slot). Returns weights [B, kv_heads, group, T, S]. A query
     sees the keys at or before its position.
     """
-    # Keys as the left operand of the dot, then the scores transposed so that the softmax reduces
-    # along the minor axis: on XLA's CPU backend, at decode (T = 1), either other arrangement was
-    # several times slower (a strided contraction, or a strided max/sum over S).
-    scores = jax.lax.dot_general(k, q.astype(k.dtype), (((3,), (4,)), ((0, 1), (0, 1))),
-                                 preferred_element_type=jnp.float32)  # [B, kv, S, g, T]
-    scores = scores.transpose(0, 1, 3, 4, 2) / math.sqrt(q.shape[-1])  # [B, kv, g, T, S]
+    if q.shape[3] == 1:
+        # Decoding: keys as the left operand of the dot, then the scores transposed so that the
+        # softmax reduces along the minor axis: on XLA's CPU backend either other arrangement was
+        # several times slower (a strided contraction, or a strided max/sum over S).
+        scores = jax.lax.dot_general(k, q.astype(k.dtype), (((3,), (4,)), ((0, 1), (0, 1))),
+                                     preferred_element_type=jnp.float32)  # [B, kv, S, g, T]
+        scores = scores.transpose(0, 1, 3, 4, 2)  # [B, kv, g, T, S]
+    else:
+        # A prompt chunk: [T, S] scores straight from the dot. The decode form's transpose of
+        # [S, g*T] scores ran inside the mask's loop with a strided read: half of a 2,048-token
+        # SmolLM2 prefill (a jax.profiler trace of prefill_chunk).
+        scores = jax.lax.dot_general(q.astype(k.dtype), k, (((4,), (3,)), ((0, 1), (0, 1))),
+                                     preferred_element_type=jnp.float32)  # [B, kv, g, T, S]
+    scores = scores / math.sqrt(q.shape[-1])
     visible = (k_pos[:, :, None, :] >= 0) & (k_pos[:, :, None, :] <= q_pos[:, None, :, None])  # [B, kv, T, S]
     scores = jnp.where(visible[:, :, None], scores, _MASKED)
     return jax.nn.softmax(scores, axis=-1)
