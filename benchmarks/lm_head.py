@@ -1,5 +1,5 @@
 """The tied output projection alone, three ways: x @ embed.T, x @ unembed (a contiguous [d, vocab]
-copy, ToyLLM.for_inference) and embed @ x.T, at the shipped model's shape (GPT-2 vocabulary,
+copy, which ToyLLM.for_inference once kept) and embed @ x.T (what ToyLLM.logits computes now), at the shipped model's shape (GPT-2 vocabulary,
 d_model 128), for N rows. Median of interleaved rounds, milliseconds.
     .venv/bin/python benchmarks/lm_head.py [--rows 1,2,4,16] [--rounds 5]"""
 
