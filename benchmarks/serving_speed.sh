@@ -8,7 +8,9 @@
 #    8,192-token sessions against what full caches would hold (benchmarks/idle_sessions.py).
 # The load generator shares the machine.
 #   benchmarks/serving_speed.sh out/serving
-# PARTS="load ttft memory" picks a subset; CONCURRENCIES="1 16" a subset of the concurrencies.
+# PARTS="load ttft memory" picks a subset; CONCURRENCIES="1 16" a subset of the concurrencies;
+# PER_STREAM requests per stream (default 2, at least 8 in all): more measures the steady state,
+# fewer the ramp (all streams start together) and the tail (they end at different times).
 set -euo pipefail
 OUT=${1:-out/serving}
 PORT=${PORT:-8766}
@@ -47,11 +49,11 @@ if [[ " $PARTS " == *" load "* || " $PARTS " == *" ttft "* ]]; then
   start_server default
   if [[ " $PARTS " == *" load "* ]]; then
     for c in ${CONCURRENCIES:-1 4 16 32}; do
-      n=$(( c < 4 ? 8 : 2 * c ))
+      n=$(( ${PER_STREAM:-2} * c < 8 ? 8 : ${PER_STREAM:-2} * c ))
       echo "+ $T loadtest --url $URL --concurrency $c --requests $n --prompt-tokens 64 --max-new-tokens 128 --ignore-eos" \
         | tee -a "$OUT/commands.txt"
       $T loadtest --url "$URL" --concurrency "$c" --requests "$n" --prompt-tokens 64 --max-new-tokens 128 \
-          --ignore-eos --json "$OUT/load_c$c.json" | tee "$OUT/load_c$c.txt"
+          --ignore-eos --json "$OUT/load_c${c}_n$n.json" | tee "$OUT/load_c${c}_n$n.txt"
     done
   fi
   if [[ " $PARTS " == *" ttft "* ]]; then

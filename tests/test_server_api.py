@@ -288,12 +288,17 @@ def test_the_baseline_policies_serve_as_cache_classes():
 
 
 def test_int8_server_reports_its_weights_and_generates():
+    import jax
+    import jax.numpy as jnp
+
+    from toyllm_core.config import get_preset
+    from toyllm_core.model import ToyLLM
+    from toyllm_core.quant import weight_bytes
+
+    plain = weight_bytes(ToyLLM(get_preset("tiny"), jax.random.PRNGKey(0)).astype(jnp.bfloat16).for_inference())
     with ready_client(quant="int8", dtype="bfloat16") as c:
         wait_ready(c)
         model = c.get("/info").json()["model"]
-        with ready_client(dtype="bfloat16") as plain:
-            wait_ready(plain)
-            plain_bytes = plain.get("/info").json()["model"]["weight_bytes"]
-        assert model["quant"] == "int8" and model["dtype"] == "bfloat16" and model["weight_bytes"] < plain_bytes
+        assert model["quant"] == "int8" and model["dtype"] == "bfloat16" and model["weight_bytes"] < plain
         r = c.post("/generate", json={"prompt": "the river", "max_new_tokens": 6, "temperature": 0, "stream": False})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6, r.text
