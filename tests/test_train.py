@@ -99,3 +99,31 @@ def test_the_seed_preset_trains_end_to_end(tmp_path):
     assert np.mean(losses[-3:]) < losses[0]
     model, hf = checkpoint.load(tmp_path / "seed" / "final")
     assert model.cfg == get_preset("seed") and hf["toyllm"]["steps"] == 12 and np.isfinite(summary["final_heldout_loss"])
+
+
+def test_copy_share_repeats_a_span_in_that_share_of_windows_and_leaves_the_others_alone():
+    from dataclasses import replace
+
+    from toyllm_core.train import repeat_span, sample_batch
+
+    corpus = np.random.default_rng(0).permutation(20000).astype(np.int32)  # no token repeats by itself
+    plain_cfg = replace(CFG, batch_size=64, seq_len=128)
+    plain = sample_batch(corpus, 7, plain_cfg)
+    mixed = sample_batch(corpus, 7, replace(plain_cfg, copy_share=0.5))
+    assert np.array_equal(sample_batch(corpus, 7, replace(plain_cfg, copy_share=0.5)), mixed)  # (seed, step) only
+    changed = [r for r in range(64) if not np.array_equal(plain[r], mixed[r])]
+    assert 16 <= len(changed) <= 48  # about half of the windows
+    for r in changed:
+        # The changed window is the plain one with one later stretch overwritten by an earlier one.
+        diff = np.flatnonzero(plain[r] != mixed[r])
+        dst, length = diff[0], diff[-1] - diff[0] + 1
+        src = np.flatnonzero(plain[r] == mixed[r][dst])[0]
+        assert length >= 8 and src + length <= dst
+        np.testing.assert_array_equal(mixed[r][dst : dst + length], plain[r][src : src + length])
+    # repeat_span itself: non-overlapping, at most half the window, in place.
+    window = np.arange(40)
+    src, dst, length = repeat_span(window, np.random.default_rng(3))
+    assert 8 <= length <= 20 and src + length <= dst and dst + length <= 40
+    np.testing.assert_array_equal(window[dst : dst + length], np.arange(src, src + length))
+    with pytest.raises(ValueError, match="copy_share"):
+        sample_batch(corpus, 0, replace(plain_cfg, copy_share=1.5))

@@ -309,6 +309,9 @@ def train(
     eval_every: int = 200,
     checkpoint_every: int = 500,
     seed: int = 0,
+    copy_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of training windows in which a "
+                                                                     "random span is repeated later (teaches "
+                                                                     "copying from the context).")] = 0.0,
     resume: Annotated[bool, typer.Option(help="Continue the run saved in OUT/state.")] = False,
     max_minutes: Annotated[float | None, typer.Option(help="Stop early (and still write OUT/final) after this "
                                                            "much training wall time.")] = None,
@@ -326,7 +329,7 @@ def train(
         cfg = TrainConfig(preset=preset, vocab_size=len(tok), eos_token_id=tok.eos_token_id, seq_len=seq_len, batch_size=batch_size, steps=steps, lr=lr,
                           warmup_steps=warmup_steps, weight_decay=weight_decay, clip_norm=clip_norm,
                           label_smoothing=label_smoothing, log_every=log_every, eval_every=eval_every,
-                          checkpoint_every=checkpoint_every, seed=seed)
+                          checkpoint_every=checkpoint_every, seed=seed, copy_share=copy_share)
         cache = out / "tokens"
         train_tokens = np.concatenate([tokenize(tok, load_text(spec), cache) for spec in data])
         if heldout is None:

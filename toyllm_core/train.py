@@ -47,6 +47,10 @@ class TrainConfig:
     eval_batches: int = 8
     checkpoint_every: int = 500
     seed: int = 0
+    # Share of training windows in which a random span of the window is written again later in it:
+    # the next tokens of the repeat are predictable only by finding the first occurrence, which
+    # teaches the model to read its context (induction heads) where a small corpus alone may not.
+    copy_share: float = 0.0
 
 
 def tokenize(tokenizer, text: str, cache_dir: Path | None = None) -> np.ndarray:
@@ -86,9 +90,28 @@ def sample_batch(tokens: np.ndarray, step: int, cfg: TrainConfig, stream: int = 
     """[batch, seq_len + 1] random windows; depends only on (seed, stream, step)."""
     if len(tokens) <= cfg.seq_len + 1:
         raise ValueError(f"corpus has {len(tokens)} tokens, fewer than seq_len + 1 = {cfg.seq_len + 1}")
+    if not 0.0 <= cfg.copy_share <= 1.0:
+        raise ValueError(f"copy_share must lie in [0, 1], not {cfg.copy_share}")
     rng = np.random.default_rng([cfg.seed, stream, step])
     starts = rng.integers(0, len(tokens) - cfg.seq_len - 1, cfg.batch_size)
-    return np.stack([tokens[s : s + cfg.seq_len + 1] for s in starts])
+    batch = np.stack([tokens[s : s + cfg.seq_len + 1] for s in starts])
+    if cfg.copy_share > 0:  # drawn after the windows, so that copy_share 0 leaves every batch as it was
+        for row in np.flatnonzero(rng.random(cfg.batch_size) < cfg.copy_share):
+            repeat_span(batch[row], rng)
+    return batch
+
+
+def repeat_span(window: np.ndarray, rng: np.random.Generator, min_len: int = 8) -> tuple[int, int, int]:
+    """Copy a random span of `window` (in place) to a later, non-overlapping place in it; returns
+    (source start, destination start, length). The span is min_len up to half the window long."""
+    n = len(window)
+    if n < 2 * min_len:
+        raise ValueError(f"a window of {n} tokens is too short to repeat a span of {min_len}")
+    length = int(rng.integers(min_len, n // 2 + 1))
+    src = int(rng.integers(0, n - 2 * length + 1))
+    dst = int(rng.integers(src + length, n - length + 1))
+    window[dst : dst + length] = window[src : src + length]
+    return src, dst, length
 
 
 def schedule(cfg: TrainConfig) -> optax.Schedule:
