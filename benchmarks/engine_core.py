@@ -46,7 +46,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def weight_bytes(model: ToyLLM) -> int:
+def bytes_read_per_step(model: ToyLLM) -> int:
     """Bytes a decode step reads: every block weight, the final norm and the output projection."""
     leaves = jax.tree.leaves(model.blocks) + [model.norm.weight, model.embed]
     return sum(x.size * x.dtype.itemsize for x in leaves)
@@ -148,13 +148,13 @@ def main() -> None:
         for name, make in models.items():
             for dtype in ("float32", "bfloat16"):
                 model = make(getattr(jnp, dtype)).for_inference()
-                floor_ms = weight_bytes(model) / (result.get("read_bandwidth_gb_s", 10.0) * 1e9) * 1e3
+                floor_ms = bytes_read_per_step(model) / (result.get("read_bandwidth_gb_s", 10.0) * 1e9) * 1e3
                 for context in (1024, 4096):
                     if name == "toyllm-base" and context > model.cfg.context_length:
                         continue
                     for batch in (1, 16):
                         r = {"model": name, "dtype": dtype, "context": context, "batch": batch,
-                             **decode_ms(model, batch, context), "weight_bytes": weight_bytes(model),
+                             **decode_ms(model, batch, context), "weight_bytes": bytes_read_per_step(model),
                              "floor_ms_per_step": floor_ms}
                         r["step_over_floor"] = r["ms_per_step"] / floor_ms
                         result["decode"].append(r)

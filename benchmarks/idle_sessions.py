@@ -72,11 +72,11 @@ def main() -> None:
             kept = gauge(args.url, "toyllm_kv_cache_bytes", policy) - before
             full = gauge(args.url, "toyllm_kv_cache_full_equivalent_bytes", policy) - full_before
             allocated = gauge(args.url, "toyllm_kv_cache_capacity_bytes") - allocated_before
-            # The row capacity of the class these sessions live in (compressing: one class per policy).
-            capacity = next((k["capacity"] for k in info["cache_classes"] if k["policy"] == policy
-                             and (policy == "full" or k.get("budget") == args.budget)), None)
-            if policy == "full":
-                capacity = None  # a full session sits in the smallest full class that holds it
+            # The row capacity of the class these sessions live in (a full session sits in the smallest
+            # full class that holds it: no single capacity).
+            capacity = None if policy == "full" else next(
+                (k["capacity"] for k in info["cache_classes"] if k["policy"] == policy and k.get("budget") == args.budget),
+                None)
             arithmetic_full = sum(seen) * per_token
             report["policies"][policy] = {
                 "cache_bytes": kept, "mean_tokens_seen": float(np.mean(seen)), "full_equivalent_bytes": full,

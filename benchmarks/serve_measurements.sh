@@ -12,15 +12,9 @@ PORT=${PORT:-8765}
 T=${TOYLLM:-.venv/bin/toyllm}
 URL=http://127.0.0.1:$PORT
 mkdir -p "$OUT"
-start=$(date +%s.%N)
-$T serve --checkpoint "$CKPT" --port "$PORT" > "$OUT/server.log" 2>&1 &
-server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
-until curl -fs "$URL/ready" > /dev/null; do
-  kill -0 $server 2>/dev/null || { tail -20 "$OUT/server.log"; exit 1; }
-  sleep 0.5
-done
-echo "ready (load + warm-up) in $(python3 -c "print(f'{$(date +%s.%N) - $start:.1f}')") s" | tee "$OUT/ready.txt"
+source "$(dirname "$0")/server_up.sh"
+start_server "$OUT/server.log" --checkpoint "$CKPT"
+echo "ready (load + warm-up) in $ready_s s" | tee "$OUT/ready.txt"
 curl -fs "$URL/metrics" | grep -E "^toyllm_jit_compilations_total" | tee "$OUT/metrics_ready.txt"
 # As the model decides (it often ends early with end-of-text), then with every request making all
 # 128 tokens (--ignore-eos), so that the concurrencies do the same work per request.

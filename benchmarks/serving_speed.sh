@@ -20,17 +20,11 @@ URL=http://127.0.0.1:$PORT
 PARTS=${PARTS:-load ttft memory}
 mkdir -p "$OUT"
 
-start_server() {  # $1: log name; the environment carries the settings
-  local t0
-  t0=$(date +%s.%N)
-  $T serve --port "$PORT" > "$OUT/$1.log" 2>&1 &
-  server=$!
-  trap 'kill $server 2>/dev/null || true' EXIT
-  until curl -fs "$URL/ready" > /dev/null; do
-    kill -0 $server 2>/dev/null || { tail -20 "$OUT/$1.log"; exit 1; }
-    sleep 0.5
-  done
-  echo "$1: ready (load + warm-up) in $($PY -c "print(f'{$(date +%s.%N) - $t0:.1f}')") s" | tee "$OUT/$1_ready.txt"
+source "$(dirname "$0")/server_up.sh"
+
+start() {  # $1: name of the run; the environment carries the settings
+  start_server "$OUT/$1.log"
+  echo "$1: ready (load + warm-up) in $ready_s s" | tee "$OUT/$1_ready.txt"
   curl -fs "$URL/info" > "$OUT/$1_info.json"
   scrape "$1_ready"
 }
@@ -40,13 +34,8 @@ scrape() {
     | tee "$OUT/metrics_$1.txt"
 }
 
-stop_server() {
-  kill $server; wait $server 2>/dev/null || true
-  trap - EXIT
-}
-
 if [[ " $PARTS " == *" load "* || " $PARTS " == *" ttft "* ]]; then
-  start_server default
+  start default
   if [[ " $PARTS " == *" load "* ]]; then
     for c in ${CONCURRENCIES:-1 4 16 32}; do
       n=$(( ${PER_STREAM:-2} * c < 8 ? 8 : ${PER_STREAM:-2} * c ))
@@ -71,7 +60,7 @@ fi
 
 if [[ " $PARTS " == *" memory "* ]]; then
   TOYLLM_CACHE_CLASSES='["full", "snapkv:budget=512"]' TOYLLM_MAX_PROMPT_TOKENS=8192 \
-  TOYLLM_MAX_CACHE_BYTES=$((8 * 2**30)) TOYLLM_MAX_SESSIONS=64 start_server memory
+  TOYLLM_MAX_CACHE_BYTES=$((8 * 2**30)) TOYLLM_MAX_SESSIONS=64 start memory
   echo "+ $PY benchmarks/idle_sessions.py --url $URL --sessions 32 --tokens 8192 --policies snapkv --budget 512" \
     | tee -a "$OUT/commands.txt"
   $PY benchmarks/idle_sessions.py --url "$URL" --sessions 32 --tokens 8192 --policies snapkv --budget 512 \

@@ -22,7 +22,6 @@ from toyllm_core.engine import Engine as CoreEngine
 from toyllm_core.engine import plan_classes, warm_up
 from toyllm_core.policies import make_policy, parse_policy, policy_class, policy_names
 from toyllm_core.quant import apply as apply_quantization
-from toyllm_core.quant import weight_bytes
 from toyllm_core.weights import missing_checkpoint_hint
 
 from .engine import Engine
@@ -93,7 +92,7 @@ def _start(state: ServerState) -> None:
         "model": {"name": name, "vocab_size": cfg.vocab_size, "context_length": cfg.context_length,
                   "d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
                   "n_kv_heads": cfg.n_kv_heads, "parameters": cfg.num_params(), "dtype": s.dtype,
-                  "quant": s.quant, "weight_bytes": weight_bytes(model)},
+                  "quant": s.quant, "weight_bytes": model.weight_bytes},
         "checkpoint": {"path": None if s.preset else str(s.checkpoint), "sha256": digest},
         "chat": {"template": state.chat is not None, "end_of_turn_token_id": state.end_of_turn},
         "kv_bytes_per_token": model.kv_bytes_per_token,

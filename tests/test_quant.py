@@ -23,7 +23,6 @@ from toyllm_core.quant import (
     is_quantized,
     quantize,
     quantize_int8,
-    weight_bytes,
 )
 from toyllm_core.sampling import SamplingParams
 from toyllm_core.verify import cached_vs_recomputed
@@ -76,7 +75,7 @@ def test_quantized_model_computes_with_its_dequantised_weights():
     q = quantize_int8(model)
     assert is_quantized(q) and not is_quantized(model)
     assert q.blocks.mlp.w_up.q.shape == model.blocks.mlp.w_up.shape  # stacked [layers, out, in]
-    assert weight_bytes(q) < weight_bytes(model)
+    assert q.weight_bytes < model.weight_bytes
     tokens = jnp.asarray(np.random.default_rng(5).integers(0, model.cfg.vocab_size, 40), jnp.int32)
     np.testing.assert_allclose(np.asarray(q(tokens)), np.asarray(_dequantised(q)(tokens)), rtol=1e-4, atol=1e-4)
     # ...and stays close to the float model it came from.

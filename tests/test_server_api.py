@@ -293,9 +293,7 @@ def test_int8_server_reports_its_weights_and_generates():
 
     from toyllm_core.config import get_preset
     from toyllm_core.model import ToyLLM
-    from toyllm_core.quant import weight_bytes
-
-    plain = weight_bytes(ToyLLM(get_preset("tiny"), jax.random.PRNGKey(0)).astype(jnp.bfloat16).for_inference())
+    plain = ToyLLM(get_preset("tiny"), jax.random.PRNGKey(0)).astype(jnp.bfloat16).for_inference().weight_bytes
     with ready_client(quant="int8", dtype="bfloat16") as c:
         wait_ready(c)
         model = c.get("/info").json()["model"]

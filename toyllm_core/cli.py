@@ -400,7 +400,10 @@ def eval_(
             typer.echo(f"{name} on {data}: {result.tokens:,} tokens, {result.words:,} words; "
                        f"token-level perplexity {result.token_perplexity:.3f}, word-level {result.word_perplexity:.3f}")
             if json_out:
-                _write_json(json_out, {"model": name, "data": data, "dtype": dtype, "quant": quant, **asdict(result)})
+                from .machine import machine
+
+                _write_json(json_out, {"model": name, "data": data, "dtype": dtype, "quant": quant, "machine": machine(),
+                                       **asdict(result)})
             return
         configs = [_policy(p, budget=int(b)) for p in policies.split(",") for b in budgets.split(",")]
         if protocol == "copy":

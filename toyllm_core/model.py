@@ -216,6 +216,11 @@ class ToyLLM(eqx.Module):
         return self.embed.dtype
 
     @property
+    def weight_bytes(self) -> int:
+        """Bytes of every array the model holds (its weights in memory, inference copies included)."""
+        return sum(x.nbytes for x in jax.tree.leaves(eqx.filter(self, eqx.is_array)))
+
+    @property
     def kv_bytes_per_token(self) -> int:
         """Cache bytes per token under this model's dtype (keys + values, every layer)."""
         return self.cfg.kv_bytes_per_token(self.dtype)
@@ -274,7 +279,8 @@ class ToyLLM(eqx.Module):
             valid = offsets < n_valid[:, None]
         x = self.embedding(tokens)
         params, static = eqx.partition(self.blocks, eqx.is_array)
-        # The scan slices one layer's weights per step: as bits for bfloat16 (see config.to_bits).
+        # The scan slices one layer's weights per step: as bits for bfloat16 (see config.to_bits;
+        # a no-op for the inference layout, which stores them so).
         params = jax.tree.map(to_bits, params)
 
         def layer_step(carry, xs):

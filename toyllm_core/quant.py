@@ -29,10 +29,6 @@ class Int8Weight(eqx.Module):
         """The dtype the products are taken in (what a plain weight's dtype says elsewhere)."""
         return jnp.dtype(self.compute_dtype)
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.q.shape
-
     def dequantize(self) -> jax.Array:
         """The weight this stands for, float32 (for references and tests)."""
         return self.q.astype(jnp.float32) * self.scale[..., None]
@@ -71,11 +67,6 @@ def quantize_int8(model):
 
 def is_quantized(model) -> bool:
     return isinstance(model.blocks.attn.wq, Int8Weight)
-
-
-def weight_bytes(model) -> int:
-    """Bytes of every array the model holds (what its weights cost in memory)."""
-    return sum(x.nbytes for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
 
 
 QUANTIZATIONS = ("none", "int8")
