@@ -354,8 +354,10 @@ def eval_(
     data: Annotated[str | None, typer.Option(help="Evaluation data SPEC (file:PATH, offline:DIR); not needed "
                                                   "for --protocol copy.")] = None,
     protocol: Annotated[str, typer.Option(help="streaming, prefill, copy, or corpus (full-cache token- and "
-                                               "word-level perplexity of the whole text); long contexts: "
-                                               "passkey, niah, session-qa, ppl (docs/compression.md).")] = "streaming",
+                                               "word-level perplexity of the whole text); quality (the model "
+                                               "card's numbers: against a unigram model, loss by position, "
+                                               "copying); long contexts: passkey, niah, session-qa, ppl "
+                                               "(docs/compression.md).")] = "streaming",
     policies: Annotated[str, typer.Option(help="Comma-separated policies.")] = "streaming,snapkv,h2o",
     budgets: Annotated[str, typer.Option(help="Comma-separated budgets.")] = "32,64,128,256",
     lengths: Annotated[str, typer.Option(help="passkey, niah, ppl: comma-separated context lengths in tokens "
@@ -363,7 +365,7 @@ def eval_(
     depths: Annotated[str, typer.Option(help="passkey: comma-separated needle depths in [0, 1].")] = "0,0.25,0.5,0.75,1",
     samples: Annotated[int, typer.Option(min=1, help="passkey: prompts per (length, depth); niah: per length; "
                                                     "session-qa: documents.")] = 2,
-    seed: Annotated[int, typer.Option(help="passkey, niah, session-qa: the generators' seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="copy, passkey, niah, session-qa: the generators' seed.")] = 0,
     corpus: Annotated[str, typer.Option(help="niah, session-qa: the prose (a data SPEC; its held-out split).")] =
         "offline:data/offline",
     facts: Annotated[int, typer.Option(min=1, max=10, help="session-qa: planted facts = turns.")] = 5,
@@ -372,8 +374,12 @@ def eval_(
     seq_len: Annotated[int, typer.Option(help="Sequence length (streaming; prefill: context + continuation).")] = 1024,
     context: Annotated[int | None, typer.Option(help="Prefill/copy: tokens prefilled before compressing "
                                                      "\\[default: half the sequence].")] = None,
+    answer: Annotated[int | None, typer.Option(min=1, help="copy: tokens scored after the context \\[default: "
+                                                         "the rest of the sequence].")] = None,
     max_sequences: int = 32,
     batch: int = 8,
+    train_data: Annotated[str, typer.Option(help="quality: the training corpus, whose token frequencies make the "
+                                                 "unigram baseline.")] = "offline:data/offline",
     checkpoint: CheckpointOpt = None,
     preset: PresetOpt = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the rows here.")] = None,
@@ -383,7 +389,7 @@ def eval_(
     from dataclasses import asdict
 
     from .evaluate import as_dicts as rows_as_dicts
-    from .evaluate import copy_sequences, corpus_perplexity, evaluate, format_table, windows
+    from .evaluate import copy_task, corpus_perplexity, evaluate, format_table, windows
     from .longctx.protocols import LONG_PROTOCOLS
     from .plots import perplexity_vs_budget
 
@@ -405,10 +411,12 @@ def eval_(
                 _write_json(json_out, {"model": name, "data": data, "dtype": dtype, "quant": quant, "machine": machine(),
                                        **asdict(result)})
             return
+        if protocol == "quality":
+            return _eval_quality(model, tokenizer, name, data, train_data, seq_len, max_sequences, dtype, quant,
+                                 json_out)
         configs = [_policy(p, budget=int(b)) for p in policies.split(",") for b in budgets.split(",")]
         if protocol == "copy":
-            half = context or seq_len // 2
-            sequences = copy_sequences(model.cfg.vocab_size, max_sequences, half)
+            sequences, context = copy_task(model.cfg.vocab_size, max_sequences, seq_len, context, answer, seed)
         else:
             if data is None:
                 raise ValueError(f"--data is required for the {protocol} protocol")
@@ -423,6 +431,32 @@ def eval_(
         _write_json(json_out, {"model": name, "data": data, "rows": rows_as_dicts(rows)})
     if plot:
         perplexity_vs_budget(rows_as_dicts(rows), plot, f"{name}: {protocol} protocol")
+
+
+def _eval_quality(model, tokenizer, name, data, train_data, seq_len, max_sequences, dtype, quant, json_out) -> None:
+    """The model card's numbers (toyllm_core.model_quality); --max-sequences bounds the windows scored
+    by position and the copy sequences."""
+    from .data import load_text
+    from .machine import machine
+    from .model_quality import report
+    from .train import tokenize
+
+    if data is None:
+        raise ValueError("--data is required for the quality protocol")
+    text, tokens = _spec_text_and_tokens(tokenizer, data)
+    train_tokens = tokenize(tokenizer, load_text(train_data))
+    result = report(model, text, tokens, train_tokens, seq_len, max_windows=max_sequences,
+                    copy_sequences_n=min(max_sequences, 64))
+    typer.echo(f"{name} on {data} ({result['eval_tokens']:,} tokens, {result['eval_words']:,} words):\n"
+               f"  word-level perplexity {result['word_perplexity']:.1f}; unigram "
+               f"{result['unigram_word_perplexity']:.1f} (ratio {result['word_perplexity_vs_unigram']:.3f})\n"
+               f"  mean loss at positions 17-64 {result['loss_early']:.3f}, "
+               f"{result['late_positions'][0]}-{result['late_positions'][1]} {result['loss_late']:.3f} "
+               f"(late - early {result['late_minus_early']:+.3f}; {result['windows']} windows)\n"
+               f"  copy accuracy, {result['copy_length']} tokens, full cache: {result['copy_accuracy_full']:.3f}")
+    if json_out:
+        _write_json(json_out, {"model": name, "data": data, "train_data": train_data, "dtype": dtype, "quant": quant,
+                               "machine": machine(), **result})
 
 
 def _eval_long(protocol, data, policies, budgets, lengths, depths, samples, seed, corpus, facts, max_sequences,

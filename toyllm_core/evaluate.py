@@ -233,6 +233,22 @@ def copy_sequences(vocab: int, n: int, length: int, seed: int = 0) -> np.ndarray
     return np.concatenate([first, first], axis=1)
 
 
+def copy_task(vocab: int, n: int, seq_len: int, context: int | None = None, answer: int | None = None,
+              seed: int = 0) -> tuple[np.ndarray, int]:
+    """The copy protocol's sequences and prefill length: a random span of seq_len / 2 tokens twice.
+    The first `context` tokens are prefilled (and compressed), and the `answer` tokens after them
+    are scored. By default the context is the first copy and the answer the whole second one; a
+    context that runs into the second copy gives a cue (its first tokens), and a short answer then
+    asks for what follows the cue: whether the policy kept that part of the first copy."""
+    half = seq_len // 2
+    context = half if context is None else context
+    answer = seq_len - context if answer is None else answer
+    if not 1 <= context < seq_len or answer < 1 or context + answer > seq_len:
+        raise ValueError(f"the copy protocol needs 1 <= context < seq_len and 1 <= answer <= seq_len - context "
+                         f"(seq_len {seq_len}, context {context}, answer {answer})")
+    return copy_sequences(vocab, n, half, seed)[:, : context + answer], context
+
+
 @dataclass
 class Row:
     protocol: str
