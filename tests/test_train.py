@@ -127,3 +127,48 @@ def test_copy_share_repeats_a_span_in_that_share_of_windows_and_leaves_the_other
     np.testing.assert_array_equal(window[dst : dst + length], np.arange(src, src + length))
     with pytest.raises(ValueError, match="copy_share"):
         sample_batch(corpus, 0, replace(plain_cfg, copy_share=1.5))
+
+
+def test_copy_random_fills_that_share_of_the_repeated_spans_with_random_tokens():
+    from dataclasses import replace
+
+    from toyllm_core.train import sample_batch
+
+    corpus = (np.arange(20000) % 1000 + 1000).astype(np.int32)  # text tokens are >= 1000
+    cfg = replace(CFG, vocab_size=1000, batch_size=64, seq_len=128, copy_share=1.0)
+    text_copies = sample_batch(corpus, 3, cfg)
+    assert (text_copies >= 1000).all()
+    mixed = sample_batch(corpus, 3, replace(cfg, copy_random=0.5))
+    random_rows = [r for r in range(64) if (mixed[r] < 1000).any()]
+    assert 16 <= len(random_rows) <= 48
+    for r in random_rows:
+        where = np.flatnonzero(mixed[r] < 1000)  # the span and its repeat, both random, equal
+        half = len(where) // 2
+        assert len(where) == 2 * half and half >= 8 and where[half - 1] < where[half]
+        np.testing.assert_array_equal(mixed[r][where[:half]], mixed[r][where[half:]])
+        assert (mixed[r][where] >= 1).all()  # never token 0 (EOS)
+    with pytest.raises(ValueError, match="copy_random"):
+        sample_batch(corpus, 0, replace(cfg, copy_random=-0.1))
+
+
+def test_init_from_starts_from_a_checkpoint_and_refuses_another_shape(tmp_path):
+    from dataclasses import replace
+
+    first = train(replace(CFG, steps=2), TOKENS, None, tmp_path / "first")
+    start, _ = checkpoint.load(tmp_path / "first" / "final")
+    cfg = replace(CFG, steps=1, lr=0.0, warmup_steps=1, init_from=str(tmp_path / "first" / "final"))
+    train(cfg, TOKENS, None, tmp_path / "second")  # a zero learning rate: the weights stay as they start
+    after, _ = checkpoint.load(tmp_path / "second" / "final")
+    np.testing.assert_array_equal(np.asarray(after.embed), np.asarray(start.embed))
+    assert first["steps"] == 2
+    with pytest.raises(ValueError, match="is not the one this run trains"):
+        train(replace(cfg, seq_len=600), TOKENS, None, tmp_path / "third")  # a longer context: another shape
+
+
+def test_stop_at_stops_on_that_step_with_the_full_schedule(tmp_path):
+    summary = train(CFG, TOKENS, None, tmp_path / "run", stop_at=5)
+    assert summary["stopped_early"] and summary["steps"] == 5
+    state = json.loads((tmp_path / "run" / "state" / "state.json").read_text())
+    assert state["step"] == 5 and state["config"]["steps"] == CFG.steps
+    resumed = train(CFG, TOKENS, None, tmp_path / "run", resume=True)
+    assert resumed["steps"] == CFG.steps and not resumed["stopped_early"]

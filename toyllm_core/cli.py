@@ -312,9 +312,16 @@ def train(
     copy_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of training windows in which a "
                                                                      "random span is repeated later (teaches "
                                                                      "copying from the context).")] = 0.0,
+    copy_random: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of the repeated spans that are "
+                                                                      "random tokens instead of text (a "
+                                                                      "signal only copying can learn).")] = 0.0,
+    init: Annotated[Path | None, typer.Option(help="Start from this checkpoint's weights (fresh optimiser and "
+                                                   "schedule; same model shape and tokenizer).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run saved in OUT/state.")] = False,
     max_minutes: Annotated[float | None, typer.Option(help="Stop early (and still write OUT/final) after this "
                                                            "much training wall time.")] = None,
+    stop_at: Annotated[int | None, typer.Option(min=1, help="Stop early (and still write OUT/final) at this step; "
+                                                            "the schedule still runs to --steps.")] = None,
 ) -> None:
     """Train a model; progress bar, JSONL metrics, periodic state, final checkpoint in OUT/final."""
     from tqdm import tqdm
@@ -329,7 +336,8 @@ def train(
         cfg = TrainConfig(preset=preset, vocab_size=len(tok), eos_token_id=tok.eos_token_id, seq_len=seq_len, batch_size=batch_size, steps=steps, lr=lr,
                           warmup_steps=warmup_steps, weight_decay=weight_decay, clip_norm=clip_norm,
                           label_smoothing=label_smoothing, log_every=log_every, eval_every=eval_every,
-                          checkpoint_every=checkpoint_every, seed=seed, copy_share=copy_share)
+                          checkpoint_every=checkpoint_every, seed=seed, copy_share=copy_share,
+                          copy_random=copy_random, init_from=str(init) if init else None)
         cache = out / "tokens"
         train_tokens = np.concatenate([tokenize(tok, load_text(spec), cache) for spec in data])
         if heldout is None:
@@ -339,7 +347,7 @@ def train(
         summary = run(cfg, train_tokens, held_tokens, out, tok, resume=resume,
                       meta={"data": data, "heldout": heldout},
                       progress=lambda total: tqdm(total=total, unit="step", dynamic_ncols=True),
-                      time_limit_s=None if max_minutes is None else 60 * max_minutes)
+                      time_limit_s=None if max_minutes is None else 60 * max_minutes, stop_at=stop_at)
     except (ValueError, OSError) as e:
         raise _fail(str(e)) from None
     from .plots import training_curves

@@ -10,6 +10,7 @@ a resumed run sees exactly the batches the uninterrupted run would have. The run
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -51,6 +52,14 @@ class TrainConfig:
     # the next tokens of the repeat are predictable only by finding the first occurrence, which
     # teaches the model to read its context (induction heads) where a small corpus alone may not.
     copy_share: float = 0.0
+    # Share of those repeated spans that are random tokens instead of text. A repeated text span is
+    # partly predictable from the text alone; a random one only by copying, which makes the signal
+    # that trains induction heads strong enough to form them in a CPU-sized run (MODEL_CARD.md of
+    # weights/toyllm-base).
+    copy_random: float = 0.0
+    # A checkpoint whose weights the run starts from (a fresh optimiser and schedule): one run
+    # continuing another with other data or another sequence length.
+    init_from: str | None = None
 
 
 def tokenize(tokenizer, text: str, cache_dir: Path | None = None) -> np.ndarray:
@@ -90,14 +99,20 @@ def sample_batch(tokens: np.ndarray, step: int, cfg: TrainConfig, stream: int = 
     """[batch, seq_len + 1] random windows; depends only on (seed, stream, step)."""
     if len(tokens) <= cfg.seq_len + 1:
         raise ValueError(f"corpus has {len(tokens)} tokens, fewer than seq_len + 1 = {cfg.seq_len + 1}")
-    if not 0.0 <= cfg.copy_share <= 1.0:
-        raise ValueError(f"copy_share must lie in [0, 1], not {cfg.copy_share}")
+    for name in ("copy_share", "copy_random"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], not {getattr(cfg, name)}")
     rng = np.random.default_rng([cfg.seed, stream, step])
     starts = rng.integers(0, len(tokens) - cfg.seq_len - 1, cfg.batch_size)
     batch = np.stack([tokens[s : s + cfg.seq_len + 1] for s in starts])
     if cfg.copy_share > 0:  # drawn after the windows, so that copy_share 0 leaves every batch as it was
         for row in np.flatnonzero(rng.random(cfg.batch_size) < cfg.copy_share):
-            repeat_span(batch[row], rng)
+            src, dst, length = repeat_span(batch[row], rng)
+            if cfg.copy_random and rng.random() < cfg.copy_random:
+                # Token 0 is EOS (a document boundary): random spans draw from the others.
+                span = rng.integers(1, cfg.vocab_size or int(tokens.max()) + 1, length, dtype=batch.dtype)
+                batch[row, src : src + length] = span
+                batch[row, dst : dst + length] = span
     return batch
 
 
@@ -171,12 +186,22 @@ def _save_state(directory: Path, model, opt_state, step: int, cfg: TrainConfig, 
                                                       "elapsed_s": elapsed_s, "config": asdict(cfg)}, indent=2))
 
 
+def _initial_weights(directory: str, model_cfg) -> ToyLLM:
+    """The float32 weights of the checkpoint `directory`, which must have this run's model shape."""
+    model, _ = checkpoint.load(directory)
+    if model.cfg != model_cfg:
+        raise ValueError(f"{directory}: its model ({model.cfg}) is not the one this run trains ({model_cfg})")
+    return model.astype(jax.numpy.float32)
+
+
 def train(cfg: TrainConfig, train_tokens: np.ndarray, heldout_tokens: np.ndarray | None, out: Path,
           tokenizer=None, resume: bool = False, meta: dict | None = None,
-          progress: Callable[[int], object] | None = None, time_limit_s: float | None = None) -> dict:
+          progress: Callable[[int], object] | None = None, time_limit_s: float | None = None,
+          stop_at: int | None = None) -> dict:
     """Train (or resume) a run in `out`; returns the summary written into the final checkpoint.
 
-    `time_limit_s` bounds the wall time of this run (resumed parts included): when it is reached the
+    `time_limit_s` bounds the wall time of this run (resumed parts included), and `stop_at` its
+    steps, without changing the schedule (which still runs to cfg.steps): when either is reached the
     run stops early, saves its state and writes the final checkpoint, marked `stopped_early`.
     """
     out = Path(out)
@@ -187,11 +212,15 @@ def train(cfg: TrainConfig, train_tokens: np.ndarray, heldout_tokens: np.ndarray
     opt_state = opt.init(eqx.filter(model, eqx.is_array))
     step, tokens_seen, elapsed_before = 0, 0, 0.0
     state_dir = out / "state"
+    if cfg.init_from and not resume:
+        model = _initial_weights(cfg.init_from, model_cfg)
     if resume:
         if not (state_dir / "state.eqx").exists():
             raise FileNotFoundError(f"{state_dir / 'state.eqx'}: nothing to resume; run without --resume first")
         saved = json.loads((state_dir / "state.json").read_text())
-        if saved["config"] != asdict(cfg):
+        # Settings added since the run started take their defaults.
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        if {**defaults, **saved["config"]} != asdict(cfg):
             raise ValueError(f"{state_dir / 'state.json'}: the run was started with other settings; "
                              "resume with the same options")
         model, opt_state = eqx.tree_deserialise_leaves(state_dir / "state.eqx", (model, opt_state))
@@ -208,7 +237,8 @@ def train(cfg: TrainConfig, train_tokens: np.ndarray, heldout_tokens: np.ndarray
     try:
         stopped_early = False
         while step < cfg.steps:
-            if time_limit_s is not None and elapsed_before + time.perf_counter() - start >= time_limit_s:
+            out_of_time = time_limit_s is not None and elapsed_before + time.perf_counter() - start >= time_limit_s
+            if out_of_time or (stop_at is not None and step >= stop_at):
                 stopped_early = True
                 _save_state(state_dir, model, opt_state, step, cfg, tokens_seen,
                             elapsed_before + time.perf_counter() - start)
