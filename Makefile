@@ -57,21 +57,30 @@ test-model: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -s -m model tests/model
 
 # Retrain the small model shipped as weights/toyllm-base (its MODEL_CARD.md has the study behind the
-# recipe): the offline corpus and an 8k byte-level BPE trained on it; stage 1, language (900 steps of
-# a 2,200-step schedule, 8 x 1024 tokens, half the windows repeating a text span); stage 2 from its
-# weights, copying (1,250 steps, three quarters of the windows repeating a span, half of those spans
-# random tokens). ~110 minutes on 2 cores; a stopped stage continues with RESUME=--resume.
+# recipe and what each stage measured): the offline corpus and an 8k byte-level BPE trained on it;
+# 1. language: 900 steps of a 2,200-step schedule, 8 x 1024 tokens, half the windows repeating a span;
+# 2. from it, 600 steps of a 1,250-step schedule, three quarters of the windows repeating a span, half
+#    of those spans random tokens;
+# 3. from it, copying: 600 + 400 steps of 16 x 128 tokens, half the windows a random 64-token
+#    sequence written twice (induction formed here).
+# ~75 minutes on 2 cores; a stopped stage continues with RESUME=--resume.
 BASE_RUN ?= runs/toyllm-base
 BASE_TRAIN = $(BIN)/toyllm train --data offline:data/offline --tokenizer $(BASE_RUN)/bpe --preset base \
-    --seq-len 1024 --batch-size 8 --eval-every 250 --checkpoint-every 50 $(RESUME)
+    --eval-every 250 --checkpoint-every 50 $(RESUME)
 train-base: $(VENV)/.installed-dev
 	[ -f data/offline/train.txt ] || $(BIN)/toyllm data build-offline --out data/offline
 	[ -f $(BASE_RUN)/bpe/tokenizer.json ] || $(BIN)/toyllm data train-tokenizer --data offline:data/offline \
 	    --out $(BASE_RUN)/bpe --vocab-size 8192
-	[ -f $(BASE_RUN)/language/final/model.safetensors ] || $(BASE_TRAIN) --out $(BASE_RUN)/language \
-	    --steps 2200 --stop-at 900 --lr 3e-3 --warmup-steps 150 --copy-share 0.5
-	$(BASE_TRAIN) --out $(BASE_RUN)/copying --init $(BASE_RUN)/language/final \
-	    --steps 1250 --lr 2e-3 --warmup-steps 50 --copy-share 0.75 --copy-random 0.5
+	[ -f $(BASE_RUN)/1-language/final/model.safetensors ] || $(BASE_TRAIN) --out $(BASE_RUN)/1-language \
+	    --seq-len 1024 --batch-size 8 --steps 2200 --stop-at 900 --lr 3e-3 --warmup-steps 150 --copy-share 0.5
+	[ -f $(BASE_RUN)/2-spans/final/model.safetensors ] || $(BASE_TRAIN) --out $(BASE_RUN)/2-spans \
+	    --init $(BASE_RUN)/1-language/final --seq-len 1024 --batch-size 8 --steps 1250 --stop-at 600 \
+	    --lr 2e-3 --warmup-steps 50 --copy-share 0.75 --copy-random 0.5
+	[ -f $(BASE_RUN)/3-copy/final/model.safetensors ] || $(BASE_TRAIN) --out $(BASE_RUN)/3-copy \
+	    --init $(BASE_RUN)/2-spans/final --seq-len 128 --batch-size 16 --steps 600 --lr 2e-3 --warmup-steps 20 \
+	    --copy-whole 0.5
+	$(BASE_TRAIN) --out $(BASE_RUN)/4-copy --init $(BASE_RUN)/3-copy/final --seq-len 128 --batch-size 16 \
+	    --steps 400 --lr 2e-3 --warmup-steps 20 --copy-whole 0.5
 
 # Debian tools the deployment tests drive (root; the package registries are reachable).
 DEB_DEPLOY := prometheus nginx-light

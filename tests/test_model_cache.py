@@ -175,7 +175,7 @@ def test_bfloat16_greedy_decoding_agrees_with_float32_on_the_shipped_model():
     from toyllm_core import checkpoint as ckpt
 
     model, _ = ckpt.load("weights/toyllm-base")
-    tokens = _tokens(256 + 64, 7)
+    tokens = _tokens(256 + 64, 7) % model.cfg.vocab_size
     logits = {}
     for dtype in (jnp.float32, jnp.bfloat16):
         m = model.astype(dtype).for_inference()

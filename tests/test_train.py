@@ -172,3 +172,18 @@ def test_stop_at_stops_on_that_step_with_the_full_schedule(tmp_path):
     assert state["step"] == 5 and state["config"]["steps"] == CFG.steps
     resumed = train(CFG, TOKENS, None, tmp_path / "run", resume=True)
     assert resumed["steps"] == CFG.steps and not resumed["stopped_early"]
+
+
+def test_copy_whole_replaces_that_share_of_windows_by_a_random_sequence_twice():
+    from dataclasses import replace
+
+    from toyllm_core.train import sample_batch
+
+    corpus = (np.arange(20000) % 1000 + 1000).astype(np.int32)
+    cfg = replace(CFG, vocab_size=1000, batch_size=64, seq_len=20, copy_whole=0.5)
+    batch = sample_batch(corpus, 4, cfg)
+    whole = [r for r in range(64) if (batch[r] < 1000).all()]
+    assert 16 <= len(whole) <= 48 and all((batch[r] >= 1000).all() for r in range(64) if r not in whole)
+    for r in whole:  # 21 tokens: x (10), x again, then x's first token
+        np.testing.assert_array_equal(batch[r][:10], batch[r][10:20])
+        assert batch[r][20] == batch[r][0] and (batch[r] >= 1).all()

@@ -57,6 +57,9 @@ class TrainConfig:
     # that trains induction heads strong enough to form them in a CPU-sized run (MODEL_CARD.md of
     # weights/toyllm-base).
     copy_random: float = 0.0
+    # Share of windows replaced whole by a random sequence written twice (x x): the plainest copying
+    # task. Induction formed on it where spans inside text did not (MODEL_CARD.md of toyllm-base).
+    copy_whole: float = 0.0
     # A checkpoint whose weights the run starts from (a fresh optimiser and schedule): one run
     # continuing another with other data or another sequence length.
     init_from: str | None = None
@@ -99,7 +102,7 @@ def sample_batch(tokens: np.ndarray, step: int, cfg: TrainConfig, stream: int = 
     """[batch, seq_len + 1] random windows; depends only on (seed, stream, step)."""
     if len(tokens) <= cfg.seq_len + 1:
         raise ValueError(f"corpus has {len(tokens)} tokens, fewer than seq_len + 1 = {cfg.seq_len + 1}")
-    for name in ("copy_share", "copy_random"):
+    for name in ("copy_share", "copy_random", "copy_whole"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], not {getattr(cfg, name)}")
     rng = np.random.default_rng([cfg.seed, stream, step])
@@ -113,6 +116,11 @@ def sample_batch(tokens: np.ndarray, step: int, cfg: TrainConfig, stream: int = 
                 span = rng.integers(1, cfg.vocab_size or int(tokens.max()) + 1, length, dtype=batch.dtype)
                 batch[row, src : src + length] = span
                 batch[row, dst : dst + length] = span
+    if cfg.copy_whole > 0:  # drawn last, so that the other settings' batches stay as they were
+        half = (cfg.seq_len + 1) // 2
+        for row in np.flatnonzero(rng.random(cfg.batch_size) < cfg.copy_whole):
+            x = rng.integers(1, cfg.vocab_size or int(tokens.max()) + 1, half, dtype=batch.dtype)
+            batch[row] = np.resize(x, cfg.seq_len + 1)  # x, x again, and x's first token if there is room
     return batch
 
 
