@@ -73,16 +73,16 @@ def report(model: ToyLLM, eval_text: str, eval_tokens: np.ndarray, train_tokens:
     corpus = corpus_perplexity(model, eval_tokens, words, seq_len, batch)
     unigram = unigram_nll(train_tokens, eval_tokens, model.cfg.vocab_size)
     unigram_word_ppl = float(np.exp(unigram / words))
-    by_position = loss_by_position(model, windows(eval_tokens, seq_len, max_windows), batch)
+    scored = windows(eval_tokens, seq_len, max_windows)
+    by_position = loss_by_position(model, scored, batch)
     early, late = mean_over(by_position, EARLY), mean_over(by_position, late_span(seq_len))
-    n_windows = min(len(eval_tokens) // seq_len, max_windows)
     return {
         "eval_tokens": int(len(eval_tokens)), "eval_words": words,
         "token_perplexity": corpus.token_perplexity, "word_perplexity": corpus.word_perplexity,
         "unigram_token_perplexity": float(np.exp(unigram / (len(eval_tokens) - 1))),
         "unigram_word_perplexity": unigram_word_ppl,
         "word_perplexity_vs_unigram": corpus.word_perplexity / unigram_word_ppl,
-        "windows": n_windows, "window_tokens": seq_len,
+        "windows": len(scored), "window_tokens": seq_len,
         "loss_early": early, "loss_late": late, "late_minus_early": late - early,
         "early_positions": list(EARLY), "late_positions": list(late_span(seq_len)),
         "loss_by_position_64": [round(float(x), 4) for x in _bucket_means(by_position, 64)],

@@ -108,19 +108,19 @@ def sample_batch(tokens: np.ndarray, step: int, cfg: TrainConfig, stream: int = 
     rng = np.random.default_rng([cfg.seed, stream, step])
     starts = rng.integers(0, len(tokens) - cfg.seq_len - 1, cfg.batch_size)
     batch = np.stack([tokens[s : s + cfg.seq_len + 1] for s in starts])
+    # Random tokens: never token 0, EOS (a document boundary).
+    random_tokens = lambda n: rng.integers(1, cfg.vocab_size or int(tokens.max()) + 1, n, dtype=batch.dtype)
     if cfg.copy_share > 0:  # drawn after the windows, so that copy_share 0 leaves every batch as it was
         for row in np.flatnonzero(rng.random(cfg.batch_size) < cfg.copy_share):
             src, dst, length = repeat_span(batch[row], rng)
             if cfg.copy_random and rng.random() < cfg.copy_random:
-                # Token 0 is EOS (a document boundary): random spans draw from the others.
-                span = rng.integers(1, cfg.vocab_size or int(tokens.max()) + 1, length, dtype=batch.dtype)
+                span = random_tokens(length)
                 batch[row, src : src + length] = span
                 batch[row, dst : dst + length] = span
     if cfg.copy_whole > 0:  # drawn last, so that the other settings' batches stay as they were
         half = (cfg.seq_len + 1) // 2
         for row in np.flatnonzero(rng.random(cfg.batch_size) < cfg.copy_whole):
-            x = rng.integers(1, cfg.vocab_size or int(tokens.max()) + 1, half, dtype=batch.dtype)
-            batch[row] = np.resize(x, cfg.seq_len + 1)  # x, x again, and x's first token if there is room
+            batch[row] = np.resize(random_tokens(half), cfg.seq_len + 1)  # x, x again, and x's first token if there is room
     return batch
 
 
@@ -195,11 +195,11 @@ def _save_state(directory: Path, model, opt_state, step: int, cfg: TrainConfig, 
 
 
 def _initial_weights(directory: str, model_cfg) -> ToyLLM:
-    """The float32 weights of the checkpoint `directory`, which must have this run's model shape."""
+    """The weights of the checkpoint `directory` (loaded as float32), which must have this run's model shape."""
     model, _ = checkpoint.load(directory)
     if model.cfg != model_cfg:
         raise ValueError(f"{directory}: its model ({model.cfg}) is not the one this run trains ({model_cfg})")
-    return model.astype(jax.numpy.float32)
+    return model
 
 
 def train(cfg: TrainConfig, train_tokens: np.ndarray, heldout_tokens: np.ndarray | None, out: Path,
