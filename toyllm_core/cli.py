@@ -438,7 +438,9 @@ def eval_(
     typer.echo(f"{name}, {len(sequences)} sequences of {sequences.shape[1]} tokens")
     typer.echo(format_table(rows))
     if json_out:
-        _write_json(json_out, {"model": name, "data": data, "rows": rows_as_dicts(rows)})
+        from .machine import machine
+
+        _write_json(json_out, {"model": name, "data": data, "machine": machine(), "rows": rows_as_dicts(rows)})
     if plot:
         perplexity_vs_budget(rows_as_dicts(rows), plot, f"{name}: {protocol} protocol")
 
