@@ -108,9 +108,10 @@ def test_copy_share_repeats_a_span_in_that_share_of_windows_and_leaves_the_other
 
     corpus = np.random.default_rng(0).permutation(20000).astype(np.int32)  # no token repeats by itself
     plain_cfg = replace(CFG, batch_size=64, seq_len=128)
-    plain = sample_batch(corpus, 7, plain_cfg)
-    mixed = sample_batch(corpus, 7, replace(plain_cfg, copy_share=0.5))
-    assert np.array_equal(sample_batch(corpus, 7, replace(plain_cfg, copy_share=0.5)), mixed)  # (seed, step) only
+    plain, plain_weights = sample_batch(corpus, 7, plain_cfg)
+    mixed, _ = sample_batch(corpus, 7, replace(plain_cfg, copy_share=0.5))
+    assert np.array_equal(sample_batch(corpus, 7, replace(plain_cfg, copy_share=0.5))[0], mixed)  # (seed, step) only
+    assert plain_weights.shape == (64, 128) and (plain_weights == 1).all()  # every target scored
     changed = [r for r in range(64) if not np.array_equal(plain[r], mixed[r])]
     assert 16 <= len(changed) <= 48  # about half of the windows
     for r in changed:
@@ -136,9 +137,9 @@ def test_copy_random_fills_that_share_of_the_repeated_spans_with_random_tokens()
 
     corpus = (np.arange(20000) % 1000 + 1000).astype(np.int32)  # text tokens are >= 1000
     cfg = replace(CFG, vocab_size=1000, batch_size=64, seq_len=128, copy_share=1.0)
-    text_copies = sample_batch(corpus, 3, cfg)
+    text_copies, _ = sample_batch(corpus, 3, cfg)
     assert (text_copies >= 1000).all()
-    mixed = sample_batch(corpus, 3, replace(cfg, copy_random=0.5))
+    mixed, _ = sample_batch(corpus, 3, replace(cfg, copy_random=0.5))
     random_rows = [r for r in range(64) if (mixed[r] < 1000).any()]
     assert 16 <= len(random_rows) <= 48
     for r in random_rows:
@@ -174,16 +175,44 @@ def test_stop_at_stops_on_that_step_with_the_full_schedule(tmp_path):
     assert resumed["steps"] == CFG.steps and not resumed["stopped_early"]
 
 
-def test_copy_whole_replaces_that_share_of_windows_by_a_random_sequence_twice():
+def test_induction_share_writes_a_random_sequence_of_random_length_twice_and_scores_only_its_second_copy():
     from dataclasses import replace
 
-    from toyllm_core.train import sample_batch
+    from toyllm_core.train import INDUCTION_MIN, sample_batch
 
-    corpus = (np.arange(20000) % 1000 + 1000).astype(np.int32)
-    cfg = replace(CFG, vocab_size=1000, batch_size=64, seq_len=20, copy_whole=0.5)
-    batch = sample_batch(corpus, 4, cfg)
-    whole = [r for r in range(64) if (batch[r] < 1000).all()]
-    assert 16 <= len(whole) <= 48 and all((batch[r] >= 1000).all() for r in range(64) if r not in whole)
-    for r in whole:  # 21 tokens: x (10), x again, then x's first token
-        np.testing.assert_array_equal(batch[r][:10], batch[r][10:20])
-        assert batch[r][20] == batch[r][0] and (batch[r] >= 1).all()
+    corpus = (np.arange(20000) % 1000 + 1000).astype(np.int32)  # text tokens are >= 1000
+    cfg = replace(CFG, vocab_size=1000, batch_size=64, seq_len=40, induction_share=0.5)
+    batch, weights = sample_batch(corpus, 4, cfg)
+    rows = [r for r in range(64) if (batch[r] < 1000).all()]
+    assert 16 <= len(rows) <= 48
+    for r in range(64):
+        if r not in rows:  # text windows: untouched, every target scored
+            assert (batch[r] >= 1000).all() and (weights[r] == 1).all()
+    lengths = set()
+    for r in rows:
+        scored = np.flatnonzero(weights[r])  # targets batch[r, t + 1] for these t
+        length = len(scored) + 1  # the copy's first token is not scored
+        lengths.add(length)
+        assert INDUCTION_MIN <= length <= 20 and scored[-1] == 39 and np.all(np.diff(scored) == 1)
+        np.testing.assert_array_equal(batch[r][41 - length :], batch[r][41 - 2 * length : 41 - length])
+        assert (batch[r] >= 1).all()  # never token 0 (EOS)
+    assert len(lengths) > 3  # the length varies, so no single offset solves it
+    # The loss is the mean NLL over the scored targets only.
+    import jax
+    import jax.numpy as jnp
+
+    from toyllm_core.config import get_preset
+    from toyllm_core.model import ToyLLM
+    from toyllm_core.train import batch_loss
+
+    model = ToyLLM(replace(get_preset("tiny"), vocab_size=2000, eos_token_id=0), jax.random.PRNGKey(0))
+    pick = [rows[0], next(r for r in range(64) if r not in rows)]  # one induction window, one text window
+    nll = [-np.asarray(jax.nn.log_softmax(model(jnp.asarray(batch[r, :-1]))))[np.arange(40), batch[r, 1:]]
+           for r in pick]
+    expected = sum((n * weights[r]).sum() for n, r in zip(nll, pick)) / weights[pick].sum()
+    got = float(batch_loss(model, jnp.asarray(batch[pick]), jnp.asarray(weights[pick])))
+    assert got == pytest.approx(expected, rel=1e-5)
+    plain_mean = float(np.mean(np.concatenate(nll)))
+    ones = jnp.ones((2, 40), jnp.float32)
+    assert float(batch_loss(model, jnp.asarray(batch[pick]), ones)) == pytest.approx(plain_mean, rel=1e-5)
+    assert abs(got - plain_mean) > 1e-3  # the unscored targets left out

@@ -315,8 +315,10 @@ def train(
     copy_random: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of the repeated spans that are "
                                                                       "random tokens instead of text (a "
                                                                       "signal only copying can learn).")] = 0.0,
-    copy_whole: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of windows replaced by a random "
-                                                                     "sequence written twice.")] = 0.0,
+    induction_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of windows replaced by random "
+                                                                          "tokens ending in a random sequence of "
+                                                                          "random length written twice; only the "
+                                                                          "second copy is scored.")] = 0.0,
     init: Annotated[Path | None, typer.Option(help="Start from this checkpoint's weights (fresh optimiser and "
                                                    "schedule; same model shape and tokenizer).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run saved in OUT/state.")] = False,
@@ -339,7 +341,8 @@ def train(
                           warmup_steps=warmup_steps, weight_decay=weight_decay, clip_norm=clip_norm,
                           label_smoothing=label_smoothing, log_every=log_every, eval_every=eval_every,
                           checkpoint_every=checkpoint_every, seed=seed, copy_share=copy_share,
-                          copy_random=copy_random, copy_whole=copy_whole, init_from=str(init) if init else None)
+                          copy_random=copy_random, induction_share=induction_share,
+                          init_from=str(init) if init else None)
         cache = out / "tokens"
         train_tokens = np.concatenate([tokenize(tok, load_text(spec), cache) for spec in data])
         if heldout is None:

@@ -57,9 +57,12 @@ class TrainConfig:
     # that trains induction heads strong enough to form them in a CPU-sized run (MODEL_CARD.md of
     # weights/toyllm-base).
     copy_random: float = 0.0
-    # Share of windows replaced whole by a random sequence written twice (x x): the plainest copying
-    # task. Induction formed on it where spans inside text did not (MODEL_CARD.md of toyllm-base).
-    copy_whole: float = 0.0
+    # Share of windows replaced by random tokens that end in a random sequence written twice, its
+    # length (4 up to half the window) drawn per window; only the second copy is scored, the rest
+    # being unpredictable. With one fixed length a head learns to look back that many positions,
+    # which copies nothing else; a length that varies leaves matching content, an induction head, as
+    # the only solution. It formed on this task where text spans did not (MODEL_CARD.md of toyllm-base).
+    induction_share: float = 0.0
     # A checkpoint whose weights the run starts from (a fresh optimiser and schedule): one run
     # continuing another with other data or another sequence length.
     init_from: str | None = None
@@ -98,16 +101,22 @@ def model_config(cfg: TrainConfig):
     return preset.replace(**changes)
 
 
-def sample_batch(tokens: np.ndarray, step: int, cfg: TrainConfig, stream: int = 0) -> np.ndarray:
-    """[batch, seq_len + 1] random windows; depends only on (seed, stream, step)."""
+# The shortest sequence an induction window repeats.
+INDUCTION_MIN = 4
+
+
+def sample_batch(tokens: np.ndarray, step: int, cfg: TrainConfig, stream: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random windows [batch, seq_len + 1] and the weight of each target [batch, seq_len] (1 where
+    the next token is scored, 0 where it is not); depends only on (seed, stream, step)."""
     if len(tokens) <= cfg.seq_len + 1:
         raise ValueError(f"corpus has {len(tokens)} tokens, fewer than seq_len + 1 = {cfg.seq_len + 1}")
-    for name in ("copy_share", "copy_random", "copy_whole"):
+    for name in ("copy_share", "copy_random", "induction_share"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], not {getattr(cfg, name)}")
     rng = np.random.default_rng([cfg.seed, stream, step])
     starts = rng.integers(0, len(tokens) - cfg.seq_len - 1, cfg.batch_size)
     batch = np.stack([tokens[s : s + cfg.seq_len + 1] for s in starts])
+    weights = np.ones((cfg.batch_size, cfg.seq_len), np.float32)
     # Random tokens: never token 0, EOS (a document boundary).
     random_tokens = lambda n: rng.integers(1, cfg.vocab_size or int(tokens.max()) + 1, n, dtype=batch.dtype)
     if cfg.copy_share > 0:  # drawn after the windows, so that copy_share 0 leaves every batch as it was
@@ -117,11 +126,19 @@ def sample_batch(tokens: np.ndarray, step: int, cfg: TrainConfig, stream: int = 
                 span = random_tokens(length)
                 batch[row, src : src + length] = span
                 batch[row, dst : dst + length] = span
-    if cfg.copy_whole > 0:  # drawn last, so that the other settings' batches stay as they were
-        half = (cfg.seq_len + 1) // 2
-        for row in np.flatnonzero(rng.random(cfg.batch_size) < cfg.copy_whole):
-            batch[row] = np.resize(random_tokens(half), cfg.seq_len + 1)  # x, x again, and x's first token if there is room
-    return batch
+    if cfg.induction_share > 0:  # drawn last, so that the other settings' batches stay as they were
+        n = cfg.seq_len + 1
+        if n // 2 < INDUCTION_MIN:
+            raise ValueError(f"induction windows need seq_len >= {2 * INDUCTION_MIN - 1}, not {cfg.seq_len}")
+        for row in np.flatnonzero(rng.random(cfg.batch_size) < cfg.induction_share):
+            length = int(rng.integers(INDUCTION_MIN, n // 2 + 1))
+            batch[row] = random_tokens(n)
+            batch[row, n - length :] = batch[row, n - 2 * length : n - length]
+            # Targets are batch[row, 1:]: score the second copy after its first token, which
+            # nothing before it predicts.
+            weights[row] = 0.0
+            weights[row, n - length : n - 1] = 1.0
+    return batch, weights
 
 
 def repeat_span(window: np.ndarray, rng: np.random.Generator, min_len: int = 8) -> tuple[int, int, int]:
@@ -155,33 +172,34 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     )
 
 
-def sequence_loss(model: ToyLLM, window: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Mean next-token cross-entropy of one window [T + 1] (with optional label smoothing)."""
+def sequence_nll(model: ToyLLM, window: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Next-token cross-entropy [T] of one window [T + 1] (with optional label smoothing)."""
     logits = model(window[:-1])
     targets = jax.nn.one_hot(window[1:], model.cfg.vocab_size)
     if label_smoothing:
         targets = optax.smooth_labels(targets, label_smoothing)
-    return optax.softmax_cross_entropy(logits, targets).mean()
+    return optax.softmax_cross_entropy(logits, targets)
 
 
-def batch_loss(model: ToyLLM, batch: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+def batch_loss(model: ToyLLM, batch: jax.Array, weights: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Mean loss over the scored targets (weights [batch, seq_len]) of a batch."""
     # One sequence at a time (rematerialised in the backward pass): a batch's logits at once would
     # be batch x seq_len x vocab floats, gigabytes for the GPT-2 vocabulary.
-    per_row = jax.checkpoint(lambda w: sequence_loss(model, w, label_smoothing))
-    return jax.lax.map(per_row, batch).mean()
+    per_row = jax.checkpoint(lambda row: (sequence_nll(model, row[0], label_smoothing) * row[1]).sum())
+    return jax.lax.map(per_row, (batch, weights)).sum() / weights.sum()
 
 
 @eqx.filter_jit(donate="all")
-def train_step(model, opt_state, batch, opt: optax.GradientTransformation, label_smoothing: float):
-    loss, grads = eqx.filter_value_and_grad(batch_loss)(model, batch, label_smoothing)
+def train_step(model, opt_state, batch, weights, opt: optax.GradientTransformation, label_smoothing: float):
+    loss, grads = eqx.filter_value_and_grad(batch_loss)(model, batch, weights, label_smoothing)
     updates, opt_state = opt.update(grads, opt_state, eqx.filter(model, eqx.is_array))
     model = eqx.apply_updates(model, updates)
     return model, opt_state, loss, optax.tree.norm(grads)
 
 
 @eqx.filter_jit
-def eval_loss(model, batch):
-    return batch_loss(model, batch)
+def eval_loss(model, batch, weights):
+    return batch_loss(model, batch, weights)
 
 
 def _save_state(directory: Path, model, opt_state, step: int, cfg: TrainConfig, tokens_seen: int,
@@ -251,8 +269,9 @@ def train(cfg: TrainConfig, train_tokens: np.ndarray, heldout_tokens: np.ndarray
                 _save_state(state_dir, model, opt_state, step, cfg, tokens_seen,
                             elapsed_before + time.perf_counter() - start)
                 break
-            batch = sample_batch(train_tokens, step, cfg)
-            model, opt_state, loss_arr, grad_norm = train_step(model, opt_state, batch, opt, cfg.label_smoothing)
+            batch, weights = sample_batch(train_tokens, step, cfg)
+            model, opt_state, loss_arr, grad_norm = train_step(model, opt_state, batch, weights, opt,
+                                                               cfg.label_smoothing)
             step += 1
             tokens_seen += batch.shape[0] * cfg.seq_len
             window_tokens += batch.shape[0] * cfg.seq_len
@@ -293,5 +312,5 @@ def train(cfg: TrainConfig, train_tokens: np.ndarray, heldout_tokens: np.ndarray
 
 def evaluate(model: ToyLLM, tokens: np.ndarray, cfg: TrainConfig) -> float:
     """Mean next-token loss over `eval_batches` fixed held-out batches."""
-    losses = [float(eval_loss(model, sample_batch(tokens, i, cfg, stream=1))) for i in range(cfg.eval_batches)]
+    losses = [float(eval_loss(model, *sample_batch(tokens, i, cfg, stream=1))) for i in range(cfg.eval_batches)]
     return float(np.mean(losses)) if losses else math.nan
