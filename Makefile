@@ -61,9 +61,11 @@ test-model: $(VENV)/.installed-dev
 # 1. language: 900 steps of a 2,200-step schedule, 8 x 1024 tokens, half the windows repeating a span;
 # 2. from it, 600 steps of a 1,250-step schedule, three quarters of the windows repeating a span, half
 #    of those spans random tokens;
-# 3. from it, copying: 600 + 400 steps of 16 x 128 tokens, half the windows a random 64-token
-#    sequence written twice (induction formed here).
-# ~75 minutes on 2 cores; a stopped stage continues with RESUME=--resume.
+# 3. from it, induction: 2,000 steps of 32 x 64 tokens, every window random tokens ending in a random
+#    sequence of random length written twice (the heads formed here, near step 500);
+# 4. the copying grown to longer windows: 128, 256 and 512 tokens, a quarter of the windows text;
+# 5. language at 1024 tokens with copying kept: 3/8 of the windows induction windows.
+# ~2 hours on 2 cores; a stopped stage continues with RESUME=--resume.
 BASE_RUN ?= runs/toyllm-base
 BASE_TRAIN = $(BIN)/toyllm train --data offline:data/offline --tokenizer $(BASE_RUN)/bpe --preset base \
     --eval-every 250 --checkpoint-every 50 $(RESUME)
@@ -76,11 +78,20 @@ train-base: $(VENV)/.installed-dev
 	[ -f $(BASE_RUN)/2-spans/final/model.safetensors ] || $(BASE_TRAIN) --out $(BASE_RUN)/2-spans \
 	    --init $(BASE_RUN)/1-language/final --seq-len 1024 --batch-size 8 --steps 1250 --stop-at 600 \
 	    --lr 2e-3 --warmup-steps 50 --copy-share 0.75 --copy-random 0.5
-	[ -f $(BASE_RUN)/3-copy/final/model.safetensors ] || $(BASE_TRAIN) --out $(BASE_RUN)/3-copy \
-	    --init $(BASE_RUN)/2-spans/final --seq-len 128 --batch-size 16 --steps 600 --lr 2e-3 --warmup-steps 20 \
-	    --copy-whole 0.5
-	$(BASE_TRAIN) --out $(BASE_RUN)/4-copy --init $(BASE_RUN)/3-copy/final --seq-len 128 --batch-size 16 \
-	    --steps 400 --lr 2e-3 --warmup-steps 20 --copy-whole 0.5
+	[ -f $(BASE_RUN)/3-induction/final/model.safetensors ] || $(BASE_TRAIN) --out $(BASE_RUN)/3-induction \
+	    --init $(BASE_RUN)/2-spans/final --seq-len 64 --batch-size 32 --steps 2000 --lr 3e-3 --warmup-steps 50 \
+	    --induction-share 1.0
+	[ -f $(BASE_RUN)/4-longer-128/final/model.safetensors ] || $(BASE_TRAIN) --out $(BASE_RUN)/4-longer-128 \
+	    --init $(BASE_RUN)/3-induction/final --seq-len 128 --batch-size 32 --steps 300 --lr 1e-3 \
+	    --warmup-steps 50 --induction-share 0.75
+	[ -f $(BASE_RUN)/4-longer-256/final/model.safetensors ] || $(BASE_TRAIN) --out $(BASE_RUN)/4-longer-256 \
+	    --init $(BASE_RUN)/4-longer-128/final --seq-len 256 --batch-size 16 --steps 300 --lr 1e-3 \
+	    --warmup-steps 50 --induction-share 0.75
+	[ -f $(BASE_RUN)/4-longer-512/final/model.safetensors ] || $(BASE_TRAIN) --out $(BASE_RUN)/4-longer-512 \
+	    --init $(BASE_RUN)/4-longer-256/final --seq-len 512 --batch-size 8 --steps 300 --lr 1e-3 \
+	    --warmup-steps 50 --induction-share 0.75
+	$(BASE_TRAIN) --out $(BASE_RUN)/5-language --init $(BASE_RUN)/4-longer-512/final --seq-len 1024 \
+	    --batch-size 8 --steps 400 --lr 1e-3 --warmup-steps 50 --induction-share 0.375
 
 # Debian tools the deployment tests drive (root; the package registries are reachable).
 DEB_DEPLOY := prometheus nginx-light

@@ -1,7 +1,10 @@
-"""The shipped small model (weights/toyllm-base) copies: it repeats a random 64-token sequence, and
-at a budget well below the context SnapKV keeps the part of the first copy the answer needs, where
+"""The shipped small model (weights/toyllm-base) copies by content: it repeats a random sequence of
+any length it was trained on, which a head that looks back a fixed distance cannot do; and at a
+budget well below the context SnapKV keeps the part of the first copy the answer needs, where
 StreamingLLM's recent window has dropped it (its MODEL_CARD.md, "Copying under compression").
-Margins: measured full 1.000, snapkv 1.000 and streaming 0.125 at budget 48 on these sequences."""
+Margins: measured full 0.934 / 0.971 / 0.979 at 32 / 100 / 256 tokens (the first token of each
+second copy cannot be predicted), and at budget 48 snapkv 0.996 against streaming 0.125
+(full 0.992)."""
 
 from __future__ import annotations
 
@@ -22,10 +25,11 @@ def base():
     return model.for_inference()
 
 
-def test_full_cache_copies_a_random_sequence(base):
-    seqs, context = copy_task(base.cfg.vocab_size, 16, seq_len=128, seed=0)  # 64 tokens, then again
+@pytest.mark.parametrize("seq_len", [64, 200, 512])
+def test_full_cache_copies_a_random_sequence_of_any_length(base, seq_len):
+    seqs, context = copy_task(base.cfg.vocab_size, 16, seq_len=seq_len, seed=0)  # seq_len / 2 tokens, then again
     (full,) = evaluate(base, "copy", seqs, [], context, batch=16)
-    assert full.accuracy >= 0.9
+    assert full.accuracy >= 0.85, full.accuracy
 
 
 def test_snapkv_keeps_the_answer_that_streaming_drops(base):
