@@ -81,15 +81,11 @@ train-base: $(VENV)/.installed-dev
 	[ -f $(BASE_RUN)/3-induction/final/model.safetensors ] || $(BASE_TRAIN) --out $(BASE_RUN)/3-induction \
 	    --init $(BASE_RUN)/2-spans/final --seq-len 64 --batch-size 32 --steps 2000 --lr 3e-3 --warmup-steps 50 \
 	    --induction-share 1.0
-	[ -f $(BASE_RUN)/4-longer-128/final/model.safetensors ] || $(BASE_TRAIN) --out $(BASE_RUN)/4-longer-128 \
-	    --init $(BASE_RUN)/3-induction/final --seq-len 128 --batch-size 32 --steps 300 --lr 1e-3 \
-	    --warmup-steps 50 --induction-share 0.75
-	[ -f $(BASE_RUN)/4-longer-256/final/model.safetensors ] || $(BASE_TRAIN) --out $(BASE_RUN)/4-longer-256 \
-	    --init $(BASE_RUN)/4-longer-128/final --seq-len 256 --batch-size 16 --steps 300 --lr 1e-3 \
-	    --warmup-steps 50 --induction-share 0.75
-	[ -f $(BASE_RUN)/4-longer-512/final/model.safetensors ] || $(BASE_TRAIN) --out $(BASE_RUN)/4-longer-512 \
-	    --init $(BASE_RUN)/4-longer-256/final --seq-len 512 --batch-size 8 --steps 300 --lr 1e-3 \
-	    --warmup-steps 50 --induction-share 0.75
+	prev=3-induction; for stage in 128:32 256:16 512:8; do len=$${stage%:*}; \
+	    [ -f $(BASE_RUN)/4-longer-$$len/final/model.safetensors ] || $(BASE_TRAIN) --out $(BASE_RUN)/4-longer-$$len \
+	        --init $(BASE_RUN)/$$prev/final --seq-len $$len --batch-size $${stage#*:} --steps 300 --lr 1e-3 \
+	        --warmup-steps 50 --induction-share 0.75 || exit 1; \
+	    prev=4-longer-$$len; done
 	$(BASE_TRAIN) --out $(BASE_RUN)/5-language --init $(BASE_RUN)/4-longer-512/final --seq-len 1024 \
 	    --batch-size 8 --steps 400 --lr 1e-3 --warmup-steps 50 --induction-share 0.375
 

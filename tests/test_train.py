@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from toyllm_core import checkpoint
-from toyllm_core.train import TrainConfig, train
+from toyllm_core.config import get_preset
+from toyllm_core.model import ToyLLM
+from toyllm_core.train import TrainConfig, batch_loss, train
 
 # A small, very learnable corpus: a repeating cycle of 50 token ids.
 TOKENS = np.tile(np.arange(1000, 1050, dtype=np.int32), 200)
@@ -90,8 +94,6 @@ def test_a_time_limit_stops_early_and_still_writes_the_checkpoint(tmp_path):
 
 
 def test_the_seed_preset_trains_end_to_end(tmp_path):
-    from toyllm_core.config import get_preset
-
     cfg = TrainConfig(preset="seed", seq_len=64, batch_size=2, steps=12, lr=1e-2, warmup_steps=2, log_every=1,
                       eval_every=12, eval_batches=1, checkpoint_every=12)
     summary = train(cfg, TOKENS, TOKENS, tmp_path / "seed")
@@ -198,13 +200,6 @@ def test_induction_share_writes_a_random_sequence_of_random_length_twice_and_sco
         assert (batch[r] >= 1).all()  # never token 0 (EOS)
     assert len(lengths) > 3  # the length varies, so no single offset solves it
     # The loss is the mean NLL over the scored targets only.
-    import jax
-    import jax.numpy as jnp
-
-    from toyllm_core.config import get_preset
-    from toyllm_core.model import ToyLLM
-    from toyllm_core.train import batch_loss
-
     model = ToyLLM(replace(get_preset("tiny"), vocab_size=2000, eos_token_id=0), jax.random.PRNGKey(0))
     pick = [rows[0], next(r for r in range(64) if r not in rows)]  # one induction window, one text window
     nll = [-np.asarray(jax.nn.log_softmax(model(jnp.asarray(batch[r, :-1]))))[np.arange(40), batch[r, 1:]]
