@@ -225,18 +225,24 @@ class CompletionRequest(OpenAIRequest):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
+# Text that reaches the tokenizer. A length constraint (any, even none at all as here) makes pydantic
+# check the string as Unicode, as it does /generate's and /v1/completions' prompts: a lone surrogate
+# (JSON "\ud800") is then a 422 naming the field, not a tokenizer crash (500).
+Text = Annotated[str, Field(min_length=0)]
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: str | list[ContentPart]
+    content: Text | list[ContentPart]
 
     @property
     def text(self) -> str:

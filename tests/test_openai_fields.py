@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -131,6 +132,27 @@ def test_chat_logprobs(client):
 def test_unsupported_chat_fields_are_refused_by_name(client, field, value):
     r = _chat(client, **{field: value}, **({"logprobs": True} if field == "top_logprobs" else {}))
     assert r.status_code == 422 and field in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("messages, field", [
+    ([{"role": "user", "content": "hi \ud800"}], "messages.0.content"),
+    ([{"role": "system", "content": "be brief"}, {"role": "user", "content": "\udfff"}], "messages.1.content"),
+    ([{"role": "user", "content": [{"type": "text", "text": "ok"}, {"type": "text", "text": "hi \ud800 x"}]}],
+     "messages.0.content.list[ContentPart].1.text"),
+])
+def test_chat_lone_surrogates_are_a_422_naming_the_field(client, messages, field, stream):
+    # json.dumps writes the unpaired surrogate as the escape "\ud800", which JSON parsers decode to it.
+    body = json.dumps({"model": MODEL, "messages": messages, "max_tokens": 2, "stream": stream})
+    assert "\\ud" in body
+    r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.headers["content-type"] == "application/json", r.text
+    error = r.json()["error"]
+    assert error["type"] == "validation_error" and field in error["message"] and "unicode string" in error["message"]
+    # As /generate's and /v1/completions' prompts.
+    for path, refused in (("/generate", {"prompt": "hi \ud800"}), ("/v1/completions", {"model": MODEL, "prompt": "\ud800"})):
+        r = client.post(path, content=json.dumps(refused), headers={"content-type": "application/json"})
+        assert r.status_code == 422 and "prompt" in r.json()["error"]["message"], r.text
 
 
 def test_head_cors_and_offline_docs(client):
