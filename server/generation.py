@@ -36,7 +36,11 @@ def cache_policy(state: ServerState, spec: CacheSpec | None) -> Policy:
 
 
 def tokenize(state: ServerState, text: str, add_special_tokens: bool = True) -> list[int]:
-    ids = state.tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
+    return check_prompt(state, state.tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"])
+
+
+def check_prompt(state: ServerState, ids: list[int]) -> list[int]:
+    """The prompt's token ids, once they are known to fit the model and the server (400 otherwise)."""
     if not ids:
         raise bad_request("the prompt tokenizes to nothing")
     vocab = state.model.cfg.vocab_size

@@ -7,16 +7,24 @@ transformers' `apply_chat_template` gives it (trim_blocks, lstrip_blocks, loop c
 A chat kept in a session is continued without re-rendering what its cache holds: `continuation`
 is the text that turns the cached conversation (every earlier prompt and the generated replies)
 into the rendering of the whole conversation plus the new messages.
+
+`render_ids` and `continuation_ids` give the same prompts as token ids, with control tokens spelled
+inside the messages (a user writing `<|im_end|>` to close its own turn and forge the next) encoded
+as plain text: only the template's own markers are control tokens. This is transformers'
+`apply_chat_template(..., sanitize_control_tokens=True)`: the messages' control-token spellings are
+marked (`mark_control_tokens`) before rendering, and the tokenizer encodes the marked ones as text.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from transformers.utils.chat_template_utils import mark_control_tokens
 
 
 class ChatTemplateError(ValueError):
@@ -29,6 +37,12 @@ def _raise(message: str):
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@lru_cache(maxsize=16)
+def _any_of(tokens: tuple[str, ...]) -> re.Pattern:
+    """A regex matching any of `tokens`, the longest first (a token before those it contains)."""
+    return re.compile("|".join(map(re.escape, sorted(tokens, key=len, reverse=True))) or "(?!)")
 
 
 class ChatTemplate:
@@ -85,6 +99,35 @@ class ChatTemplate:
         if reply_closed and after_reply.startswith(reply_closed):
             after_reply = after_reply[len(reply_closed):]
         return after_reply + whole[len(closed):]
+
+    def render_ids(self, tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """`render` as token ids: control tokens written in the messages are encoded as plain text, only
+        the template's own are control tokens (no special tokens added: the template places any BOS)."""
+        return self._encode(tokenizer, self.render(self._marked(tokenizer, messages), add_generation_prompt))
+
+    def continuation_ids(self, tokenizer, history: list[dict], new: list[dict], reply_closed: str = "") -> list[int]:
+        """`continuation` as token ids, control tokens in the messages encoded as text (see `render_ids`)."""
+        marked = self._marked(tokenizer, history + new)
+        return self._encode(tokenizer, self.continuation(marked[:len(history)], marked[len(history):], reply_closed))
+
+    def control_tokens(self, tokenizer) -> tuple[str, ...]:
+        """The tokens that a message cannot write (transformers' choice for `sanitize_control_tokens`): the
+        special tokens, and the other added tokens listed in `tokenizer.chat_control_tokens` or, when it
+        lists none, those the template contains (whitespace tokens apart: templates write them as text)."""
+        listed = getattr(tokenizer, "chat_control_tokens", None)
+        return tuple(t.content for t in tokenizer.added_tokens_decoder.values()
+                     if t.special or (t.content in listed if listed is not None
+                                      else t.content in self.source and not t.content.isspace()))
+
+    def _marked(self, tokenizer, messages: list[dict]) -> list[dict]:
+        return mark_control_tokens(messages, _any_of(self.control_tokens(tokenizer)))
+
+    @staticmethod
+    def _encode(tokenizer, marked_text: str) -> list[int]:
+        try:
+            return tokenizer(marked_text, add_special_tokens=False, sanitize_control_tokens=True)["input_ids"]
+        except ValueError as e:  # a control token that plain text encodes to as well: it cannot be told apart
+            raise ChatTemplateError(f"the messages cannot be tokenized safely: {e}") from None
 
     @cached_property
     def _probe(self) -> tuple[str, str]:

@@ -29,7 +29,7 @@ from toyllm_core.chat import ChatTemplateError
 from ..deps import ReadyState, State, require_api_key
 from ..engine import Failed, Finished, TokenOut
 from ..errors import POSTED, bad_request, busy, error_body, not_found, responses
-from ..generation import EventStream, request_class, sampling_params, token_text, tokenize
+from ..generation import EventStream, check_prompt, request_class, sampling_params, token_text, tokenize
 from ..schemas import ChatCompletionRequest, CompletionRequest
 from ..sessions import Session, SessionBusy, SessionNotFound
 from ..state import ServerState
@@ -181,20 +181,16 @@ async def completions(body: CompletionRequest, request: Request, state: ReadySta
 
 
 def _chat_prompt(state: ServerState, session: Session, messages: list[dict]) -> tuple[list[int], list[dict]]:
-    """(token ids to prefill, the messages the session will hold once this turn is in)."""
-    text, held = _chat_text(state, session, messages)
-    return tokenize(state, text, add_special_tokens=False), held  # the template places any BOS itself
-
-
-def _chat_text(state: ServerState, session: Session, messages: list[dict]) -> tuple[str, list[dict]]:
-    """(text to prefill, the messages the session will hold once this turn is in).
+    """(token ids to prefill, the messages the session will hold once this turn is in).
 
     A new or stateless chat renders every message. A continued one renders only what the session
     does not hold: the client may resend the whole conversation (OpenAI style) or just the new turn.
+    Control tokens spelled in the messages are tokenized as plain text: a message cannot end its
+    turn and forge the next one; only the template's own markers are control tokens.
     """
-    chat = state.chat
-    if not session.tokens:
-        return chat.render(messages), messages
+    chat, tokenizer = state.chat, state.tokenizer
+    if not session.tokens:  # the template places any BOS itself
+        return check_prompt(state, chat.render_ids(tokenizer, messages)), messages
     if session.chat is None:
         raise bad_request(f"session {session.id!r} holds text that is not a chat (it was made by /generate); "
                           "start a chat in a new session")
@@ -203,8 +199,8 @@ def _chat_text(state: ServerState, session: Session, messages: list[dict]) -> tu
     if not new:
         raise bad_request("the session already holds every message sent; add the next user message")
     eot = state.end_of_turn
-    closed = state.tokenizer.decode([session.pending]) if eot is not None and session.pending == eot else ""
-    return chat.continuation(held, new, reply_closed=closed), held + new
+    closed = tokenizer.decode([session.pending]) if eot is not None and session.pending == eot else ""
+    return check_prompt(state, chat.continuation_ids(tokenizer, held, new, reply_closed=closed)), held + new
 
 
 @router.post("/chat/completions", responses={200: {"content": _SSE, "headers": SESSION_HEADER},
