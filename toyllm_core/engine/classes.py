@@ -55,14 +55,19 @@ class CacheClass:
     max_chunk: int  # the longest prefill chunk
     tokens: int | None = None  # full cache: the most tokens a sequence of this class may hold
     prefill_window: int = 0  # compressing: prompt tokens taken in between compressions of a prefill
+    prefill_rows: int = 1  # prompts of this class that may prefill at once (each holds a prefill cache)
+    cold_tokens: int = 0  # the most cold-tier entries a session keeps per layer and KV head (0: no tier)
 
     @staticmethod
     def make(policy: Policy, slots: int, max_chunk: int, tokens: int | None = None,
-             prefill_window: int | None = None) -> CacheClass:
+             prefill_window: int | None = None, prefill_rows: int = 1, cold_tokens: int = 8192) -> CacheClass:
         """`prefill_window` (compressing policies): prompt tokens taken in between two compressions
         of a prefill [default: `max_chunk`]. A larger window keeps a larger prefill cache (one row,
         kept slots + window) and lets the policy see more of the prompt, up to all of it, before it
-        chooses; the decode rows are the same size either way."""
+        chooses; the decode rows are the same size either way. `cold_tokens`: the bound of a
+        session's cold tier, when the policy has one (its `cold_bits`)."""
+        if prefill_rows < 1:
+            raise ValueError("a cache class needs at least one prefill row")
         chunk_sizes(max_chunk)  # validates
         if slots < 1:
             raise ValueError("a cache class needs at least one slot")
@@ -73,10 +78,12 @@ class CacheClass:
             if window < max_chunk:
                 raise ValueError(f"the prefill window ({window}) must not be shorter than the chunk ({max_chunk})")
             return CacheClass(policy, slots, policy.trigger, policy.kept_slots + window + MIN_CHUNK, max_chunk,
-                              prefill_window=window)
+                              prefill_window=window, prefill_rows=prefill_rows,
+                              cold_tokens=cold_tokens if policy.cold_bits else 0)
         if tokens is None or tokens < 1:
             raise ValueError("a full-cache class needs its token limit")
-        return CacheClass(policy, slots, tokens + MIN_CHUNK, tokens + MIN_CHUNK, max_chunk, tokens)
+        return CacheClass(policy, slots, tokens + MIN_CHUNK, tokens + MIN_CHUNK, max_chunk, tokens,
+                          prefill_rows=prefill_rows)
 
     @property
     def evicts(self) -> bool:
@@ -86,9 +93,31 @@ class CacheClass:
     def name(self) -> str:
         return self.policy.label if self.tokens is None else f"{self.policy.label}-{self.tokens}"
 
-    def describe(self) -> dict:
-        return {"name": self.name, **self.policy.describe(), "slots": self.slots, "capacity": self.capacity,
-                "max_tokens": self.tokens}
+    @property
+    def tiered(self) -> bool:
+        """Whether its sessions keep what the hot cache evicts in a cold tier."""
+        return self.cold_tokens > 0
+
+    def memory(self, bytes_per_token: int) -> dict:
+        """What the class allocates, in bytes: the decode slots (held from start-up), the prefill
+        caches of the prompts prefilling at once, and a re-selection's merged cache at the largest
+        cold bucket (both transient)."""
+        from ..tiers import cold_buckets
+
+        reselect = (self.prefill_capacity + cold_buckets(self.cold_tokens)[-1]) if self.tiered else 0
+        return {"decode_bytes": self.slots * self.capacity * bytes_per_token,
+                "prefill_bytes_per_row": self.prefill_capacity * bytes_per_token,
+                "prefill_bytes": self.prefill_rows * self.prefill_capacity * bytes_per_token,
+                "reselect_bytes": reselect * bytes_per_token}
+
+    def describe(self, bytes_per_token: int | None = None) -> dict:
+        out = {"name": self.name, **self.policy.describe(), "slots": self.slots, "capacity": self.capacity,
+               "max_tokens": self.tokens, "prefill_capacity": self.prefill_capacity,
+               "prefill_window": self.prefill_window if self.evicts else None, "prefill_rows": self.prefill_rows,
+               "cold_tokens": self.cold_tokens}
+        if bytes_per_token is not None:
+            out.update(self.memory(bytes_per_token))
+        return out
 
 
 @dataclass(frozen=True)
@@ -124,15 +153,19 @@ def next_piece(cls: CacheClass, length: int, remaining: int, limit: int) -> Piec
 
 
 def plan_classes(policies: list[Policy], bytes_per_token: int, max_running: int, state_bytes: int,
-                 max_chunk: int, full_tokens: list[int], prefill_window: int | None = None) -> list[CacheClass]:
+                 max_chunk: int, full_tokens: list[int], prefill_window: int | None = None,
+                 prefill_bytes: int | None = None, cold_tokens: int = 8192) -> list[CacheClass]:
     """The classes a server warms: one per compressing policy, and one per token limit in
     `full_tokens` for the full cache (if it is among `policies`). Each class gets as many decode
-    slots as `state_bytes` of cache allow, between 1 and `max_running`."""
+    slots as `state_bytes` of cache allow, between 1 and `max_running`, and as many prefill rows
+    (prompts prefilling at once) as `prefill_bytes` allow [default: `state_bytes`], at least one."""
+    prefill_bytes = state_bytes if prefill_bytes is None else prefill_bytes
     classes = []
     for policy in dict.fromkeys(policies):  # de-duplicated, in order
         limits = [None] if policy.evicts else sorted(set(full_tokens))
         for tokens in limits:
             probe = CacheClass.make(policy, 1, max_chunk, tokens, prefill_window)
             slots = max(1, min(max_running, state_bytes // (probe.capacity * bytes_per_token)))
-            classes.append(CacheClass.make(policy, slots, max_chunk, tokens, prefill_window))
+            rows = max(1, min(max_running, prefill_bytes // (probe.prefill_capacity * bytes_per_token)))
+            classes.append(CacheClass.make(policy, slots, max_chunk, tokens, prefill_window, rows, cold_tokens))
     return classes

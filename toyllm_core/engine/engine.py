@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import numpy as np
@@ -28,6 +28,7 @@ import numpy as np
 from ..cache import KVCache
 from ..model import ToyLLM
 from ..sampling import SamplingParams, first_token, new_key
+from ..tiers import ColdChunk, ColdTier, cold_bucket
 from . import steps
 from .classes import CacheClass, next_piece, row_bucket
 
@@ -47,6 +48,16 @@ class Prefill:
     evicted: int = 0  # tokens evicted per layer and KV head by compressions in this prefill
     compressions: int = 0
     user: object = None
+    cold: ColdTier | None = None  # the session's cold tier (a tiered class), on the host
+    spill: list[ColdChunk] = field(default_factory=list)  # evicted here, not yet in `cold` (on the device)
+    recalled: float = 0.0  # tokens per layer and KV head the re-selection brought back from cold
+    reselections: int = 0
+    dropped: int = 0  # cold entries per layer and KV head dropped at the tier's bound
+
+    @property
+    def holds_last(self) -> bool:
+        """Whether the last prompt token waits for the re-selection (a session with cold entries)."""
+        return self.cold is not None and self.cold.length > 0 and len(self.tokens) > 1
 
     @property
     def finished(self) -> bool:
@@ -72,10 +83,23 @@ class Sequence:
     compressions: int = 0
     idle_cache: KVCache | None = None  # its cache when it never joined a slot
     user: object = None
+    cold: ColdTier | None = None  # its cold tier as the prefill left it (a tiered class)
+    spill: list[ColdChunk] = field(default_factory=list)  # evicted while decoding, on the device
+    recalled: float = 0.0
+    reselections: int = 0
+    dropped: int = 0
 
     @property
     def active(self) -> bool:
         return self.remaining > 0
+
+    def cold_tier(self) -> ColdTier | None:
+        """Its whole cold tier (what the prefill left + what decoding evicted), on the host: what a
+        session keeps. Copies the decode-time evictions off the device."""
+        if self.cold is None:
+            return None
+        self.cold, self.spill = self.cold.extend(self.spill), []
+        return self.cold
 
 
 @dataclass
@@ -104,10 +128,15 @@ class _ClassState:
         self.cache = steps.new_cache(model, cls, cls.slots, cls.capacity)
         self.rows: list[Sequence] = []  # occupied slots, packed: rows[i].slot == i
         self.reserved = 0  # prefills under way that will take a slot
+        self.prefilling = 0  # prefill caches held (at most cls.prefill_rows)
 
     @property
     def free_slots(self) -> int:
         return self.cls.slots - len(self.rows) - self.reserved
+
+    @property
+    def can_begin(self) -> bool:
+        return self.free_slots > 0 and self.prefilling < self.cls.prefill_rows
 
 
 class Engine:
@@ -128,6 +157,11 @@ class Engine:
     def free_slots(self, cls: CacheClass) -> int:
         return self._states[cls].free_slots
 
+    def can_begin(self, cls: CacheClass) -> bool:
+        """Whether a prompt of this class can start prefilling now (a free decode slot and a free
+        prefill row)."""
+        return self._states[cls].can_begin
+
     @property
     def running(self) -> int:
         return sum(len(s.rows) for s in self._states.values())
@@ -138,10 +172,10 @@ class Engine:
 
     # ------------------------------------------------------------------------------- prefill
     def begin(self, tokens, cls: CacheClass, sampling: SamplingParams, cache: KVCache | None = None,
-              length: int = 0, user: object = None) -> Prefill:
-        """Start prefilling `tokens` for a sequence of class `cls` (reserving a decode slot), on a
-        session's idle cache (one row, at the capacity of this class or of a smaller full class) or
-        on a new one."""
+              length: int = 0, user: object = None, cold: ColdTier | None = None) -> Prefill:
+        """Start prefilling `tokens` for a sequence of class `cls` (reserving a decode slot and a
+        prefill row), on a session's idle cache (one row, at the capacity of this class or of a
+        smaller full class) and cold tier, or on new ones."""
         tokens = np.asarray(tokens, np.int32)
         if len(tokens) == 0:
             raise ValueError("a prompt needs at least one token")
@@ -150,18 +184,34 @@ class Engine:
         state = self._states[cls]
         if state.free_slots < 1:
             raise RuntimeError(f"no free decode slot in cache class {cls.name}")
+        if state.prefilling >= cls.prefill_rows:
+            raise RuntimeError(f"no free prefill row in cache class {cls.name}")
+        if cls.tiered and cold is None:
+            cfg = self.model.cfg
+            cold = ColdTier.empty(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cls.policy.cold_bits)
         if cache is None:
             cache = steps.new_cache(self.model, cls, 1, cls.prefill_capacity)
         elif cache.capacity != cls.prefill_capacity:
             cache = steps.resize(cache, capacity=cls.prefill_capacity)
         state.reserved += 1
+        state.prefilling += 1
         eos = -1 if sampling.ignore_eos else (self.eos if sampling.eos_id is None else sampling.eos_id)
-        return Prefill(cls, tokens, sampling, cache, length, eos, user=user)
+        return Prefill(cls, tokens, sampling, cache, length, eos, user=user, cold=cold if cls.tiered else None)
 
     def prefill(self, job: Prefill, limit: int | None = None) -> bool:
-        """Run the next piece of the prompt (at most `limit` tokens); True once all of it is in."""
+        """Run the next piece of the prompt (at most `limit` tokens); True once all of it is in.
+
+        A session with a cold tier re-selects its hot set once all but the prompt's last token are
+        in, and then prefills that token against the new hot set: the first generated token sees
+        what the turn recalled from cold."""
         cls = job.cls
-        piece = next_piece(cls, job.length, len(job.tokens) - job.done, limit or cls.max_chunk)
+        remaining = len(job.tokens) - job.done
+        if job.holds_last and not job.reselections:
+            if remaining == 1:
+                self._compress_prefill(job, last=True)
+            else:
+                remaining -= 1
+        piece = next_piece(cls, job.length, remaining, limit or cls.max_chunk)
         if piece.compress_first:
             self._compress_prefill(job)
         chunk = np.zeros((1, piece.padded), np.int32)
@@ -169,13 +219,28 @@ class Engine:
         job.logits, job.cache = steps.prefill_chunk(self.model, job.cache, chunk, np.array([piece.real], np.int32))
         job.length += piece.real
         job.done += piece.real
-        if job.finished and cls.evicts and job.length > cls.policy.budget:
-            self._compress_prefill(job)
+        if job.finished and cls.evicts and job.length > cls.policy.budget and not job.reselections:
+            self._compress_prefill(job, last=True)
         return job.finished
 
-    def _compress_prefill(self, job: Prefill) -> None:
-        policy = job.cls.policy
-        job.cache = steps.compress_cache(job.cache, cls=job.cls)
+    def _compress_prefill(self, job: Prefill, last: bool = False) -> None:
+        """Compress the prefill cache. Once the prompt is whole, a session with a cold tier instead
+        re-selects its hot set over hot ∪ cold with the prompt's last queries."""
+        cls, policy = job.cls, job.cls.policy
+        if last and job.cold is not None and (job.cold.length or job.spill):
+            cold = job.cold.extend(job.spill)
+            cold, dropped = cold.drop_oldest(cls.cold_tokens)
+            job.spill, job.dropped = [], job.dropped + dropped
+            job.cache, chunk, recalled = steps.reselect(job.cache, cold.upload(cold_bucket(cls.cold_tokens,
+                                                                                            cold.length)), cls=cls)
+            job.cold, dropped = cold.replace(chunk).drop_oldest(cls.cold_tokens)
+            job.dropped += dropped
+            job.recalled += float(np.asarray(recalled)[0])  # (indexing on the device would compile)
+            job.reselections += 1
+        else:
+            job.cache, chunk = steps.compress_cache(job.cache, cls=cls)
+            if chunk is not None and job.cold is not None:
+                job.spill.append(chunk)
         job.evicted += _evicted(policy, job.length, job.compressions)
         job.compressions += 1
         job.length = min(job.length, policy.kept_slots)
@@ -191,11 +256,13 @@ class Engine:
         # Sampled before the reservation is given up: if it fails, the job can be cancelled as is.
         token, logprob, top, key = first_token(job.logits, params, new_key(params.seed))
         state.reserved -= 1
+        state.prefilling -= 1
         remaining = 0 if (token == job.eos or params.max_new_tokens == 1) else params.max_new_tokens - 1
         seq = Sequence(job.cls, params, job.length, token, remaining, key, eos=job.eos, first_logprob=logprob,
                        first_top=top if params.top_logprobs else None,
                        single_step=bool(params.stop), tokens_evicted=job.evicted, compressions=job.compressions,
-                       user=job.user)
+                       user=job.user, cold=job.cold, spill=job.spill, recalled=job.recalled,
+                       reselections=job.reselections, dropped=job.dropped)
         if seq.active:
             seq.slot = len(state.rows)
             state.rows.append(seq)
@@ -208,7 +275,9 @@ class Engine:
 
     def cancel(self, job: Prefill) -> None:
         """Abandon a prefill under way (its client went away); its reserved slot is free again."""
-        self._states[job.cls].reserved -= 1
+        state = self._states[job.cls]
+        state.reserved -= 1
+        state.prefilling -= 1
         job.cache = None
 
     # -------------------------------------------------------------------------------- decode
@@ -224,7 +293,7 @@ class Engine:
                     outputs += self._step_class(state)
                 except Exception as e:  # noqa: BLE001 - reported to the caller with the rows it affects
                     fresh = _ClassState(self.model, cls)
-                    fresh.reserved = state.reserved
+                    fresh.reserved, fresh.prefilling = state.reserved, state.prefilling
                     self._states[cls] = fresh
                     for r in state.rows:
                         r.slot, r.remaining = -1, 0
@@ -278,13 +347,20 @@ class Engine:
         cls = state.cls
         if cls.evicts and r.length >= cls.policy.trigger:
             started = time.perf_counter()
-            state.cache = steps.compress_row(state.cache, np.int32(r.slot), cls=cls)
+            state.cache, chunk = steps.compress_row(state.cache, np.int32(r.slot), cls=cls)
+            if chunk is not None and r.cold is not None:
+                r.spill.append(chunk)
             if self.on_compress is not None:
                 state.cache.length.block_until_ready()
                 self.on_compress(r, time.perf_counter() - started)
             r.tokens_evicted += _evicted(cls.policy, r.length, r.compressions)
             r.compressions += 1
             r.length = min(r.length, cls.policy.kept_slots)
+
+    def stop(self, seq: Sequence) -> None:
+        """End a sequence at its next step (a stop string, a client gone): it generates no more and
+        leaves its slot when freed."""
+        seq.remaining = 0
 
     def room(self, seq: Sequence) -> int:
         """Decode steps the sequence can take before it must compress (or is at its capacity)."""

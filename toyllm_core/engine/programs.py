@@ -3,7 +3,8 @@ that compiles them.
 
 Per class: its decode state, a new prefill cache, each prefill chunk length, the moves between the
 prefill cache, the decode slots and an idle session (insert, extract, move, resize), compression
-(of the prefill cache, and of a decode row), and the decode call at each compiled batch size (one
+(of the prefill cache, and of a decode row), re-selection over hot ∪ cold for each cold-length
+bucket (a tiered class), and the decode call at each compiled batch size (one
 program for every sampling setting: the sampler picks its path at run time). Plus the first-token
 sampler. No
 request can reach a shape outside this list: prompt lengths are cut into the listed chunks, batch
@@ -23,13 +24,15 @@ from .. import jit_stats
 from ..model import ToyLLM
 from ..sampling import SamplingParams, first_token
 from . import steps
+from ..tiers import ColdTier, cold_buckets
 from .classes import CacheClass, chunk_sizes, row_buckets
 
 
 @dataclass(frozen=True)
 class Program:
     kind: str  # new-state, new-prefill, chunk, compress, fit, insert, extract, move, compress-row, decode,
-    # grow, first-token
+    # grow, reselect, first-token
+
     cls: CacheClass | None
     size: int = 0  # chunk length, decode rows, or the capacity grown from
 
@@ -46,6 +49,8 @@ def programs(classes: list[CacheClass]) -> list[Program]:
         if cls.evicts:
             out += [Program("compress", cls), Program("fit", cls), Program("compress-row", cls),
                     Program("grow", cls, cls.capacity)]
+            if cls.tiered:  # re-selection over hot ∪ cold, one per cold-length bucket
+                out += [Program("reselect", cls, n) for n in cold_buckets(cls.cold_tokens)]
         else:  # a full session moves up from a smaller full class
             out += [Program("grow", cls, small.capacity) for small in full if small.capacity < cls.capacity]
         out += [Program("insert", cls), Program("extract", cls), Program("move", cls)]
@@ -78,6 +83,9 @@ def compile_program(model: ToyLLM, p: Program, steps_per_call: int) -> None:
     elif p.kind == "move":
         out = steps.move_row(steps.new_cache(model, cls, cls.slots, cls.capacity), np.int32(1 % cls.slots),
                              np.int32(0))
+    elif p.kind == "reselect":
+        cold = ColdTier.empty(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cls.policy.cold_bits).upload(p.size)
+        out = steps.reselect(steps.new_cache(model, cls, 1, cls.prefill_capacity), cold, cls=cls)
     elif p.kind == "compress-row":
         out = steps.compress_row(steps.new_cache(model, cls, cls.slots, cls.capacity), np.int32(0), cls=cls)
     elif p.kind == "decode":

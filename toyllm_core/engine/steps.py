@@ -14,7 +14,9 @@ import jax.numpy as jnp
 
 from ..cache import KVCache, empty_cache
 from ..model import ToyLLM
-from ..policies import compress
+from ..policies import compress, compress_split
+from ..tiers import ColdChunk, quantize_slots
+from ..tiers import reselect as reselect_tiers
 from ..sampling import TOP_LOGPROBS, sample_rows, top_alternatives
 from .classes import CacheClass
 
@@ -40,9 +42,25 @@ def prefill_chunk(model: ToyLLM, cache: KVCache, tokens, n_valid):
     return model.logits(last[None])[0], cache
 
 
+def _compress(cache: KVCache, cls: CacheClass) -> tuple[KVCache, ColdChunk | None]:
+    """Compress under the class's policy; a tiered class also returns what it evicted, quantised."""
+    if not cls.tiered:
+        return compress(cache, cls.policy), None
+    out, evicted, _ = compress_split(cache, cls.policy)
+    return out, quantize_slots(evicted.k, evicted.v, evicted.pos, cls.policy.cold_bits)
+
+
 @partial(jax.jit, static_argnames=("cls",), donate_argnames=("cache",))
-def compress_cache(cache: KVCache, *, cls: CacheClass) -> KVCache:
-    return compress(cache, cls.policy)
+def compress_cache(cache: KVCache, *, cls: CacheClass) -> tuple[KVCache, ColdChunk | None]:
+    """A prefill cache compressed -> (cache, the evicted slots for the cold tier, or None)."""
+    return _compress(cache, cls)
+
+
+@partial(jax.jit, static_argnames=("cls",), donate_argnames=("cache",))
+def reselect(cache: KVCache, cold: ColdChunk, *, cls: CacheClass):
+    """A prefill cache's hot set chosen again over hot ∪ cold (cold padded to a bucket) -> (cache,
+    the new cold tier, tokens recalled per layer and KV head [1])."""
+    return reselect_tiers(cache, cold, cls.policy)
 
 
 @partial(jax.jit, static_argnames=("cls",), donate_argnames=("state",))
@@ -64,8 +82,9 @@ def move_row(state: KVCache, src, dst) -> KVCache:
 
 
 @partial(jax.jit, static_argnames=("cls",), donate_argnames=("state",))
-def compress_row(state: KVCache, slot, *, cls: CacheClass) -> KVCache:
-    return state.set_rows(slot, compress(state.rows(slot), cls.policy))
+def compress_row(state: KVCache, slot, *, cls: CacheClass) -> tuple[KVCache, ColdChunk | None]:
+    row, evicted = _compress(state.rows(slot), cls)
+    return state.set_rows(slot, row), evicted
 
 
 def decode_rows(model: ToyLLM, tokens, active, cache: KVCache):

@@ -72,10 +72,15 @@ class EvictingPolicy(Policy):
     sink_size: int = 4  # first tokens never evicted (attention sinks)
     window_size: int = 16  # most recent tokens never evicted
     slack: int = 16  # decoding compresses when the cache reaches budget + slack
+    # A session keeps what its hot cache evicts in a cold tier quantised to this many bits (8 or 4;
+    # 0: evicted tokens are dropped), and re-selects its hot set from both at every new turn.
+    cold_bits: int = 8
 
     def validate(self) -> EvictingPolicy:
         if self.budget < 1 or self.sink_size < 0 or self.window_size < 0 or self.slack < 1:
             raise ValueError("budget and slack must be >= 1, sink_size and window_size >= 0")
+        if self.cold_bits not in (0, 4, 8):
+            raise ValueError(f"cold_bits must be 0 (no cold tier), 4 or 8, not {self.cold_bits}")
         if self.sink_size + self.window_size > self.budget:
             raise ValueError(f"sink_size + window_size ({self.sink_size} + {self.window_size}) must not exceed "
                              f"the budget ({self.budget})")
@@ -120,6 +125,25 @@ def compress(cache: KVCache, policy: EvictingPolicy) -> KVCache:
     """Keep the slots `policy.allocate` grants each layer, row and KV head (`budget` unless the
     policy spreads it; all live ones if fewer) in position order at the front of the same
     capacity; the row's length becomes `kept_slots` (or stays, if shorter)."""
+    return _compress(cache, policy, split=False)[0]
+
+
+def compress_split(cache: KVCache, policy: EvictingPolicy) -> tuple[KVCache, Evicted, jax.Array]:
+    """`compress`, and what it evicts: the live slots it did not keep, in position order, as
+    `Evicted` [layers, batch, kv_heads, capacity - kept_slots] (position -1 past each head's last),
+    and the kept mask over the input's slots [layers, batch, kv_heads, capacity]."""
+    return _compress(cache, policy, split=True)
+
+
+class Evicted(eqx.Module):
+    """Slots a compression dropped, as the cache stores them (keys after RoPE, bfloat16 as bits)."""
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+
+
+def _compress(cache: KVCache, policy: EvictingPolicy, split: bool):
     live, protected = protected_slots(cache, policy)
     scores = policy.score(cache)
     scores = jnp.where(protected, jnp.inf, jnp.where(live, scores, -jnp.inf))
@@ -132,17 +156,30 @@ def compress(cache: KVCache, policy: EvictingPolicy) -> KVCache:
     kept = jnp.arange(k_max) < chosen.sum(axis=-1, keepdims=True)  # the chosen ones come first
     pad = cache.capacity - k_max
 
-    def gather(x: jax.Array, fill) -> jax.Array:
-        index = keep if x.ndim == 4 else keep[..., None]
-        kept_x = jnp.take_along_axis(x, index, axis=3)
+    def gather(x: jax.Array, index: jax.Array, fill, width: int) -> jax.Array:
+        kept_x = jnp.take_along_axis(x, index if x.ndim == 4 else index[..., None], axis=3)
         widths = [(0, 0)] * x.ndim
-        widths[3] = (0, pad)
+        widths[3] = (0, width)
         return jnp.pad(kept_x, widths, constant_values=fill)
 
     new_length = jnp.minimum(cache.length, k_max)
     in_use = jnp.pad(kept, [(0, 0)] * 3 + [(0, pad)])
     fields = lambda c: [c.k, c.v, c.pos, c.length] + ([c.score] if c.score is not None else [])
-    values = [gather(cache.k, 0), gather(cache.v, 0), jnp.where(in_use, gather(cache.pos, -1), -1), new_length]
+    values = [gather(cache.k, keep, 0, pad), gather(cache.v, keep, 0, pad),
+              jnp.where(in_use, gather(cache.pos, keep, -1, pad), -1), new_length]
     if cache.score is not None:
-        values.append(gather(cache.score, 0.0))
-    return eqx.tree_at(fields, cache, values)
+        values.append(gather(cache.score, keep, 0.0, pad))
+    out = eqx.tree_at(fields, cache, values)
+    if not split:
+        return out, None, None
+    # The kept mask over the input's slots, then the evicted (live, not kept) slots in slot order.
+    n_layers, batch, n_kv, capacity = cache.pos.shape
+    index = [i[..., None] for i in jnp.ix_(jnp.arange(n_layers), jnp.arange(batch), jnp.arange(n_kv))]
+    kept_mask = jnp.zeros(cache.pos.shape, bool).at[(*index, best)].set(chosen)
+    evicted = live & ~kept_mask
+    slot = jnp.arange(capacity)
+    order = (jnp.sort(jnp.where(evicted, slot, slot + capacity), axis=-1) % capacity)[..., :pad]
+    is_evicted = jnp.arange(pad) < evicted.sum(axis=-1, keepdims=True)
+    ev = Evicted(gather(cache.k, order, 0, 0), gather(cache.v, order, 0, 0),
+                 jnp.where(is_evicted, gather(cache.pos, order, -1, 0), -1))
+    return out, ev, kept_mask

@@ -1,0 +1,227 @@
+"""The cold tier: every key and value a session's hot cache evicted, quantised, in host memory.
+
+A compressing cache keeps `budget` slots hot (what decoding attends to). What a compression drops
+is not thrown away: `compress_split` hands it back, it is quantised on the device (`quantize`,
+inside the same jitted step) and a session keeps it here, with the original position of every
+entry. When the next turn's prompt is in, `reselect` lets that prompt's last queries vote over hot
+∪ cold and picks the hot set again: cold tokens come back, and what is no longer voted for goes
+cold. So no turn's choice is final, and nothing is lost unless the session itself is.
+
+Quantisation is symmetric, one float16 scale per token, KV head and group of `group` channels
+(int8: the whole head, 64 channels on SmolLM2; int4: groups of 32, two codes packed per byte on the
+host). The cold tier is never read while decoding; only a re-selection uploads it, padded to a
+length bucket so that re-selection is one program per bucket (`cold_buckets`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .cache import KVCache
+from .config import from_bits, to_bits
+
+COLD_BITS = (0, 4, 8)  # 0: no cold tier (evicted tokens are dropped)
+MIN_COLD_BUCKET = 256
+
+
+def group_size(bits: int, head_dim: int) -> int:
+    """Channels that share one scale: the whole head at int8, 32 channels at int4."""
+    return head_dim if bits == 8 else min(32, head_dim)
+
+
+def cold_buckets(max_tokens: int) -> list[int]:
+    """The cold lengths a re-selection compiles for: powers of two from MIN_COLD_BUCKET up to the
+    first one that holds `max_tokens`."""
+    sizes, n = [MIN_COLD_BUCKET], MIN_COLD_BUCKET
+    while n < max_tokens:
+        n *= 2
+        sizes.append(n)
+    return sizes
+
+
+def cold_bucket(max_tokens: int, n: int) -> int:
+    return next(b for b in cold_buckets(max_tokens) if b >= n)
+
+
+# ------------------------------------------------------------------------------- on the device
+class ColdChunk(eqx.Module):
+    """Quantised slots [layers, batch, kv_heads, n, ...]: codes int8 (values in [-qmax, qmax]),
+    scales float16 [..., n, head_dim / group], positions int32 (-1 = not an entry)."""
+
+    k: jax.Array
+    k_scale: jax.Array
+    v: jax.Array
+    v_scale: jax.Array
+    pos: jax.Array
+
+
+def quantize(x: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
+    """x [..., head_dim] (any float dtype) -> (codes int8, scales float16 [..., head_dim / group])."""
+    qmax = (1 << (bits - 1)) - 1
+    hd = x.shape[-1]
+    g = group_size(bits, hd)
+    xs = x.astype(jnp.float32).reshape(*x.shape[:-1], hd // g, g)
+    scale = (jnp.max(jnp.abs(xs), axis=-1) / qmax).astype(jnp.float16)
+    safe = jnp.where(scale > 0, scale.astype(jnp.float32), 1.0)
+    codes = jnp.clip(jnp.round(xs / safe[..., None]), -qmax, qmax).astype(jnp.int8)
+    return codes.reshape(x.shape), scale
+
+
+def dequantize(codes: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+    hd = codes.shape[-1]
+    g = hd // scale.shape[-1]
+    xs = codes.astype(jnp.float32).reshape(*codes.shape[:-1], hd // g, g) * scale.astype(jnp.float32)[..., None]
+    return xs.reshape(codes.shape).astype(dtype)
+
+
+def quantize_slots(k_bits: jax.Array, v_bits: jax.Array, pos: jax.Array, bits: int) -> ColdChunk:
+    """Slots as the cache stores them (bfloat16 as bits) -> a ColdChunk."""
+    k, ks = quantize(from_bits(k_bits), bits)
+    v, vs = quantize(from_bits(v_bits), bits)
+    return ColdChunk(k, ks, v, vs, pos)
+
+
+def merge(cache: KVCache, cold: ColdChunk) -> tuple[KVCache, jax.Array]:
+    """Hot ∪ cold as one cache of capacity hot + cold, every (layer, row, KV head) in position order
+    with its empty slots last, and which of its slots came from the cold tier [layers, batch, kv,
+    slots]. Signals are kept (a cold slot's accumulated score starts at 0)."""
+    hot_cap = cache.capacity
+    big = cache.resized(hot_cap + cold.pos.shape[-1])
+    dtype = cache.dtype
+    put = lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, hot_cap, 3)
+    k = put(big.k, to_bits(dequantize(cold.k, cold.k_scale, dtype)))
+    v = put(big.v, to_bits(dequantize(cold.v, cold.v_scale, dtype)))
+    pos = put(big.pos, cold.pos)
+    was_cold = put(jnp.zeros(pos.shape, bool), cold.pos >= 0)
+    # Live slots by position, then the empty ones.
+    order = jnp.argsort(jnp.where(pos >= 0, pos, jnp.iinfo(jnp.int32).max), axis=-1, stable=True)
+    take = lambda x: jnp.take_along_axis(x, order if x.ndim == 4 else order[..., None], axis=3)
+    fields = lambda c: [c.k, c.v, c.pos, c.length] + ([c.score] if c.score is not None else [])
+    length = jnp.max(jnp.sum(pos >= 0, axis=-1), axis=(0, 2)).astype(jnp.int32)  # [B]
+    values = [take(k), take(v), take(pos), length]
+    if big.score is not None:
+        values.append(take(big.score))
+    return eqx.tree_at(fields, big, values), take(was_cold)
+
+
+def reselect(cache: KVCache, cold: ColdChunk, policy) -> tuple[KVCache, ColdChunk, jax.Array]:
+    """The policy's choice over hot ∪ cold, made by the queries the cache remembers now (a new
+    turn's prompt): (the hot cache at its own capacity, the new cold tier [layers, batch, kv,
+    capacity + cold - kept_slots], tokens recalled from cold per layer and KV head [batch])."""
+    from .policies import compress_split
+
+    merged, was_cold = merge(cache, cold)
+    out, evicted, kept = compress_split(merged, policy)
+    n_layers, _, n_kv, _ = cache.pos.shape
+    recalled = (kept & was_cold).sum(axis=(0, 2, 3)) / (n_layers * n_kv)
+    return out.resized(cache.capacity), quantize_slots(evicted.k, evicted.v, evicted.pos, policy.cold_bits), recalled
+
+
+# ---------------------------------------------------------------------------------- on the host
+@dataclass
+class ColdTier:
+    """A session's cold tier (one row), in host memory: per layer and KV head, `n` entries.
+
+    Heads may hold different numbers of entries (policies whose budget varies over heads); the
+    arrays are as long as the longest, the rest position -1. int4 codes are packed two per byte."""
+
+    bits: int
+    head_dim: int
+    k: np.ndarray  # [layers, kv, n, head_dim] int8 (int4: [..., head_dim / 2] uint8, packed)
+    k_scale: np.ndarray  # [layers, kv, n, head_dim / group] float16
+    v: np.ndarray
+    v_scale: np.ndarray
+    pos: np.ndarray  # [layers, kv, n] int32, -1 = none
+
+    @staticmethod
+    def empty(n_layers: int, n_kv: int, head_dim: int, bits: int) -> ColdTier:
+        groups = head_dim // group_size(bits, head_dim)
+        code_dim = head_dim if bits == 8 else head_dim // 2
+        codes = lambda: np.zeros((n_layers, n_kv, 0, code_dim), np.int8 if bits == 8 else np.uint8)
+        scales = lambda: np.zeros((n_layers, n_kv, 0, groups), np.float16)
+        return ColdTier(bits, head_dim, codes(), scales(), codes(), scales(), np.zeros((n_layers, n_kv, 0), np.int32))
+
+    @property
+    def entries(self) -> int:
+        """Cold tokens per layer and KV head, on average."""
+        return int((self.pos >= 0).sum()) // max(1, self.pos.shape[0] * self.pos.shape[1])
+
+    @property
+    def length(self) -> int:
+        return self.pos.shape[-1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.k, self.k_scale, self.v, self.v_scale, self.pos))
+
+    def _pack(self, codes: np.ndarray) -> np.ndarray:
+        if self.bits == 8:
+            return codes
+        c = (codes.astype(np.int16) & 0xF).astype(np.uint8)
+        return c[..., 0::2] | (c[..., 1::2] << 4)
+
+    def _unpack(self, packed: np.ndarray) -> np.ndarray:
+        if self.bits == 8:
+            return packed
+        lo, hi = (packed & 0xF).astype(np.int8), (packed >> 4).astype(np.int8)
+        lo, hi = np.where(lo > 7, lo - 16, lo), np.where(hi > 7, hi - 16, hi)
+        out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), np.int8)
+        out[..., 0::2], out[..., 1::2] = lo, hi
+        return out
+
+    def replace(self, chunk: ColdChunk) -> ColdTier:
+        """A new tier holding exactly the entries of `chunk` (one row; a re-selection's result)."""
+        empty = ColdTier.empty(self.pos.shape[0], self.pos.shape[1], self.head_dim, self.bits)
+        return empty.extend([chunk])
+
+    def extend(self, chunks: list[ColdChunk]) -> ColdTier:
+        """This tier plus the entries of `chunks` (one row each, in eviction order)."""
+        if not chunks:
+            return self
+        parts = [(np.asarray(c.pos)[:, 0], c) for c in chunks]
+        keep = [(p, c, (p >= 0).sum(axis=-1).max()) for p, c in parts]
+        keep = [(p, c, int(n)) for p, c, n in keep if n > 0]
+        if not keep:
+            return self
+
+        def compact(p: np.ndarray, arrays: list[np.ndarray], n: int) -> list[np.ndarray]:
+            # Each head's entries first (a stable sort on emptiness keeps their order), cut to n.
+            order = np.argsort(p < 0, axis=-1, kind="stable")[..., :n]
+            return [np.take_along_axis(a, order if a.ndim == 3 else order[..., None], axis=2) for a in arrays]
+
+        pieces = [compact(p, [p, np.asarray(c.k)[:, 0], np.asarray(c.k_scale)[:, 0], np.asarray(c.v)[:, 0],
+                              np.asarray(c.v_scale)[:, 0]], n) for p, c, n in keep]
+        pos = np.concatenate([self.pos] + [q[0] for q in pieces], axis=2)
+        k = np.concatenate([self.k] + [self._pack(q[1]) for q in pieces], axis=2)
+        ks = np.concatenate([self.k_scale] + [q[2] for q in pieces], axis=2)
+        v = np.concatenate([self.v] + [self._pack(q[3]) for q in pieces], axis=2)
+        vs = np.concatenate([self.v_scale] + [q[4] for q in pieces], axis=2)
+        return ColdTier(self.bits, self.head_dim, k, ks, v, vs, pos)
+
+    def upload(self, bucket: int) -> ColdChunk:
+        """The tier as a one-row ColdChunk padded to `bucket` entries (the re-selection's input)."""
+        n = self.length
+        if n > bucket:
+            raise ValueError(f"the cold tier holds {n} entries, more than the bucket of {bucket}")
+        pad = lambda a, fill=0: np.pad(a, [(0, 0), (0, 0), (0, bucket - n)] + [(0, 0)] * (a.ndim - 3),
+                                       constant_values=fill)[:, None]
+        return ColdChunk(pad(self._unpack(self.k)), pad(self.k_scale), pad(self._unpack(self.v)), pad(self.v_scale),
+                         pad(self.pos, -1))
+
+    def drop_oldest(self, keep: int) -> tuple[ColdTier, int]:
+        """At most `keep` entries per head: the latest positions (the tier's bound). Returns the tier
+        and how many entries per head it dropped."""
+        n = self.length
+        if n <= keep:
+            return self, 0
+        order = np.argsort(np.where(self.pos >= 0, self.pos, -1), axis=-1, kind="stable")[..., n - keep:]
+        take = lambda a: np.take_along_axis(a, order if a.ndim == 3 else order[..., None], axis=2)
+        before = self.entries
+        out = ColdTier(self.bits, self.head_dim, take(self.k), take(self.k_scale), take(self.v), take(self.v_scale),
+                       take(self.pos))
+        return out, before - out.entries
