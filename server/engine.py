@@ -65,9 +65,10 @@ class Finished:
     finish_reason: str  # length | stop | eos | cancelled
     generated_text: str
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # the tokens sent as `TokenOut`s: the end-of-text token is not one
     cache: dict  # Session.stats()
     timings: dict
+    tail: str = ""  # the end of generated_text that no TokenOut carried (held back until the end of text)
 
 
 @dataclass
@@ -94,7 +95,8 @@ class GenerationRequest:
     text: TextStream | None = None
     job: Prefill | None = None
     row: Sequence | None = None
-    generated: int = 0
+    generated: int = 0  # tokens sent (the end-of-text token is not)
+    tail: str = ""  # text the end-of-text token released (it has no TokenOut to carry it)
     started: float = 0.0
     prefill_s: float = 0.0
     first_token_at: float = 0.0
@@ -330,15 +332,18 @@ class Engine:
 
     def _emit(self, request: GenerationRequest, token: int, logprob: float,
               top: list[tuple[int, float]] | None = None) -> None:
-        """Hand one generated token to the request (the row already holds it as pending)."""
+        """Hand one generated token to the request (the row already holds it as pending). The
+        end-of-text token (end of turn) is the session's like any other, but not the client's: no
+        `TokenOut`, not in completion_tokens nor in the generated-tokens counter (as OpenAI, vLLM)."""
         now = time.perf_counter()
         row = request.row
         request.session.tokens.append(token)
         request.session.pending = token
-        text = "" if token == row.eos else request.text.push(token)
+        eos = token == row.eos  # row.eos is -1 when the request ignores it
+        text = "" if eos else request.text.push(token)
         if request.text.stopped:
             row.remaining = 0
-        final = request.text.stopped or token == row.eos or request.generated + 1 >= request.sampling.max_new_tokens
+        final = request.text.stopped or eos or request.generated + 1 >= request.sampling.max_new_tokens
         if final:
             text += request.text.finish()
         if request.generated == 0:
@@ -347,6 +352,9 @@ class Engine:
         else:
             self.metrics.itl.observe(now - request.last_token_at)
         request.last_token_at = now
+        if eos:
+            request.tail = text  # text held back for a stop string (or a split character), released now
+            return
         self.metrics.generation_tokens.inc()
         request.sink(TokenOut(request.generated, int(token), text, float(logprob), top))
         request.generated += 1
@@ -397,7 +405,7 @@ class Engine:
                    "tokens_per_s": (request.generated - 1) / decode_s if request.generated > 1 and decode_s > 0
                    else 0.0}
         request.sink(Finished(reason, request.text.text, len(request.prompt_ids), request.generated,
-                              session.stats(), timings))
+                              session.stats(), timings, request.tail))
 
     def _compressed(self, seq: Sequence, seconds: float) -> None:
         self.metrics.compression_duration.labels(seq.cls.policy.name).observe(seconds)

@@ -206,6 +206,31 @@ def test_a_message_cannot_end_its_own_turn(client):
     assert tok.decode(new) == chat.continuation(history, turn, closed)
 
 
+def test_the_end_of_turn_is_neither_sent_nor_counted(client):
+    state = client.app.state.toyllm
+    sampled = {"max_tokens": 8, "temperature": 1.0, "seed": 3}
+    sid = client.post("/sessions", json={}).json()["session_id"]
+    first = _chat(client, TURNS[:1], session_id=sid, **sampled).json()
+    ids = state.store.get(sid).tokens[first["usage"]["prompt_tokens"]:]
+    k = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i])  # the seed samples these again
+    eot, state.end_of_turn = state.end_of_turn, ids[k]  # the model now ends its turn there
+    try:
+        sid = client.post("/sessions", json={}).json()["session_id"]
+        r = _chat(client, TURNS[:1], session_id=sid, logprobs=True, **sampled).json()
+        session = state.store.get(sid)
+        streamed = parse_sse(_chat(client, TURNS[:1], logprobs=True, stream=True,
+                                   stream_options={"include_usage": True}, **sampled).text)
+    finally:
+        state.end_of_turn = eot
+    assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == k
+    assert len(r["choices"][0]["logprobs"]["content"]) == k
+    assert r["choices"][0]["message"]["content"] == state.tokenizer.decode(ids[:k])
+    assert session.pending == ids[k] and session.tokens[-(k + 1):] == ids[:k + 1]  # held for the next turn
+    chunks = [d for _, d in streamed if d != "[DONE]"]
+    assert sum(len(c["choices"][0]["logprobs"]["content"]) for c in chunks[:-1] if c["choices"][0]["logprobs"]) == k
+    assert chunks[-1]["usage"]["completion_tokens"] == k
+
+
 def test_chat_refusals(client):
     sid = client.post("/generate", json={"prompt": "plain text", "max_new_tokens": 2, "stream": False}) \
         .headers["X-Session-ID"]

@@ -69,8 +69,57 @@ def test_ignore_eos_generates_past_the_end_of_text_token(client):
         _, kept_going, done = _turn(client, "Hello there", ignore_eos=True)
     finally:
         engine.eos = eos
-    assert stopped["finish_reason"] == "eos" and stopped["usage"]["completion_tokens"] == 1
+    # The end-of-text token came first: nothing to send, nothing counted.
+    assert stopped["finish_reason"] == "eos" and stopped["usage"]["completion_tokens"] == 0
+    assert stopped["generated_text"] == ""
     assert done["finish_reason"] == "length" and kept_going == ids
+
+
+def test_the_end_of_text_token_is_neither_sent_nor_counted(client):
+    """Nor counted as generated in the metrics; the session holds it and feeds it next turn."""
+    state = client.app.state.toyllm
+    body = {"prompt": "The history of", "max_new_tokens": 8, "temperature": 1.0, "seed": 7}
+    ids = [d["id"] for n, d in parse_sse(client.post("/generate", json=body).text) if n == "token"]
+    k = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i])  # the seed samples these again
+    texts = [state.tokenizer.decode([i]) for i in ids[:k]]
+    engine = state.engine.core
+    eos, engine.eos = engine.eos, ids[k]
+    try:
+        counted = metric(client.get("/metrics").text, "toyllm_generation_tokens_total")
+        r = client.post("/generate", json=body)
+        after = metric(client.get("/metrics").text, "toyllm_generation_tokens_total")
+        events = parse_sse(r.text)
+        # Text held back for a stop string, then released by the end of text: in generated_text.
+        held = client.post("/generate", json={**body, "stop": [texts[-1] + "QQQ"]})
+        completion = client.post("/v1/completions", json={"model": "random-tiny", "prompt": "The history of",
+                                                          "max_tokens": 8, "temperature": 1.0, "seed": 7,
+                                                          "stop": [texts[-1] + "QQQ"], "stream": True})
+        # The session keeps the end-of-text token; the next turn feeds it first.
+        sid = r.headers["x-session-id"]
+        session = state.store.get(sid)
+        assert session.pending == ids[k] and session.tokens[-(k + 1):] == ids[:k + 1]
+        _, _, nxt = _turn(client, " and", sid)
+    finally:
+        engine.eos = eos
+    tokens = [d for n, d in events if n == "token"]
+    done = events[-1][1]
+    assert [n for n, _ in events] == ["token"] * k + ["done"] and [t["id"] for t in tokens] == ids[:k]
+    assert all(t["text"] for t in tokens) and ids[k] not in [t["id"] for t in tokens]
+    assert done["finish_reason"] == "eos" and done["usage"]["completion_tokens"] == len(tokens) == k
+    assert done["usage"]["total_tokens"] == done["usage"]["prompt_tokens"] + k
+    assert done["generated_text"] == "".join(t["text"] for t in tokens) == "".join(texts)
+    assert done["cache"]["tokens_seen"] == 3 + k  # the end-of-text token is not in the cache yet
+    assert after - counted == k
+    assert nxt["cache"]["tokens_seen"] == 3 + (k + 1) + 1 + 4  # it was, with the next prompt and 4 of 5
+    # With the stop string: the last token's text was held back, and no token event carries it.
+    held_events = parse_sse(held.text)
+    held_tokens = [d for n, d in held_events if n == "token"]
+    assert len(held_tokens) == held_events[-1][1]["usage"]["completion_tokens"] == k
+    assert held_tokens[-1]["text"] == "" and held_events[-1][1]["generated_text"] == "".join(texts)
+    # OpenAI streams send it in the last chunk, with finish_reason.
+    chunks = [d for _, d in parse_sse(completion.text) if d != "[DONE]"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop" and chunks[-1]["choices"][0]["text"] == texts[-1]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "".join(texts)
 
 
 def test_multi_turn_full_equals_one_request_over_all_turns(client, model, tokenizer):

@@ -69,12 +69,14 @@ def _ephemeral_session(state: ServerState) -> Session:
                    state.model.kv_bytes_per_token, busy=True)
 
 
-async def _respond(request: Request, stream: EventStream, chunk: Callable[[TokenOut | None, str | None], dict | None],
+async def _respond(request: Request, stream: EventStream,
+                   chunk: Callable[[TokenOut | None, str | None, str], dict | None],
                    whole: Callable[[Finished, list[TokenOut]], dict], streaming: bool, include_usage: bool,
                    headers: dict | None = None):
     """The answer in OpenAI's shape: `whole(final event)` as JSON, or server-sent events: `chunk(token,
-    None)` per token (None: nothing to send yet), `chunk(None, finish_reason)` at the end, the usage
-    chunk when asked, then `[DONE]`."""
+    None, "")` per token (None: nothing to send yet), `chunk(None, finish_reason, tail)` at the end (the
+    text the end-of-text token released, which has no token of its own), the usage chunk when asked,
+    then `[DONE]`."""
     if not streaming:
         tokens: list[TokenOut] = []
         event = await wait_unless_disconnected(request, stream, tokens)
@@ -93,13 +95,13 @@ async def _respond(request: Request, stream: EventStream, chunk: Callable[[Token
         try:
             async for event in stream:
                 if isinstance(event, TokenOut):
-                    data = chunk(event, None)
+                    data = chunk(event, None, "")
                     if data is not None:
                         yield sent(data)
                 elif isinstance(event, Finished):
-                    yield sent(chunk(None, _FINISH[event.finish_reason]))
+                    yield sent(chunk(None, _FINISH[event.finish_reason], event.tail))
                     if include_usage:
-                        yield sent({**chunk(None, None), "choices": [], "usage": _usage(event)})
+                        yield sent({**chunk(None, None, ""), "choices": [], "usage": _usage(event)})
                     yield {"data": "[DONE]"}
                 else:
                     yield {"data": json.dumps(error_body("generation_failed", event.message))}
@@ -165,13 +167,15 @@ async def completions(body: CompletionRequest, request: Request, state: ReadySta
         return {"id": cid, "object": "text_completion", "created": created, "model": state.model_name,
                 "choices": [{"text": text, "index": 0, "logprobs": logprobs_of, "finish_reason": finish}]}
 
-    def chunk(token: TokenOut | None, finish: str | None) -> dict | None:
-        text = token.text if token is not None else ""
+    def chunk(token: TokenOut | None, finish: str | None, tail: str) -> dict | None:
+        text = token.text if token is not None else tail
         if first["chunk"] and (token is not None or finish is not None):
             first["chunk"], text = False, echo + text  # echo: the first chunk starts with the prompt
         if token is not None and not text and logprobs is None:
             return None  # nothing to say yet (a character split across tokens)
-        return choice(text, logprobs.of([token]) if logprobs is not None and token is not None else None, finish)
+        # The end chunk has no token, but it is the first one when the end of text came first: echo's tokens.
+        lp = logprobs is not None and (token is not None or (finish is not None and logprobs.prompt_ids))
+        return choice(text, logprobs.of([token] if token is not None else []) if lp else None, finish)
 
     def whole(event: Finished, tokens: list[TokenOut]) -> dict:
         return {**choice(echo + event.generated_text, logprobs.of(tokens) if logprobs is not None else None,
@@ -242,8 +246,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
     started = {"role": False}
 
-    def chunk(token: TokenOut | None, finish: str | None) -> dict | None:
-        text = token.text if token is not None else ""
+    def chunk(token: TokenOut | None, finish: str | None, tail: str) -> dict | None:
+        text = token.text if token is not None else tail
         if token is not None and not text and not body.wants_logprobs:
             return None  # nothing to say yet (a character split across tokens)
         delta = {"content": text} if text or finish is None else {}
