@@ -217,13 +217,14 @@ class Engine:
             self._fail(request, SHUTTING_DOWN, status=503)
 
     def _take_admissible(self) -> list[GenerationRequest]:
-        """Waiting requests (in order) whose class has a free decode slot, within max_running."""
+        """Waiting requests (in order) whose class has a free decode slot and a free prefill row, within
+        max_running."""
         taken, free = [], {}
         for request in list(self._waiting):
             if self.running + len(taken) >= self.max_running:
                 break
             cls = request.cls
-            free.setdefault(cls, self.core.free_slots(cls))
+            free.setdefault(cls, min(self.core.free_slots(cls), self.core.free_prefill_rows(cls)))
             if free[cls] > 0:
                 free[cls] -= 1
                 taken.append(request)
@@ -238,16 +239,12 @@ class Engine:
             return
         request.started = time.perf_counter()
         self.metrics.queue_time.observe(request.started - request.arrived)
-        feed = ([session.pending] if session.pending is not None else []) + request.prompt_ids
-        try:
-            request.job = self.core.begin(feed, request.cls, request.sampling, session.cache, session.length,
-                                          user=request)
+        try:  # the prefill holds the session's tiers now
+            request.job = session.begin(self.core, request.prompt_ids, request.sampling, request.cls, user=request)
         except Exception as e:
             log.exception("prefill failed")
             self._discard(request, f"prefill failed ({e}); the session was discarded")
             return
-        session.cache = None  # the prefill holds it now
-        session.cls = request.cls
         self._prefilling.append(request)
 
     def _prefill_piece(self, request: GenerationRequest, limit: int | None) -> None:
@@ -281,9 +278,7 @@ class Engine:
         session, job = request.session, request.job
         seq = self.core.start(job)
         request.job, request.row = None, seq
-        session.tokens.extend(request.prompt_ids)
-        session.pending = None
-        session.length = seq.length
+        session.started(seq, request.prompt_ids)
         self.metrics.prompt_tokens.inc(len(request.prompt_ids))
         request.prefill_s = time.perf_counter() - request.started
         self.metrics.prefill_duration.observe(request.prefill_s)
@@ -337,12 +332,11 @@ class Engine:
         `TokenOut`, not in completion_tokens nor in the generated-tokens counter (as OpenAI, vLLM)."""
         now = time.perf_counter()
         row = request.row
-        request.session.tokens.append(token)
-        request.session.pending = token
+        request.session.emitted(token)
         eos = token == row.eos  # row.eos is -1 when the request ignores it
         text = "" if eos else request.text.push(token)
         if request.text.stopped:
-            row.remaining = 0
+            self.core.stop(row)
         final = request.text.stopped or eos or request.generated + 1 >= request.sampling.max_new_tokens
         if final:
             text += request.text.finish()
@@ -366,7 +360,7 @@ class Engine:
             self.core.cancel(request.job)
             self._discard(request, "cancelled while its prompt was prefilled; the session was discarded")
         for request in [r for r in self._running if r.cancelled.is_set()]:
-            request.row.remaining = 0
+            self.core.stop(request.row)
             self._retire(request, cancelled=True)
 
     def _retire(self, request: GenerationRequest, cancelled: bool = False) -> None:
@@ -375,10 +369,7 @@ class Engine:
 
     def _finish(self, request: GenerationRequest, cancelled: bool = False) -> None:
         session, row = request.session, request.row
-        cache, length = self.core.free(row)
-        session.length = length
-        session.pending = row.pending
-        session.turns += 1
+        session.finish(self.core, row, keep=not request.ephemeral)  # the tiers come back to the session
         if cancelled:
             reason = "cancelled"
         elif request.text.stopped:
@@ -391,9 +382,11 @@ class Engine:
             policy = session.policy.name
             self.metrics.compressions.labels(policy).inc(row.compressions)
             self.metrics.evicted.labels(policy).inc(row.tokens_evicted)
-        session.cache = None if request.ephemeral else cache
+        if row.reselections:
+            self.metrics.reselections.labels(session.policy.name).inc(row.reselections)
+            self.metrics.recalled.labels(session.policy.name).inc(row.recalled)
         if request.chat is not None:
-            session.chat = request.chat + [{"role": "assistant", "content": request.text.text}]
+            session.replied(request.chat, request.text.text)
         self.store.release(session)
         now = time.perf_counter()
         total = now - request.arrived
@@ -416,7 +409,7 @@ class Engine:
 
     def _discard(self, request: GenerationRequest, message: str, status: int = 500) -> None:
         """A request whose session cannot be trusted any more: drop the session, tell the client."""
-        request.session.cache, request.session.length = None, 0
+        request.session.discard()
         self.store.discard(request.session)
         self._fail(request, message, status)
 

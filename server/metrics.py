@@ -43,6 +43,12 @@ class LiveState(Collector):
             full.add_metric([policy], full_bytes)
         yield cache
         yield full
+        tiers = GaugeMetricFamily("toyllm_kv_cache_tier_bytes", "Bytes of the sessions' cache tiers: hot (what "
+                                  "decoding attends to) and cold (what the hot cache evicted, quantised, in host "
+                                  "memory).", labels=["tier"])
+        for tier, n in sorted(state["tier_bytes"].items()):
+            tiers.add_metric([tier], n)
+        yield tiers
         yield GaugeMetricFamily("toyllm_kv_cache_capacity_bytes", "Bytes allocated for KV caches (all slots).",
                                 value=state["capacity_bytes"])
         yield GaugeMetricFamily("toyllm_sessions_active", "Live sessions.", value=state["sessions"])
@@ -83,6 +89,11 @@ class Metrics:
         self.compressions = Counter("toyllm_kv_compressions", "Cache compressions.", ["policy"], registry=r)
         self.evicted = Counter("toyllm_kv_tokens_evicted", "Tokens evicted from caches (per layer and KV head).",
                                ["policy"], registry=r)
+        self.reselections = Counter("toyllm_kv_reselections", "Re-selections of a session's hot set over hot "
+                                    "and cold tiers (one per turn of a session with cold tokens).", ["policy"],
+                                    registry=r)
+        self.recalled = Counter("toyllm_kv_tokens_recalled", "Tokens brought back from the cold tier to the hot "
+                                "cache by re-selections (per layer and KV head).", ["policy"], registry=r)
         self.sessions_created = Counter("toyllm_sessions_created", "Sessions created.", registry=r)
         self.sessions_evicted = Counter("toyllm_sessions_evicted", "Sessions removed by the server, by reason.",
                                         ["reason"], registry=r)
@@ -107,3 +118,5 @@ class Metrics:
             self.compressions.labels(policy)
             self.evicted.labels(policy)
             self.compression_duration.labels(policy)
+            self.reselections.labels(policy)
+            self.recalled.labels(policy)

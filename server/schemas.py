@@ -31,6 +31,9 @@ class CacheSpec(BaseModel):
     max_factor: int | None = Field(None, ge=1, le=16, description="adakv: the most a head keeps, in budgets.")
     beta: int | None = Field(None, ge=1, le=1024, description="pyramidkv: the last layer keeps budget / beta.")
     n_future: int | None = Field(None, ge=1, le=65536, description="expected: future positions averaged over.")
+    cold_bits: Literal[0, 4, 8] | None = Field(None, description="Compressing policies: the cold tier a session "
+                                               "keeps what its hot cache evicts in (8 or 4 bits; 0: none, evicted "
+                                               "tokens are dropped).")
 
 
 class GenerateRequest(BaseModel):
@@ -71,6 +74,11 @@ class CacheStats(BaseModel):
     bytes: int
     full_bytes: int
     compression_ratio: float
+    tokens_cold: int = 0  # in the cold tier, per layer and KV head
+    hot_bytes: int = 0
+    cold_bytes: int = 0
+    reselections: int = 0  # turns that chose the hot set again over hot and cold
+    tokens_recalled: float = 0.0  # brought back from cold to hot, per layer and KV head, over every turn
 
 
 class Usage(BaseModel):
@@ -115,13 +123,19 @@ class KeptSlot(BaseModel):
 class KeptHead(BaseModel):
     layer: int
     kv_head: int
-    kept: list[KeptSlot]
+    kept: list[KeptSlot]  # the hot tier: what decoding attends to
+    cold: list[int] = Field(default_factory=list, description="Positions the cold tier holds (quantised, in host "
+                            "memory; a later turn may bring them back).")
 
 
 class SessionCache(BaseModel):
     session_id: str
     policy: str
     tokens_seen: int
+    tokens_kept: int = 0  # hot, per layer and KV head
+    tokens_cold: int = 0  # cold, per layer and KV head
+    hot_bytes: int = 0
+    cold_bytes: int = 0
     heads: list[KeptHead]
 
 
@@ -260,6 +274,9 @@ class ChatCompletionRequest(OpenAIRequest):
                                      "per token (implies logprobs).")
     session_id: str | None = Field(None, max_length=64, description="Continue this session's chat: only the "
                                    "messages it does not hold yet are prefilled, against its cache.")
+    cache: CacheSpec | None = Field(None, description="An extension, as /generate's: the cache a stateless chat "
+                                    "runs under (one of the server's cache classes, e.g. {\"policy\": \"full\"}); "
+                                    "a session's is fixed when it is created.")
 
     @property
     def wants_logprobs(self) -> bool:

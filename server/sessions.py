@@ -1,12 +1,9 @@
-"""Sessions: a conversation's cached, possibly compressed, context kept across requests.
+"""Sessions across requests: the core's `Session` (tokens, pending token, chat history, hot and
+cold tiers) with an id, a busy flag and its times, and the store that holds them.
 
-A session holds its KV cache between requests, the token at every original position (so the kept
-positions can be shown as text), and the last generated token, which is not in the cache yet: the
-next request feeds it first, then its own prompt, so a conversation is exactly the concatenation of
-its turns. While a request runs, the cache lives in the engine's decode batch and the session is busy.
-
-Idle sessions expire after a TTL and are evicted least-recently-used when there are more than
-`max_sessions` or their caches together hold more than `max_cache_bytes`.
+While a request runs, the session's tiers live in the engine and the session is busy. Idle sessions
+expire after a TTL and are evicted least-recently-used when there are more than `max_sessions` or
+their tiers together hold more than `max_cache_bytes`.
 """
 
 from __future__ import annotations
@@ -20,8 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from toyllm_core.cache import KVCache
 from toyllm_core.engine import CacheClass
+from toyllm_core.session import Session as CoreSession
 
 # A proposed id must look like one of ours: URL-safe, at least 128 bits' worth of characters.
 _ID = re.compile(r"[A-Za-z0-9_-]{22,64}")
@@ -35,44 +32,32 @@ class SessionBusy(RuntimeError):
     pass
 
 
-@dataclass(eq=False)
-class Session:
+@dataclass(eq=False, kw_only=True)
+class Session(CoreSession):
     id: str
-    cls: CacheClass  # fixed at creation, except that a full-cache session moves up to larger classes
     bytes_per_token: int
     created_at: float = field(default_factory=time.time)
     last_used_at: float = field(default_factory=time.time)
-    cache: KVCache | None = None  # unbatched; None before the first request and while one runs
-    length: int = 0  # live cache slots
-    tokens: list[int] = field(default_factory=list)  # token id at every original position seen
-    pending: int | None = None  # last generated token, in `tokens` but not yet in the cache
     busy: bool = False
-    turns: int = 0
-    capacity: int = 0  # allocated slots of the idle cache
-    chat: list[dict] | None = None  # a chat session's messages so far, its replies included
-
-    @property
-    def tokens_in_cache(self) -> int:
-        """Tokens written into the cache so far (what a full cache would hold)."""
-        return len(self.tokens) - (self.pending is not None)
+    capacity: int = 0  # allocated slots of the idle hot cache
 
     @property
     def bytes(self) -> int:
-        return self.length * self.bytes_per_token
+        """Both tiers."""
+        return sum(self.tier_bytes(self.bytes_per_token).values())
 
     @property
     def full_bytes(self) -> int:
         return self.tokens_in_cache * self.bytes_per_token
 
-    @property
-    def policy(self):
-        return self.cls.policy
-
     def stats(self) -> dict:
-        full = self.full_bytes
+        full, tiers = self.full_bytes, self.tier_bytes(self.bytes_per_token)
+        total = sum(tiers.values())
         return {"policy": self.policy.name, "budget": self.policy.budget if self.policy.evicts else None,
-                "tokens_seen": self.tokens_in_cache, "tokens_kept": self.length, "bytes": self.bytes,
-                "full_bytes": full, "compression_ratio": full / self.bytes if self.bytes else 1.0}
+                "tokens_seen": self.tokens_in_cache, "tokens_kept": self.length, "bytes": total,
+                "full_bytes": full, "compression_ratio": full / total if total else 1.0,
+                "tokens_cold": self.cold_tokens, "hot_bytes": tiers["hot"], "cold_bytes": tiers["cold"],
+                "reselections": self.reselections, "tokens_recalled": round(self.tokens_recalled, 2)}
 
 
 class SessionStore:
@@ -97,8 +82,8 @@ class SessionStore:
         """
         with self._lock:
             usable = proposed_id is not None and _ID.fullmatch(proposed_id) and proposed_id not in self._sessions
-            session = Session(proposed_id if usable else secrets.token_urlsafe(16), cls, self.bytes_per_token,
-                              busy=busy)
+            session = Session(cls, id=proposed_id if usable else secrets.token_urlsafe(16),
+                              bytes_per_token=self.bytes_per_token, busy=busy)
             self._evict_idle(lambda: len(self._sessions) >= self.max_sessions, "max_sessions")
             self._sessions[session.id] = session
         self._on_created()
@@ -189,8 +174,12 @@ class SessionStore:
         with self._lock:
             sessions = list(self._sessions.values())
         per_policy: dict[str, tuple[int, int]] = {}
+        tiers = {"hot": 0, "cold": 0}
         for s in sessions:
             kept, full = per_policy.get(s.policy.name, (0, 0))
             per_policy[s.policy.name] = (kept + s.bytes, full + s.full_bytes)
+            for tier, n in s.tier_bytes(self.bytes_per_token).items():
+                tiers[tier] += n
         idle_capacity = sum(s.capacity for s in sessions if not s.busy) * self.bytes_per_token
-        return {"sessions": len(sessions), "cache_bytes": per_policy, "idle_capacity_bytes": idle_capacity}
+        return {"sessions": len(sessions), "cache_bytes": per_policy, "idle_capacity_bytes": idle_capacity,
+                "tier_bytes": tiers}

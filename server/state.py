@@ -52,10 +52,12 @@ class ServerState:
 
     def live(self) -> dict:
         """Live-state gauges (read at scrape time)."""
-        snap = self.store.snapshot() if self.store else {"sessions": 0, "cache_bytes": {}, "idle_capacity_bytes": 0}
+        snap = self.store.snapshot() if self.store else {"sessions": 0, "cache_bytes": {}, "idle_capacity_bytes": 0,
+                                                         "tier_bytes": {"hot": 0, "cold": 0}}
         engine = self.engine
         return {
             "cache_bytes": {p: snap["cache_bytes"].get(p, (0, 0)) for p in policy_names()},
+            "tier_bytes": snap["tier_bytes"],
             "capacity_bytes": snap["idle_capacity_bytes"] + (engine.capacity_bytes() if engine else 0),
             "sessions": snap["sessions"],
             "running": engine.running if engine else 0,

@@ -39,7 +39,7 @@ def test_copy_task_defaults_to_the_whole_second_copy_and_can_cue_a_short_answer(
     assert seqs.shape == (3, 64) and context == 32 and (seqs[:, :32] == seqs[:, 32:]).all()
     cued, context = copy_task(100, 3, 64, context=40, answer=4, seed=2)
     assert context == 40 and (cued == seqs[:, :44]).all()  # 8 cue tokens, then the 4 that follow them
-    for bad in [dict(context=64), dict(context=0), dict(context=40, answer=25)]:
+    for bad in [{"context": 64}, {"context": 0}, {"context": 40, "answer": 25}]:
         with pytest.raises(ValueError, match="copy protocol needs"):
             copy_task(100, 3, 64, **bad)
 

@@ -34,7 +34,8 @@ def test_sse_stream_framing_and_done_payload(client):
     assert done["finish_reason"] == "length"
     assert done["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}
     assert set(done["cache"]) == {"policy", "budget", "tokens_seen", "tokens_kept", "bytes", "full_bytes",
-                                  "compression_ratio"}
+                                  "compression_ratio", "tokens_cold", "hot_bytes", "cold_bytes", "reselections",
+                                  "tokens_recalled"}
     assert done["cache"]["tokens_seen"] == 3 + 5  # the last token is not in the cache yet
     assert set(done["timings"]) == {"queue_s", "prefill_s", "ttft_s", "total_s", "tokens_per_s"}
 
@@ -143,13 +144,17 @@ def test_snapkv_session_keeps_its_cache_at_the_budget(client):
         sid, _, done = _turn(client, " word" * 30, sid, cache=cache, max_new_tokens=1 if i == 2 else 12)
         assert done["cache"]["tokens_kept"] <= 24 + 8
     info = client.get(f"/sessions/{sid}").json()
-    assert info["turns"] == 3 and info["cache"]["tokens_kept"] == 24  # compressed right after the last prefill
+    # Re-selected over hot and cold once all but the last prompt token were in, then that token.
+    assert info["turns"] == 3 and info["cache"]["tokens_kept"] == 24 + 1
+    assert info["cache"]["reselections"] == 2 and info["cache"]["tokens_cold"] == 30 + 12 + 30 + 12 + 30 - 25
     assert info["cache"]["tokens_seen"] == 30 + 12 + 30 + 12 + 30
     kept = client.get(f"/sessions/{sid}/cache").json()
     assert len(kept["heads"]) == 2 * 2  # layers x KV heads
     for head in kept["heads"]:
         positions = [slot["position"] for slot in head["kept"]]
-        assert len(positions) == 24 and positions == sorted(positions)
+        assert len(positions) == 25 and positions == sorted(positions)
+        # Nothing is lost: every position seen is in exactly one tier.
+        assert sorted(positions + head["cold"]) == list(range(info["cache"]["tokens_seen"]))
         assert positions[:4] == [0, 1, 2, 3]  # sinks
         assert positions[-8:] == list(range(info["cache"]["tokens_seen"] - 8, info["cache"]["tokens_seen"]))
         assert all(slot["text"] for slot in head["kept"])

@@ -77,7 +77,7 @@ def report(model: ToyLLM, eval_text: str, eval_tokens: np.ndarray, train_tokens:
     by_position = loss_by_position(model, scored, batch)
     early, late = mean_over(by_position, EARLY), mean_over(by_position, late_span(seq_len))
     return {
-        "eval_tokens": int(len(eval_tokens)), "eval_words": words,
+        "eval_tokens": len(eval_tokens), "eval_words": words,
         "token_perplexity": corpus.token_perplexity, "word_perplexity": corpus.word_perplexity,
         "unigram_token_perplexity": float(np.exp(unigram / (len(eval_tokens) - 1))),
         "unigram_word_perplexity": unigram_word_ppl,

@@ -25,11 +25,20 @@ from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from toyllm_core.chat import ChatTemplateError
+from toyllm_core.session import NotAChat
 
 from ..deps import ReadyState, State, require_api_key
 from ..engine import Failed, Finished, TokenOut
 from ..errors import POSTED, bad_request, busy, error_body, not_found, responses
-from ..generation import EventStream, check_prompt, request_class, sampling_params, token_text, tokenize
+from ..generation import (
+    EventStream,
+    cache_policy,
+    check_prompt,
+    request_class,
+    sampling_params,
+    token_text,
+    tokenize,
+)
 from ..schemas import ChatCompletionRequest, CompletionRequest
 from ..sessions import Session, SessionBusy, SessionNotFound
 from ..state import ServerState
@@ -64,9 +73,10 @@ def _usage(event: Finished) -> dict:
             "total_tokens": event.prompt_tokens + event.completion_tokens}
 
 
-def _ephemeral_session(state: ServerState) -> Session:
-    return Session("openai-" + uuid.uuid4().hex, state.classes_of(state.default_policy)[0],
-                   state.model.kv_bytes_per_token, busy=True)
+def _ephemeral_session(state: ServerState, policy=None) -> Session:
+    """A throwaway session for a stateless request, under `policy` (the server's default cache)."""
+    return Session(state.classes_of(policy or state.default_policy)[0], id="openai-" + uuid.uuid4().hex,
+                   bytes_per_token=state.model.kv_bytes_per_token, busy=True)
 
 
 async def _respond(request: Request, stream: EventStream,
@@ -185,26 +195,13 @@ async def completions(body: CompletionRequest, request: Request, state: ReadySta
 
 
 def _chat_prompt(state: ServerState, session: Session, messages: list[dict]) -> tuple[list[int], list[dict]]:
-    """(token ids to prefill, the messages the session will hold once this turn is in).
-
-    A new or stateless chat renders every message. A continued one renders only what the session
-    does not hold: the client may resend the whole conversation (OpenAI style) or just the new turn.
-    Control tokens spelled in the messages are tokenized as plain text: a message cannot end its
-    turn and forge the next one; only the template's own markers are control tokens.
-    """
-    chat, tokenizer = state.chat, state.tokenizer
-    if not session.tokens:  # the template places any BOS itself
-        return check_prompt(state, chat.render_ids(tokenizer, messages)), messages
-    if session.chat is None:
-        raise bad_request(f"session {session.id!r} holds text that is not a chat (it was made by /generate); "
-                          "start a chat in a new session")
-    held = session.chat
-    new = messages[len(held):] if messages[:len(held)] == held else messages
-    if not new:
-        raise bad_request("the session already holds every message sent; add the next user message")
-    eot = state.end_of_turn
-    closed = tokenizer.decode([session.pending]) if eot is not None and session.pending == eot else ""
-    return check_prompt(state, chat.continuation_ids(tokenizer, held, new, reply_closed=closed)), held + new
+    """(token ids to prefill, the messages the session will hold once this turn is in): the core
+    session's continuation of its chat (`Session.chat_prompt`), checked against the prompt limits."""
+    try:
+        ids, held = session.chat_prompt(state.chat, state.tokenizer, messages, state.end_of_turn)
+    except NotAChat as e:
+        raise bad_request(f"session {session.id!r}: {e}") from None
+    return check_prompt(state, ids), held
 
 
 @router.post("/chat/completions", responses={200: {"content": _SSE, "headers": SESSION_HEADER},
@@ -222,8 +219,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     top = body.top_logprobs or 0
     sampling = sampling_params(body.max_new_tokens, body.temperature, body.top_k_value, body.top_p, body.seed,
                                body.stop_list, eos_id=state.end_of_turn, top_logprobs=top)
+    policy = cache_policy(state, body.cache)
     if session_id is None:
-        session = _ephemeral_session(state)
+        session = _ephemeral_session(state, policy)
     else:
         try:
             session = state.store.acquire(session_id)
@@ -232,6 +230,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         except SessionBusy as e:
             raise busy(str(e)) from None
     try:
+        if body.cache is not None and session_id is not None and policy != session.policy:
+            raise bad_request("a session's cache configuration is fixed when it is created; leave `cache` out "
+                              "to continue this session")
         # Rendering and tokenizing a long conversation takes a while: off the event loop.
         prompt_ids, messages = await run_in_threadpool(_chat_prompt, state, session, body.message_dicts)
         cls = request_class(state, session, len(prompt_ids), body.max_new_tokens)

@@ -48,12 +48,15 @@ async def get_session(session_id: str, state: ReadyState):
 
 @router.get("/{session_id}/cache", response_model=SessionCache, responses=responses(404, 409, *READY))
 async def get_session_cache(session_id: str, state: ReadyState):
-    """The original positions the cache keeps, per layer and KV head, with their token texts (409
-    while a request uses the session: its cache is in the decode batch then)."""
+    """The original positions the hot cache keeps, per layer and KV head, with their token texts, and
+    those the cold tier holds (409 while a request uses the session: its tiers are in the engine then)."""
     try:
         with state.store.holding(session_id) as s:  # no request can take the cache while it is read
             heads = await run_in_threadpool(_kept_heads, state, s) if s.cache is not None else []
-            return SessionCache(session_id=s.id, policy=s.policy.name, tokens_seen=s.tokens_in_cache, heads=heads)
+            tiers = s.tier_bytes(s.bytes_per_token)
+            return SessionCache(session_id=s.id, policy=s.policy.name, tokens_seen=s.tokens_in_cache,
+                                tokens_kept=s.length, tokens_cold=s.cold_tokens, hot_bytes=tiers["hot"],
+                                cold_bytes=tiers["cold"], heads=heads)
     except SessionNotFound as e:
         raise not_found(str(e.args[0])) from None
     except SessionBusy as e:
@@ -72,7 +75,8 @@ def _kept_heads(state: ServerState, s: Session) -> list[dict]:
                 if token not in texts:
                     texts[token] = state.tokenizer.decode([token])
                 slots.append({"position": p, "token_id": token, "text": texts[token]})
-            heads.append({"layer": layer, "kv_head": head, "kept": slots})
+            cold = s.cold.pos[layer, head] if s.cold is not None else []
+            heads.append({"layer": layer, "kv_head": head, "kept": slots, "cold": sorted(int(p) for p in cold if p >= 0)})
     return heads
 
 

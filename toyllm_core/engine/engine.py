@@ -134,9 +134,6 @@ class _ClassState:
     def free_slots(self) -> int:
         return self.cls.slots - len(self.rows) - self.reserved
 
-    @property
-    def can_begin(self) -> bool:
-        return self.free_slots > 0 and self.prefilling < self.cls.prefill_rows
 
 
 class Engine:
@@ -157,10 +154,10 @@ class Engine:
     def free_slots(self, cls: CacheClass) -> int:
         return self._states[cls].free_slots
 
-    def can_begin(self, cls: CacheClass) -> bool:
-        """Whether a prompt of this class can start prefilling now (a free decode slot and a free
-        prefill row)."""
-        return self._states[cls].can_begin
+    def free_prefill_rows(self, cls: CacheClass) -> int:
+        """Prompts of this class that may start prefilling now (each holds a prefill cache)."""
+        state = self._states[cls]
+        return cls.prefill_rows - state.prefilling
 
     @property
     def running(self) -> int:

@@ -23,8 +23,8 @@ import numpy as np
 from .. import jit_stats
 from ..model import ToyLLM
 from ..sampling import SamplingParams, first_token
-from . import steps
 from ..tiers import ColdTier, cold_buckets
+from . import steps
 from .classes import CacheClass, chunk_sizes, row_buckets
 
 

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 from ..cache import KVCache, empty_cache
 from ..model import ToyLLM
 from ..policies import compress, compress_split
+from ..sampling import TOP_LOGPROBS, sample_rows, top_alternatives
 from ..tiers import ColdChunk, quantize_slots
 from ..tiers import reselect as reselect_tiers
-from ..sampling import TOP_LOGPROBS, sample_rows, top_alternatives
 from .classes import CacheClass
 
 

@@ -1,0 +1,129 @@
+"""The two-tier cache: quantisation of the cold tier, what a compression evicts, and the re-selection
+over hot ∪ cold against a NumPy SnapKV on the union; through the engine, nothing is ever lost."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_model
+from test_policies import RECENT_QUERIES, _filled_cache, _host, snapkv_reference
+
+from toyllm_core.cache import KVCache
+from toyllm_core.engine import CacheClass, Engine
+from toyllm_core.policies import compress, compress_split, make_policy
+from toyllm_core.sampling import SamplingParams
+from toyllm_core.session import Session
+from toyllm_core.tiers import ColdChunk, ColdTier, cold_buckets, dequantize, quantize, reselect
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantisation_is_within_half_a_step_and_the_host_packing_is_exact(bits):
+    rng = np.random.default_rng(bits)
+    x = rng.normal(size=(2, 1, 3, 40, 64)).astype(np.float32) * rng.uniform(0.1, 10, (2, 1, 3, 40, 1))
+    codes, scale = quantize(jnp.asarray(x), bits)
+    assert codes.dtype == jnp.int8 and scale.dtype == jnp.float16
+    assert scale.shape == (2, 1, 3, 40, 64 // (64 if bits == 8 else 32))
+    back = np.asarray(dequantize(codes, scale, jnp.float32))
+    step = np.repeat(np.asarray(scale, np.float32), 64 // scale.shape[-1], axis=-1)
+    assert (np.abs(back - x) <= step / 2 + 1e-3 * np.abs(x)).all()  # (+ float16 rounding of the scale)
+    pos = np.tile(np.arange(40, dtype=np.int32), (2, 1, 3, 1))
+    tier = ColdTier.empty(2, 3, 64, bits).extend([ColdChunk(codes, scale, codes, scale, jnp.asarray(pos))])
+    assert tier.k.shape[-1] == (64 if bits == 8 else 32)  # int4: two codes per byte
+    up = tier.upload(64)
+    np.testing.assert_array_equal(up.k[:, :, :, :40], np.asarray(codes))
+    np.testing.assert_array_equal(up.pos[:, :, :, 40:], -1)
+
+
+def test_compress_split_hands_back_exactly_the_live_slots_it_evicts(model):
+    cache = _filled_cache(model)
+    before = _host(cache)
+    policy = make_policy("snapkv", budget=40, sink_size=4, window_size=16)
+    out, evicted, kept = jax.jit(compress_split, static_argnums=1)(cache, policy)
+    plain = jax.jit(compress, static_argnums=1)(jax.tree.map(jnp.asarray, before), policy)
+    np.testing.assert_array_equal(np.asarray(out.pos), np.asarray(plain.pos))
+    pos, ev = np.asarray(out.pos)[:, 0], np.asarray(evicted.pos)[:, 0]
+    for layer in range(pos.shape[0]):
+        for head in range(pos.shape[1]):
+            hot, cold = pos[layer, head, :40], ev[layer, head][ev[layer, head] >= 0]
+            assert sorted(hot.tolist() + cold.tolist()) == list(range(150))
+            assert (np.diff(cold) > 0).all()  # in position order
+            slots = np.searchsorted(np.asarray(before.pos)[layer, 0, head, :150], cold)
+            np.testing.assert_array_equal(np.asarray(evicted.k)[layer, 0, head, : len(cold)],
+                                          np.asarray(before.k)[layer, 0, head, slots])
+    assert int(np.asarray(kept).sum()) == 40 * pos.shape[0] * pos.shape[1]
+
+
+@pytest.mark.parametrize("budget", [28, 44])
+def test_reselection_is_snapkv_over_the_union_of_the_tiers(budget):
+    """Hot slots and cold entries at interleaved positions; the new queries vote over both. The
+    result must be NumPy SnapKV over the union (cold keys as dequantised), and the new cold tier the
+    rest of the union."""
+    rng = np.random.default_rng(budget)
+    n_layers, n_kv, heads, d, hot_cap = 2, 2, 4, 8, 96
+    union = np.sort(rng.choice(np.arange(4, 300), 130, replace=False))
+    union = np.concatenate([np.arange(4), union, np.arange(300, 316)])  # sinks, the rest, the recent window
+    in_hot = np.zeros(len(union), bool)
+    in_hot[:4] = in_hot[-16:] = True
+    in_hot[rng.choice(np.arange(4, len(union) - 16), 40, replace=False)] = True
+    hot_pos, cold_pos = union[in_hot], union[~in_hot]
+    next_pos = 316
+    # Cold entries: exact int8 codes and scales, so that their dequantised keys are known exactly.
+    codes = rng.integers(-127, 128, (n_layers, 1, n_kv, len(cold_pos), d)).astype(np.int8)
+    scale = rng.uniform(0.005, 0.03, (n_layers, 1, n_kv, len(cold_pos), 1)).astype(np.float16)
+    cold_k = codes.astype(np.float32) * scale.astype(np.float32)
+    hot_k = rng.normal(size=(n_layers, 1, n_kv, len(hot_pos), d)).astype(np.float32) * 2
+    pad = lambda x, n, fill=0: np.concatenate([x, np.full((*x.shape[:3], n - x.shape[3], *x.shape[4:]), fill,
+                                                           x.dtype)], axis=3)
+    k = pad(hot_k, hot_cap)
+    pos = pad(np.tile(hot_pos.astype(np.int32), (n_layers, 1, n_kv, 1)), hot_cap, -1)
+    recent_pos = np.full(RECENT_QUERIES, -1, np.int32)
+    for p in range(next_pos - RECENT_QUERIES, next_pos):
+        recent_pos[p % RECENT_QUERIES] = p
+    recent_q = rng.normal(size=(n_layers, 1, heads, RECENT_QUERIES, d)).astype(np.float32) * 2
+    cache = KVCache(k=jnp.asarray(k), v=jnp.asarray(k), pos=jnp.asarray(pos), length=jnp.array([len(hot_pos)]),
+                    next_pos=jnp.array([next_pos]), recent_q=jnp.asarray(recent_q),
+                    recent_pos=jnp.asarray(recent_pos[None]))
+    bucket = 128
+    cold = ColdChunk(*(jnp.asarray(pad(x, bucket, f)) for x, f in (
+        (codes, 0), (scale, 0), (codes, 0), (scale, 0), (np.tile(cold_pos.astype(np.int32), (n_layers, 1, n_kv, 1)), -1))))
+    policy = make_policy("snapkv", budget=budget, cold_bits=8)
+    out, new_cold, recalled = jax.jit(reselect, static_argnums=2)(cache, cold, policy)
+
+    order = np.argsort(union)
+    union_k = np.zeros((n_layers, n_kv, len(union), d), np.float32)
+    union_k[:, :, in_hot] = hot_k[:, 0]
+    union_k[:, :, ~in_hot] = cold_k[:, 0]
+    union_pos = np.tile(union[order], (n_kv, 1))
+    brought = 0
+    for layer in range(n_layers):
+        expected = snapkv_reference(union_k[layer][:, order], union_pos, len(union), recent_q[layer, 0], recent_pos,
+                                    next_pos, policy)
+        for h in range(n_kv):
+            got = np.asarray(out.pos)[layer, 0, h, :budget].tolist()
+            assert got == expected[h]
+            rest = np.asarray(new_cold.pos)[layer, 0, h]
+            assert sorted(rest[rest >= 0].tolist()) == sorted(set(union.tolist()) - set(got))
+            brought += len(set(got) & set(cold_pos.tolist()))
+    assert brought > 0 and float(recalled[0]) == pytest.approx(brought / (n_layers * n_kv))
+
+
+def test_a_tiered_session_loses_nothing_and_recalls_across_turns():
+    model = tiny_model()
+    policy = make_policy("snapkv", budget=32, sink_size=4, window_size=8, slack=16, obs_window=8, pool_kernel=3)
+    cls = CacheClass.make(policy, 2, 64, prefill_window=128, cold_tokens=512)
+    engine = Engine(model, [cls])
+    session = Session(cls)
+    rng = np.random.default_rng(0)
+    sampling = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+    for turn in range(4):
+        session.run_turn(engine, rng.integers(0, 1000, 100).tolist(), sampling)
+        hot = np.asarray(session.cache.pos)[:, 0, :, : session.length]
+        for layer in range(hot.shape[0]):
+            for head in range(hot.shape[1]):
+                cold = session.cold.pos[layer, head]
+                assert sorted(hot[layer, head].tolist() + cold[cold >= 0].tolist()) == \
+                    list(range(session.tokens_in_cache))
+    assert session.reselections == 3 and session.tokens_recalled > 0
+    assert cold_buckets(512) == [256, 512]
