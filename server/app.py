@@ -78,9 +78,11 @@ def _start(state: ServerState) -> None:
         raise ValueError(f"full_cache_tokens {full_tokens} go past the model context ({cfg.context_length})")
     if s.interleave_chunk > s.max_prefill_chunk:
         raise ValueError("interleave_chunk must not exceed max_prefill_chunk")
+    window = s.prefill_window or max(s.max_prefill_chunk, s.max_prompt_tokens + s.cache_slack)
     state.classes = plan_classes(policies, model.kv_bytes_per_token, s.max_concurrent_requests,
-                                 s.decode_state_bytes, s.max_prefill_chunk, full_tokens,
-                                 s.prefill_window)
+                                 s.decode_state_bytes, s.max_prefill_chunk, full_tokens, window,
+                                 s.prefill_state_bytes, s.cold_tokens)
+    memory = [c.memory(model.kv_bytes_per_token) for c in state.classes]
     m = state.metrics
     state.store = SessionStore(s.max_sessions, s.session_ttl_s, s.max_cache_bytes, model.kv_bytes_per_token,
                                on_created=m.sessions_created.inc,
@@ -98,13 +100,19 @@ def _start(state: ServerState) -> None:
         "kv_bytes_per_token": model.kv_bytes_per_token,
         "policies": policy_names(),
         "default_cache": state.default_policy.describe(),
-        "cache_classes": [c.describe() for c in state.classes],
+        "cache_classes": [c.describe(model.kv_bytes_per_token) for c in state.classes],
+        # Decode slots are allocated at start-up; prefill caches while prompts prefill (at most
+        # prefill_rows per class), a re-selection's merged cache while it runs (one at a time).
+        "memory": {"decode_bytes": sum(m["decode_bytes"] for m in memory),
+                   "prefill_bytes": sum(m["prefill_bytes"] for m in memory),
+                   "reselect_bytes": max(m["reselect_bytes"] for m in memory)},
         "limits": {"max_sessions": s.max_sessions, "session_ttl_s": s.session_ttl_s,
                    "max_cache_bytes": s.max_cache_bytes, "max_concurrent_requests": s.max_concurrent_requests,
                    "queue_size": s.queue_size, "max_prompt_tokens": s.max_prompt_tokens,
                    "max_new_tokens": s.max_new_tokens, "max_body_bytes": s.max_body_bytes},
         "engine": {"steps_per_call": s.steps_per_call, "max_prefill_chunk": s.max_prefill_chunk,
-                   "interleave_chunk": s.interleave_chunk},
+                   "interleave_chunk": s.interleave_chunk, "prefill_window": window,
+                   "cold_tokens": s.cold_tokens},
     }
     if s.warmup:
         report = warm_up(model, state.classes, s.steps_per_call, log=log.info)
@@ -118,7 +126,7 @@ def _start(state: ServerState) -> None:
 def _default_params(s: Settings) -> dict:
     """The default cache's parameters from the settings (only those its policy takes)."""
     given = {"budget": s.cache_budget, "sink_size": s.cache_sink_size, "window_size": s.cache_window_size,
-             "slack": s.cache_slack}
+             "slack": s.cache_slack, "cold_bits": s.cache_cold_bits}
     fields = policy_class(s.cache_policy).__dataclass_fields__
     return {k: v for k, v in given.items() if k in fields}
 

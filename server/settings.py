@@ -27,12 +27,18 @@ class Settings(BaseSettings):
     # Block weights: as they are, or int8 weight-only (per-channel scales; docs/serving-speed.md).
     quant: Literal["none", "int8"] = "none"
 
-    # The cache configuration a session gets when its request does not name one.
+    # The cache configuration a session gets when its request does not name one: SnapKV that keeps
+    # every token up to `cache_budget` (the per-session allowance: nothing is compressed below it),
+    # and past it keeps that many hot and the rest in a cold tier that each new turn re-selects from.
     cache_policy: str = "snapkv"
-    cache_budget: int = Field(64, ge=1)
+    cache_budget: int = Field(2048, ge=1)
     cache_sink_size: int = Field(4, ge=0)
     cache_window_size: int = Field(16, ge=0)
     cache_slack: int = Field(16, ge=1)
+    cache_cold_bits: Literal[0, 4, 8] = Field(8, description="The default cache's cold tier: 8 or 4 bits, or 0 "
+                                              "for none (evicted tokens are dropped).")
+    cold_tokens: int = Field(8192, ge=256, description="The most tokens a session's cold tier holds (per layer "
+                             "and KV head); past it, its oldest entries are dropped.")
     # The other cache configurations the server warms up and accepts (a request naming anything else
     # gets 422): `policy` or `policy:key=value,...`, e.g. `["full", "h2o:budget=128"]`.
     cache_classes: list[str] = ["full"]
@@ -45,8 +51,8 @@ class Settings(BaseSettings):
     # Sessions.
     max_sessions: int = Field(1024, ge=1)
     session_ttl_s: float = Field(900.0, gt=0)
-    max_cache_bytes: int = Field(512 * 2**20, ge=1, description="Idle sessions are evicted, least recently "
-                                                                  "used first, above this total.")
+    max_cache_bytes: int = Field(2 * 2**30, ge=1, description="Idle sessions are evicted, least recently "
+                                 "used first, when their tiers (hot and cold) together pass this.")
 
     # Admission: at most max_concurrent_requests decode together; queue_size more may wait.
     max_concurrent_requests: int = Field(32, ge=1)
@@ -69,9 +75,12 @@ class Settings(BaseSettings):
     max_prefill_chunk: int = Field(512, ge=16, description="Longest prefill chunk (a power of two).")
     prefill_window: int | None = Field(None, ge=16, description="Prompt tokens a compressing cache takes "
                                        "in between two compressions of a prefill [default: "
-                                       "max_prefill_chunk]. Larger lets the policy choose with more of the "
-                                       "prompt in view (up to max_prompt_tokens: once, after the whole "
-                                       "prompt) for one prefill cache of that many more tokens.")
+                                       "max_prompt_tokens + cache_slack: every prompt is compressed once, "
+                                       "whole, so the policy sees its question]. Smaller keeps smaller "
+                                       "prefill caches but compresses long prompts before their end.")
+    prefill_state_bytes: int = Field(1 << 30, ge=1, description="Cache bytes for the prompts prefilling at "
+                                     "once, per cache class (each holds a prefill cache of kept slots + "
+                                     "prefill window); sets how many prefill together (at least one).")
     interleave_chunk: int = Field(64, ge=16, description="Longest prefill chunk while other streams "
                                   "decode (a power of two): a long prompt is admitted in such pieces "
                                   "between decode calls.")
