@@ -11,7 +11,7 @@ from toyllm_core.chat import ChatTemplate
 from toyllm_core.engine import CacheClass, Engine
 from toyllm_core.evaluate import streaming_scores
 from toyllm_core.longctx import oneshot, perplexity, tasks
-from toyllm_core.longctx.session import run_sessions
+from toyllm_core.longctx.session import run_once, run_sessions
 from toyllm_core.policies import make_policy
 from toyllm_core.sampling import SamplingParams
 
@@ -166,3 +166,15 @@ def test_prefill_window_sets_the_prefill_cache_and_when_a_prompt_compresses():
     assert default.prefill_window == 128 and next_piece(default, 64 + 128, 500, 128).compress_first
     with pytest.raises(ValueError, match="must not be shorter than the chunk"):
         CacheClass.make(policy, 1, 128, prefill_window=64)
+
+
+def test_compress_once_protocol_asks_the_same_first_question_as_the_session(model, tokenizer):
+    # kvpress's protocol reads the document, then asks: under the full cache, the first question's
+    # prompt is the session's first turn token for token, so the answer is the same.
+    chat = ChatTemplate(CHATML)
+    doc = tasks.session_document(tokenizer, PROSE, 200, 2, seed=0)
+    policies = [make_policy("full"), make_policy("snapkv", budget=64), make_policy("snapkv", budget=64, cold_bits=0)]
+    once = run_once(model, tokenizer, chat, doc, policies, max_new_tokens=5)
+    session = run_sessions(model, tokenizer, chat, doc, policies[:1], max_new_tokens=5)
+    assert once[policies[0]][0].reply == session[policies[0]][0].reply
+    assert all(len(turns) == 2 for turns in once.values())

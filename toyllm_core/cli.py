@@ -66,11 +66,14 @@ def _spec_text_and_tokens(tokenizer, spec: str) -> tuple[str, np.ndarray]:
 
 
 def _policy(name: str, **given):
-    """The policy `name` with those of the given parameters it takes (the CLI offers them all)."""
-    from .policies import make_policy, policy_class
+    """The policy `name` with those of the given parameters it takes (the CLI offers them all).
+    `name` may carry its own parameters in the compact form, `snapkv:cold_bits=0`; given ones win."""
+    from .policies import make_policy, parse_policy, policy_class
 
+    own = parse_policy(name).params if ":" in name else {}
+    name = name.partition(":")[0]
     fields = policy_class(name).__dataclass_fields__
-    return make_policy(name, **{k: v for k, v in given.items() if k in fields})
+    return make_policy(name, **{**own, **{k: v for k, v in given.items() if k in fields}})
 
 
 DtypeOpt = Annotated[str, typer.Option(help="Weights and K/V: bfloat16 or float32.")]
@@ -488,7 +491,7 @@ def _eval_long(protocol, data, policies, budgets, lengths, depths, samples, seed
 
     started = time.perf_counter()
     try:
-        names = [p.strip() for p in policies.split(",") if p.strip()]
+        names = [p.strip() for p in policies.split(";" if ":" in policies else ",") if p.strip()]
         configs = [_policy("full")] + [_policy(p, budget=b) for p in names if p != "full"
                                        for b in _positive_ints("--budgets", budgets)]
         sizes = _positive_ints("--lengths", lengths)
@@ -506,6 +509,7 @@ def _eval_long(protocol, data, policies, budgets, lengths, depths, samples, seed
         elif protocol == "session-qa":
             records, rows = lc.run_session_qa(model, tokenizer, chat, load_text(corpus, "heldout"), configs, sizes[0],
                                               facts, samples, seed, log)
+            keys = ("protocol", "policy", "budget", "cold_bits")
         else:
             if data is None:
                 raise ValueError("--data is required for the ppl protocol")
@@ -516,9 +520,11 @@ def _eval_long(protocol, data, policies, budgets, lengths, depths, samples, seed
     if protocol == "ppl":
         typer.echo(lc.format_ppl(rows))
     else:
-        typer.echo(format_accuracy([r for r in rows if not r.get("by_turn")], ("length", "policy", "budget")))
         if protocol == "session-qa":
-            typer.echo(format_accuracy([r for r in rows if r.get("by_turn")], ("policy", "budget", "turn")))
+            typer.echo(format_accuracy([r for r in rows if not r.get("by_turn")], keys))
+            typer.echo(format_accuracy([r for r in rows if r.get("by_turn")], keys + ("turn",)))
+        else:
+            typer.echo(format_accuracy([r for r in rows if not r.get("by_turn")], ("length", "policy", "budget")))
     if json_out:
         _write_json(json_out, {"model": name, "protocol": protocol, "dtype": dtype, "quant": quant, "seed": seed,
                                "samples": samples, "machine": machine(), "seconds": round(time.perf_counter() - started, 1),

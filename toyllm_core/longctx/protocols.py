@@ -11,7 +11,7 @@ import numpy as np
 from ..model import ToyLLM
 from ..policies import Policy
 from . import oneshot, perplexity, report, tasks
-from .session import run_sessions
+from .session import PROTOCOLS, run_once, run_sessions
 
 LONG_PROTOCOLS = ("passkey", "niah", "session-qa", "ppl")
 
@@ -55,24 +55,33 @@ def run_niah(model: ToyLLM, tokenizer, chat, corpus: str, policies: list[Policy]
 
 
 def run_session_qa(model: ToyLLM, tokenizer, chat, corpus: str, policies: list[Policy], doc_tokens: int,
-                   n_facts: int, samples: int, seed: int,
-                   log: Callable[[str], None] = print) -> tuple[list[dict], list[dict]]:
+                   n_facts: int, samples: int, seed: int, log: Callable[[str], None] = print,
+                   protocols: tuple[str, ...] = PROTOCOLS) -> tuple[list[dict], list[dict]]:
+    """Questions about `samples` documents of `doc_tokens` tokens with `n_facts` facts each, under
+    both protocols (`session.PROTOCOLS`): a multi-turn session, and kvpress's compress-once. Rows per
+    (protocol, policy, budget, cold tier), and per turn."""
     if chat is None:
         raise ValueError("session-qa needs a chat template (the model's, or the server's --chat-template)")
+    runners = {"multi-turn": run_sessions, "once": run_once}
     records = []
     for s in range(samples):
         t0 = time.perf_counter()
         doc = tasks.session_document(tokenizer, corpus, doc_tokens, n_facts, seed + s)
-        for policy, turns in run_sessions(model, tokenizer, chat, doc, policies).items():
-            for i, t in enumerate(turns):
-                records.append({"length": doc_tokens, "turn": i + 1, "sample": s, "policy": policy.name,
-                                "budget": policy.budget if policy.evicts else None, "question": t.question,
-                                "answer": t.answer, "answer_text": t.reply, "correct": t.correct,
-                                "depth": doc.depths[i]})
-        log(f"session-qa #{s}: {time.perf_counter() - t0:.0f} s")
-    rows = report.accuracy_rows(records, ("length", "policy", "budget"))
-    by_turn = report.accuracy_rows(records, ("policy", "budget", "turn"))
-    return records, rows + [{**r, "length": doc_tokens, "by_turn": True} for r in by_turn]
+        for protocol in protocols:
+            for policy, turns in runners[protocol](model, tokenizer, chat, doc, policies).items():
+                for i, t in enumerate(turns):
+                    records.append({"protocol": protocol, "length": doc_tokens, "turn": i + 1, "sample": s,
+                                    "policy": policy.name, "budget": policy.budget if policy.evicts else None,
+                                    "cold_bits": policy.cold_bits if policy.evicts else None,
+                                    "question": t.question, "answer": t.answer, "answer_text": t.reply,
+                                    "correct": t.correct, "depth": doc.depths[i]})
+            right = sum(r["correct"] for r in records if r["sample"] == s and r["protocol"] == protocol)
+            log(f"session-qa #{s} {protocol}: {right} right, {time.perf_counter() - t0:.0f} s")
+    keys = ("protocol", "policy", "budget", "cold_bits")
+    rows = report.accuracy_rows(records, keys)
+    by_turn = report.accuracy_rows(records, keys + ("turn",))
+    return records, [{**r, "length": doc_tokens} for r in rows] + \
+        [{**r, "length": doc_tokens, "by_turn": True} for r in by_turn]
 
 
 def run_ppl(model: ToyLLM, tokens: np.ndarray, policies: list[Policy], lengths: list[int], sequences: int,

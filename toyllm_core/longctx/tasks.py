@@ -198,3 +198,70 @@ def session_document(tokenizer, corpus: str, n_tokens: int, n_facts: int, seed: 
     return SessionDocument(text, [facts[i] for i in order], [offsets[i] for i in order],
                            [f"In which room is the {items[i]} kept?" for i in order], [rooms[i] for i in order],
                            [float(depths[i]) for i in order])
+
+
+# Single-turn questions about a pasted document (the default server's check): facts of several
+# kinds, each planted in real prose and asked about in the same message, as a user pastes a memo.
+DOC_FACTS = (
+    ("The meeting with the {a} delegation is scheduled for {b}.", ("On which day is the meeting with the {a} "
+     "delegation scheduled?"), ("Harlow", "Brennan", "Okafor", "Lindqvist", "Moreau", "Tanaka"),
+     ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday")),
+    ("The access code for the {a} is {b}.", "What is the access code for the {a}?",
+     ("north warehouse", "server room", "east gate", "archive", "loading dock", "roof terrace"), None),
+    ("The {a} was delivered by a courier named {b}.", "What was the name of the courier who delivered the {a}?",
+     ("blue crate", "piano", "box of letters", "new printer", "glass vase", "bicycle"),
+     ("Marta", "Hugo", "Ingrid", "Tobias", "Leila", "Ravi")),
+    ("The {a} team's budget for next year is {b} thousand dollars.", ("How many thousand dollars is the {a} "
+     "team's budget for next year?"), ("design", "research", "sales", "support", "legal", "marketing"), None),
+    ("The dog that guards the {a} is called {b}.", "What is the dog that guards the {a} called?",
+     ("orchard", "boathouse", "old mill", "vineyard", "stables", "library"),
+     ("Biscuit", "Pepper", "Rufus", "Juniper", "Maple", "Otis")),
+)
+DOC_TASK = "Here is a document.\n\n"
+
+
+@dataclass
+class DocQuestion:
+    """One single-turn question about a pasted document: `message` is the whole user message."""
+
+    message: str
+    question: str
+    answer: str
+    doc_tokens: int
+    depth: float
+
+    def correct(self, reply: str) -> bool:
+        """Whether the reply states the answer (as a whole word, any case)."""
+        import re
+
+        return re.search(rf"\b{re.escape(self.answer)}\b", reply, re.IGNORECASE) is not None
+
+
+def doc_questions(tokenizer, corpus: str, n_docs: int, seed: int, min_tokens: int = 500, max_tokens: int = 1500,
+                  facts_per_doc: int = 2) -> list[DocQuestion]:
+    """`n_docs` documents of min..max tokens of prose with `facts_per_doc` facts of different kinds at
+    random depths, and one single-turn question per fact (the document, then the question)."""
+    rng = np.random.default_rng([seed, 2])
+    out = []
+    for _ in range(n_docs):
+        n_tokens = int(rng.integers(min_tokens, max_tokens + 1))
+        body = prose_tokens(tokenizer, corpus, n_tokens, int(rng.integers(2**31)))
+        starts = sentence_starts(tokenizer, body)
+        kinds = rng.choice(len(DOC_FACTS), facts_per_doc, replace=False)
+        depths = np.sort(rng.uniform(0.05, 0.95, facts_per_doc))
+        planted = []
+        for kind in kinds:
+            fact, question, subjects, values = DOC_FACTS[kind]
+            a = str(rng.choice(subjects))
+            b = str(rng.choice(values)) if values else str(rng.integers(100, 10_000))
+            planted.append((" " + fact.format(a=a, b=b), question.format(a=a), b))
+        text, done = "", 0
+        for depth, (fact, _, _) in zip(depths, planted, strict=True):
+            cut = _snap(starts, round(depth * len(body)))
+            text += tokenizer.decode(body[done:cut]) + fact
+            done = cut
+        text += tokenizer.decode(body[done:])
+        for depth, (_, question, answer) in zip(depths, planted, strict=True):
+            out.append(DocQuestion(DOC_TASK + text.strip() + "\n\n" + question, question, answer, n_tokens,
+                                   float(depth)))
+    return out
