@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 from lm_head import median_ms
 
-from toyllm_core.bench import decode_latency
 from toyllm_core.checkpoint import load
+from toyllm_core.lab.bench import decode_latency
 from toyllm_core.machine import machine
-from toyllm_core.policies import make_policy
+from toyllm_core.serving.policies import make_policy
 
 
 def matmul_gflops(n: int = 2048) -> float:

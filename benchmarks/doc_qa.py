@@ -5,7 +5,7 @@ cache and under the full cache: what a user who pastes a document into a chat ge
         --json out/doc_qa.json
 
 `--docs` documents of 500-1,500 tokens of prose, each with facts of different kinds planted at
-random depths (`toyllm_core.longctx.tasks.doc_questions`), two questions per document, each asked
+random depths (`toyllm_core.lab.longctx.tasks.doc_questions`), two questions per document, each asked
 in one stateless chat message (the document, then the question), greedy. Each is asked once with no
 `cache` (the server's default) and once with `{"policy": "full"}` (the server must serve a full
 class). An answer is right when the reply states the planted value. Reports accuracy with a 95%
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import httpx
 
-from toyllm_core.data import load_text
-from toyllm_core.longctx.report import bootstrap_mean
-from toyllm_core.longctx.tasks import doc_questions
+from toyllm_core.lab.data import load_text
+from toyllm_core.lab.longctx.report import bootstrap_mean
+from toyllm_core.lab.longctx.tasks import doc_questions
 from toyllm_core.machine import machine
 from toyllm_core.tokenizer import load_tokenizer
 

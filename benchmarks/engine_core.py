@@ -22,11 +22,11 @@ import numpy as np
 
 from toyllm_core import checkpoint as ckpt
 from toyllm_core.config import get_preset, to_bits
-from toyllm_core.engine import CacheClass, plan_classes, warm_up
-from toyllm_core.engine import steps as engine_steps
 from toyllm_core.machine import machine
-from toyllm_core.model import ToyLLM
-from toyllm_core.policies import make_policy
+from toyllm_core.serving.engine import CacheClass, plan_classes, warm_up
+from toyllm_core.serving.engine import steps as engine_steps
+from toyllm_core.serving.model import ToyLLM
+from toyllm_core.serving.policies import make_policy
 
 STEPS_PER_CALL = 4
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from toyllm_core.machine import machine
-from toyllm_core.model import linear
+from toyllm_core.serving.model import linear
 
 
 def median_us(fn, *args, n: int = 100, rounds: int = 5) -> float:

@@ -6,7 +6,7 @@ child process (this script again, with `--child`), so that its peak RSS can be r
 parent (`os.wait4`) and no two peers share the cores. Rows:
 - toyllm-bf16, toyllm-int8: the `Engine` the server uses (its jitted prefill chunks of 512 tokens and
   multi-step decode calls, `--steps-per-call`), the model as served (bfloat16; int8: block matmul
-  weights quantized per channel by `toyllm_core.quant.quantize_int8`);
+  weights quantized per channel by `toyllm_core.serving.quant.quantize_int8`);
 - llamacpp-f16, llamacpp-q8_0: llama-cpp-python, its `Llama.eval` (n_batch = n_ubatch = 512);
 - transformers-bf16: `LlamaForCausalLM` in bfloat16 on torch's CPU build, with its KV cache (greedy
   argmax per step; prefill computes the last position's logits only, `logits_to_keep=1`, as
@@ -105,16 +105,16 @@ def child_toyllm(peer: str, args, p: dict, out: dict) -> None:
     import jax.numpy as jnp
 
     from toyllm_core import checkpoint as ckpt
-    from toyllm_core.engine import CacheClass, Engine
-    from toyllm_core.policies import make_policy
-    from toyllm_core.sampling import SamplingParams
+    from toyllm_core.serving.engine import CacheClass, Engine
+    from toyllm_core.serving.policies import make_policy
+    from toyllm_core.serving.sampling import SamplingParams
 
     out["jax_devices"] = [str(d) for d in jax.devices()]
     start = time.perf_counter()
     model, _ = ckpt.load(args.checkpoint)
     model = model.astype(jnp.bfloat16)
     if peer == "toyllm-int8":
-        from toyllm_core.quant import quantize_int8
+        from toyllm_core.serving.quant import quantize_int8
 
         model = quantize_int8(model)
     model = jax.block_until_ready(model.for_inference())

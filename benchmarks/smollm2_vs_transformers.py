@@ -28,11 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from toyllm_core import checkpoint as ckpt
-from toyllm_core.generate import generate_tokens
 from toyllm_core.interchange.pull import fetch_gguf
 from toyllm_core.machine import machine
-from toyllm_core.policies import make_policy
-from toyllm_core.sampling import SamplingParams
+from toyllm_core.serving.generate import generate_tokens
+from toyllm_core.serving.policies import make_policy
+from toyllm_core.serving.sampling import SamplingParams
 from toyllm_core.tokenizer import load_tokenizer
 from toyllm_core.weights import DEFAULT_CHECKPOINT, DEFAULT_MODEL
 

@@ -30,13 +30,13 @@ import numpy as np
 from toyllm_core import checkpoint
 from toyllm_core.chat import ChatTemplate
 from toyllm_core.config import get_dtype
-from toyllm_core.data import load_text
-from toyllm_core.engine import CacheClass, Engine
-from toyllm_core.longctx.tasks import session_document
+from toyllm_core.lab.data import load_text
+from toyllm_core.lab.longctx.tasks import session_document
 from toyllm_core.machine import machine
-from toyllm_core.policies import make_policy
-from toyllm_core.sampling import SamplingParams
-from toyllm_core.session import Session
+from toyllm_core.serving.engine import CacheClass, Engine
+from toyllm_core.serving.policies import make_policy
+from toyllm_core.serving.sampling import SamplingParams
+from toyllm_core.serving.session import Session
 from toyllm_core.tokenizer import load_tokenizer
 
 CHUNK = 512

@@ -18,10 +18,10 @@ from starlette.concurrency import run_in_threadpool
 from toyllm_core import checkpoint as ckpt
 from toyllm_core.chat import ChatTemplate
 from toyllm_core.config import get_dtype
-from toyllm_core.engine import Engine as CoreEngine
-from toyllm_core.engine import plan_classes, warm_up
-from toyllm_core.policies import make_policy, parse_policy, policy_class, policy_names
-from toyllm_core.quant import apply as apply_quantization
+from toyllm_core.serving.engine import Engine as CoreEngine
+from toyllm_core.serving.engine import plan_classes, warm_up
+from toyllm_core.serving.policies import make_policy, parse_policy, policy_class, policy_names
+from toyllm_core.serving.quant import apply as apply_quantization
 from toyllm_core.weights import missing_checkpoint_hint
 
 from .engine import Engine
@@ -43,7 +43,7 @@ def _load_model(settings: Settings):
         import jax
 
         from toyllm_core.config import get_preset
-        from toyllm_core.model import ToyLLM
+        from toyllm_core.serving.model import ToyLLM
         from toyllm_core.tokenizer import gpt2_tokenizer
 
         return ToyLLM(get_preset(settings.preset), jax.random.PRNGKey(0)), gpt2_tokenizer(), \

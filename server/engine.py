@@ -32,10 +32,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from toyllm_core.detokenize import TextStream
-from toyllm_core.engine import CacheClass, DecodeFailed, Prefill, Sequence
-from toyllm_core.engine import Engine as CoreEngine
-from toyllm_core.sampling import SamplingParams
+from toyllm_core.serving.detokenize import TextStream
+from toyllm_core.serving.engine import CacheClass, DecodeFailed, Prefill, Sequence
+from toyllm_core.serving.engine import Engine as CoreEngine
+from toyllm_core.serving.sampling import SamplingParams
 
 from .metrics import Metrics
 from .sessions import Session, SessionStore

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-from toyllm_core.engine import CacheClass
-from toyllm_core.policies import Policy, make_policy
-from toyllm_core.sampling import SamplingParams
+from toyllm_core.serving.engine import CacheClass
+from toyllm_core.serving.policies import Policy, make_policy
+from toyllm_core.serving.sampling import SamplingParams
 
 from .engine import EngineStopped, Failed, Finished, GenerationRequest, QueueFull
 from .errors import bad_request, queue_full, unavailable, unsupported

@@ -6,9 +6,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from toyllm_core.policies import policy_names
-from toyllm_core.policies.snapkv import MAX_OBS_WINDOW
-from toyllm_core.sampling import TOP_LOGPROBS
+from toyllm_core.serving.policies import policy_names
+from toyllm_core.serving.policies.snapkv import MAX_OBS_WINDOW
+from toyllm_core.serving.sampling import TOP_LOGPROBS
 
 SEED_LIMIT = 2**64  # seeds are 64-bit: [0, 2^64)
 

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from toyllm_core.engine import CacheClass
-from toyllm_core.session import Session as CoreSession
+from toyllm_core.serving.engine import CacheClass
+from toyllm_core.serving.session import Session as CoreSession
 
 # A proposed id must look like one of ours: URL-safe, at least 128 bits' worth of characters.
 _ID = re.compile(r"[A-Za-z0-9_-]{22,64}")

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from toyllm_core.chat import ChatTemplate
-from toyllm_core.engine import CacheClass
-from toyllm_core.policies import Policy, policy_names
+from toyllm_core.serving.engine import CacheClass
+from toyllm_core.serving.policies import Policy, policy_names
 
 from .engine import Engine
 from .metrics import Metrics

@@ -13,7 +13,7 @@ import jax
 import pytest
 
 from toyllm_core.config import get_preset
-from toyllm_core.model import ToyLLM
+from toyllm_core.serving.model import ToyLLM
 
 
 @functools.cache

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from toyllm_core.cache import KVCache, empty_cache
-from toyllm_core.engine.steps import decode_rows, prefill_chunk, teacher_forced
-from toyllm_core.policies import compress, make_policy
-from toyllm_core.policies.expected_attention import expected_attention
+from toyllm_core.serving.cache import KVCache, empty_cache
+from toyllm_core.serving.engine.steps import decode_rows, prefill_chunk, teacher_forced
+from toyllm_core.serving.policies import compress, make_policy
+from toyllm_core.serving.policies.expected_attention import expected_attention
 
 pytestmark = pytest.mark.longctx
 

@@ -79,7 +79,7 @@ def _scripted_generation(monkeypatch, tokenizer, text: str, eos: bool = True) ->
     """Make `toyllm generate` produce exactly the tokens of `text` (then end-of-text)."""
     from types import SimpleNamespace
 
-    import toyllm_core.generate as gen
+    import toyllm_core.serving.generate as gen
 
     def fake(model, prompts, policies, sampling, **_):
         seq = SimpleNamespace(remaining=1, length=0, compressions=0)

@@ -8,9 +8,9 @@ import numpy as np
 from server_utils import TEST_CLASSES, background_stream, metric, ready_client, wait_ready
 
 from toyllm_core import jit_stats
-from toyllm_core.engine import CacheClass, Engine, next_piece, programs
-from toyllm_core.policies import make_policy
-from toyllm_core.sampling import SamplingParams
+from toyllm_core.serving.engine import CacheClass, Engine, next_piece, programs
+from toyllm_core.serving.policies import make_policy
+from toyllm_core.serving.sampling import SamplingParams
 
 
 def test_300_tokens_under_snapkv_stay_in_the_slot_and_compile_once(model):

@@ -13,7 +13,7 @@ import zipfile
 
 import pytest
 
-from toyllm_core import data
+from toyllm_core.lab import data
 
 
 def _wheel(path, files: dict[str, str]):

@@ -1,6 +1,6 @@
 """Streaming detokenization: exact text, multi-byte characters, stop strings."""
 
-from toyllm_core.detokenize import TextStream
+from toyllm_core.serving.detokenize import TextStream
 
 
 def test_streamed_text_equals_decoded_text(tokenizer):

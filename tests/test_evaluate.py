@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from toyllm_core.evaluate import (
+from toyllm_core.lab.evaluate import (
     copy_sequences,
     corpus_perplexity,
     evaluate,
@@ -18,7 +18,7 @@ from toyllm_core.evaluate import (
     prefill_scores,
     streaming_scores,
 )
-from toyllm_core.policies import make_policy as CacheConfig
+from toyllm_core.serving.policies import make_policy as CacheConfig
 
 SEQS = np.random.default_rng(0).integers(0, 50257, (5, 96), dtype=np.int32)
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from toyllm_core.chat import ChatTemplate
-from toyllm_core.engine import CacheClass, Engine
-from toyllm_core.evaluate import streaming_scores
-from toyllm_core.longctx import oneshot, perplexity, tasks
-from toyllm_core.longctx.session import run_once, run_sessions
-from toyllm_core.policies import make_policy
-from toyllm_core.sampling import SamplingParams
+from toyllm_core.lab.evaluate import streaming_scores
+from toyllm_core.lab.longctx import oneshot, perplexity, tasks
+from toyllm_core.lab.longctx.session import run_once, run_sessions
+from toyllm_core.serving.engine import CacheClass, Engine
+from toyllm_core.serving.policies import make_policy
+from toyllm_core.serving.sampling import SamplingParams
 
 pytestmark = pytest.mark.longctx
 
@@ -150,7 +150,7 @@ def test_session_first_turn_under_full_equals_direct_greedy(model, tokenizer):
 
 
 def test_prefill_window_sets_the_prefill_cache_and_when_a_prompt_compresses():
-    from toyllm_core.engine import next_piece, plan_classes
+    from toyllm_core.serving.engine import next_piece, plan_classes
 
     policy = make_policy("snapkv", budget=64)
     (cls,) = plan_classes([policy], 1000, 4, 1 << 20, 128, [256], prefill_window=1024)

@@ -10,13 +10,13 @@ import pytest
 from conftest import tiny_model
 
 from toyllm_core import jit_stats
-from toyllm_core.cache import empty_cache
-from toyllm_core.engine import CacheClass, Engine
-from toyllm_core.engine.steps import prefill_chunk, teacher_forced
-from toyllm_core.generate import generate_tokens
-from toyllm_core.policies import make_policy
-from toyllm_core.sampling import SamplingParams
-from toyllm_core.verify import cached_vs_recomputed
+from toyllm_core.lab.verify import cached_vs_recomputed
+from toyllm_core.serving.cache import empty_cache
+from toyllm_core.serving.engine import CacheClass, Engine
+from toyllm_core.serving.engine.steps import prefill_chunk, teacher_forced
+from toyllm_core.serving.generate import generate_tokens
+from toyllm_core.serving.policies import make_policy
+from toyllm_core.serving.sampling import SamplingParams
 
 FULL = make_policy("full")
 
@@ -197,7 +197,7 @@ def test_bfloat16_greedy_decoding_agrees_with_float32_on_the_shipped_model():
 
 def test_smollm2_preset_prefills_and_decodes_at_a_short_context():
     from toyllm_core.config import get_preset
-    from toyllm_core.model import ToyLLM
+    from toyllm_core.serving.model import ToyLLM
 
     cfg = get_preset("smollm2-135m")
     assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab_size) == \

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from toyllm_core.evaluate import copy_task
-from toyllm_core.model_quality import loss_by_position, mean_over, unigram_nll
+from toyllm_core.lab.evaluate import copy_task
+from toyllm_core.lab.model_quality import loss_by_position, mean_over, unigram_nll
 
 
 def test_unigram_nll_is_add_one_smoothed_training_frequencies():

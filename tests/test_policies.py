@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from conftest import tiny_model
 
-from toyllm_core.cache import KVCache, empty_cache, kept_positions
-from toyllm_core.engine.steps import prefill_chunk, teacher_forced
-from toyllm_core.generate import generate_tokens
-from toyllm_core.policies import compress, make_policy, policy_names
-from toyllm_core.sampling import SamplingParams
+from toyllm_core.serving.cache import KVCache, empty_cache, kept_positions
+from toyllm_core.serving.engine.steps import prefill_chunk, teacher_forced
+from toyllm_core.serving.generate import generate_tokens
+from toyllm_core.serving.policies import compress, make_policy, policy_names
+from toyllm_core.serving.sampling import SamplingParams
 
 EVICTING = ["streaming", "snapkv", "h2o", "knorm", "random"]
 CacheConfig = make_policy  # CacheConfig(name, budget=...) reads as before

@@ -1,4 +1,4 @@
-"""Weight-only int8 (toyllm_core.quant): the rounding, the int8 matmul against a float reference,
+"""Weight-only int8 (toyllm_core.serving.quant): the rounding, the int8 matmul against a float reference,
 and a quantized model through every path the server uses (cached equals recomputed, batched equals
 alone, no compile after warm-up)."""
 
@@ -12,10 +12,11 @@ import pytest
 from conftest import tiny_model
 
 from toyllm_core import jit_stats
-from toyllm_core.engine import CacheClass, Engine
-from toyllm_core.engine.programs import warm_up
-from toyllm_core.policies import make_policy
-from toyllm_core.quant import (
+from toyllm_core.lab.verify import cached_vs_recomputed
+from toyllm_core.serving.engine import CacheClass, Engine
+from toyllm_core.serving.engine.programs import warm_up
+from toyllm_core.serving.policies import make_policy
+from toyllm_core.serving.quant import (
     QMAX,
     Int8Weight,
     apply,
@@ -24,8 +25,7 @@ from toyllm_core.quant import (
     quantize,
     quantize_int8,
 )
-from toyllm_core.sampling import SamplingParams
-from toyllm_core.verify import cached_vs_recomputed
+from toyllm_core.serving.sampling import SamplingParams
 
 
 def test_rounding_is_per_output_channel_and_within_half_a_step():

@@ -10,8 +10,8 @@ import httpx
 import pytest
 from server_utils import live_server, parse_sse, ready_client, wait_ready
 
-import toyllm_core.engine.engine as core_engine
-from toyllm_core.engine import steps
+import toyllm_core.serving.engine.engine as core_engine
+from toyllm_core.serving.engine import steps
 
 
 @pytest.fixture()

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from toyllm_core.sampling import SamplerSpec, _filter, _inverse_cdf, sample_rows, sample_token
+from toyllm_core.serving.sampling import SamplerSpec, _filter, _inverse_cdf, sample_rows, sample_token
 
 
 def _reference_support(logits, temperature, top_k, top_p):

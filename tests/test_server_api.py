@@ -7,9 +7,9 @@ import threading
 import pytest
 from server_utils import background_stream, metric, parse_sse, ready_client, wait_ready
 
-from toyllm_core.generate import generate_tokens
-from toyllm_core.policies import make_policy
-from toyllm_core.sampling import SamplingParams
+from toyllm_core.serving.generate import generate_tokens
+from toyllm_core.serving.policies import make_policy
+from toyllm_core.serving.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -346,7 +346,7 @@ def test_int8_server_reports_its_weights_and_generates():
     import jax.numpy as jnp
 
     from toyllm_core.config import get_preset
-    from toyllm_core.model import ToyLLM
+    from toyllm_core.serving.model import ToyLLM
     plain = ToyLLM(get_preset("tiny"), jax.random.PRNGKey(0)).astype(jnp.bfloat16).for_inference().weight_bytes
     with ready_client(quant="int8", dtype="bfloat16") as c:
         wait_ready(c)

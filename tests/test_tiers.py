@@ -10,12 +10,12 @@ import pytest
 from conftest import tiny_model
 from test_policies import RECENT_QUERIES, _filled_cache, _host, snapkv_reference
 
-from toyllm_core.cache import KVCache
-from toyllm_core.engine import CacheClass, Engine
-from toyllm_core.policies import compress, compress_split, make_policy
-from toyllm_core.sampling import SamplingParams
-from toyllm_core.session import Session
-from toyllm_core.tiers import ColdChunk, ColdTier, cold_buckets, dequantize, quantize, reselect
+from toyllm_core.serving.cache import KVCache
+from toyllm_core.serving.engine import CacheClass, Engine
+from toyllm_core.serving.policies import compress, compress_split, make_policy
+from toyllm_core.serving.sampling import SamplingParams
+from toyllm_core.serving.session import Session
+from toyllm_core.serving.tiers import ColdChunk, ColdTier, cold_buckets, dequantize, quantize, reselect
 
 
 @pytest.mark.parametrize("bits", [8, 4])

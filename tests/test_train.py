@@ -11,8 +11,8 @@ import pytest
 
 from toyllm_core import checkpoint
 from toyllm_core.config import get_preset
-from toyllm_core.model import ToyLLM
-from toyllm_core.train import TrainConfig, batch_loss, train
+from toyllm_core.lab.train import TrainConfig, batch_loss, train
+from toyllm_core.serving.model import ToyLLM
 
 # A small, very learnable corpus: a repeating cycle of 50 token ids.
 TOKENS = np.tile(np.arange(1000, 1050, dtype=np.int32), 200)
@@ -35,7 +35,7 @@ def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tmp_path):
 
 
 def test_resume_continues_the_same_run(tmp_path):
-    import toyllm_core.train as t
+    import toyllm_core.lab.train as t
 
     train(CFG, TOKENS, None, tmp_path / "straight")
     # Interrupt the same run right after its step-20 state was saved, then resume it.
@@ -70,8 +70,8 @@ def test_resume_refuses_other_settings(tmp_path):
 
 
 def test_a_trained_bpe_sizes_the_model_and_has_its_own_token_cache(tmp_path, tokenizer):
+    from toyllm_core.lab.train import model_config, tokenize
     from toyllm_core.tokenizer import load_tokenizer, save_tokenizer, train_bpe
-    from toyllm_core.train import model_config, tokenize
 
     text = "\n\n".join(f"The river {i} flows past the old mill and the church." for i in range(200))
     bpe = train_bpe(text.split("\n\n"), vocab_size=300)
@@ -106,7 +106,7 @@ def test_the_seed_preset_trains_end_to_end(tmp_path):
 def test_copy_share_repeats_a_span_in_that_share_of_windows_and_leaves_the_others_alone():
     from dataclasses import replace
 
-    from toyllm_core.train import repeat_span, sample_batch
+    from toyllm_core.lab.train import repeat_span, sample_batch
 
     corpus = np.random.default_rng(0).permutation(20000).astype(np.int32)  # no token repeats by itself
     plain_cfg = replace(CFG, batch_size=64, seq_len=128)
@@ -135,7 +135,7 @@ def test_copy_share_repeats_a_span_in_that_share_of_windows_and_leaves_the_other
 def test_copy_random_fills_that_share_of_the_repeated_spans_with_random_tokens():
     from dataclasses import replace
 
-    from toyllm_core.train import sample_batch
+    from toyllm_core.lab.train import sample_batch
 
     corpus = (np.arange(20000) % 1000 + 1000).astype(np.int32)  # text tokens are >= 1000
     cfg = replace(CFG, vocab_size=1000, batch_size=64, seq_len=128, copy_share=1.0)
@@ -180,7 +180,7 @@ def test_stop_at_stops_on_that_step_with_the_full_schedule(tmp_path):
 def test_induction_share_writes_a_random_sequence_of_random_length_twice_and_scores_only_its_second_copy():
     from dataclasses import replace
 
-    from toyllm_core.train import INDUCTION_MIN, sample_batch
+    from toyllm_core.lab.train import INDUCTION_MIN, sample_batch
 
     corpus = (np.arange(20000) % 1000 + 1000).astype(np.int32)  # text tokens are >= 1000
     cfg = replace(CFG, vocab_size=1000, batch_size=64, seq_len=40, induction_share=0.5)

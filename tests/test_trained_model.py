@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from toyllm_core import checkpoint
-from toyllm_core.engine import CacheClass, Engine
-from toyllm_core.evaluate import copy_task, evaluate
-from toyllm_core.policies import make_policy
-from toyllm_core.sampling import SamplingParams
-from toyllm_core.session import Session
+from toyllm_core.lab.evaluate import copy_task, evaluate
+from toyllm_core.serving.engine import CacheClass, Engine
+from toyllm_core.serving.policies import make_policy
+from toyllm_core.serving.sampling import SamplingParams
+from toyllm_core.serving.session import Session
 
 BASE = Path(__file__).resolve().parents[1] / "weights" / "toyllm-base"
 

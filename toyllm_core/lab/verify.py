@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .cache import empty_cache
-from .engine.steps import teacher_forced
-from .model import ToyLLM
+from ..serving.cache import empty_cache
+from ..serving.engine.steps import teacher_forced
+from ..serving.model import ToyLLM
 
 
 @dataclass

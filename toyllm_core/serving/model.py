@@ -22,8 +22,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from ..config import ModelConfig, from_bits, to_bits
 from .cache import KVCache
-from .config import ModelConfig, from_bits, to_bits
 from .quant import Int8Weight, int8_linear
 
 # Masked scores: finite, so that a row that sees no key at all (an empty decode slot) stays NaN-free.

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ModelConfig, bits_dtype, from_bits, to_bits
+from ..config import ModelConfig, bits_dtype, from_bits, to_bits
 
 
 class KVCache(eqx.Module):

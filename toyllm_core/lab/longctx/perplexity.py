@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..cache import KVCache, empty_cache
+from ...serving.cache import KVCache, empty_cache
+from ...serving.model import ToyLLM
+from ...serving.policies import EvictingPolicy, Policy, compress
 from ..evaluate import _window_nll
-from ..model import ToyLLM
-from ..policies import EvictingPolicy, Policy, compress
 
 
 def _nll(model: ToyLLM, h: jax.Array, targets: jax.Array) -> jax.Array:

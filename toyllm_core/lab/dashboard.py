@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..serving.model import ToyLLM
+from ..serving.policies import Policy, make_policy
 from .bench import decode_latency, recompute_latency
 from .evaluate import decode_through_policy
-from .model import ToyLLM
-from .policies import Policy, make_policy
 
 
 def trace(model: ToyLLM, tokens: np.ndarray, cfg: Policy, piece_max: int = 16):

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from ...config import from_bits
 from ..cache import KVCache
-from ..config import from_bits
 from .base import EvictingPolicy
 from .registry import register
 

@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..cache import KVCache, empty_cache
-from ..engine import steps
-from ..model import ToyLLM
-from ..policies import Policy, compress
-from ..policies.snapkv import MAX_OBS_WINDOW
+from ...serving.cache import KVCache, empty_cache
+from ...serving.engine import steps
+from ...serving.model import ToyLLM
+from ...serving.policies import Policy, compress
+from ...serving.policies.snapkv import MAX_OBS_WINDOW
 
 PREFILL_CHUNK = 512
 ANSWER_ROOM = 32  # decode slots past the kept ones: the answer must fit (as a policy's slack would)

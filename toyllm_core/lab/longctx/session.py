@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..engine import CacheClass, Engine
-from ..model import ToyLLM
-from ..policies import Policy
-from ..sampling import SamplingParams
-from ..session import Session
+from ...serving.engine import CacheClass, Engine
+from ...serving.model import ToyLLM
+from ...serving.policies import Policy
+from ...serving.sampling import SamplingParams
+from ...serving.session import Session
 from .oneshot import first_number, prefill
 from .tasks import SessionDocument
 

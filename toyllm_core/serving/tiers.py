@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..config import from_bits, to_bits
 from .cache import KVCache
-from .config import from_bits, to_bits
 
 COLD_BITS = (0, 4, 8)  # 0: no cold tier (evicted tokens are dropped)
 MIN_COLD_BUCKET = 256

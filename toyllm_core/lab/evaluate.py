@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .engine import CacheClass, Engine, Sequence
-from .model import ToyLLM
-from .policies import Policy, make_policy
-from .sampling import SamplingParams
+from ..serving.engine import CacheClass, Engine, Sequence
+from ..serving.model import ToyLLM
+from ..serving.policies import Policy, make_policy
+from ..serving.sampling import SamplingParams
 
 MAX_CHUNK = 512  # the engine's longest prefill chunk here
 

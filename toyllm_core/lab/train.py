@@ -24,9 +24,9 @@ import jax
 import numpy as np
 import optax
 
-from . import checkpoint
-from .config import get_preset
-from .model import ToyLLM
+from .. import checkpoint
+from ..config import get_preset
+from ..serving.model import ToyLLM
 
 
 @dataclass(frozen=True)

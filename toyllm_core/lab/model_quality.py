@@ -17,9 +17,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from ..serving.model import ToyLLM
+from ..serving.policies import make_policy
 from .evaluate import _window_nll, copy_task, corpus_perplexity, evaluate, windows
-from .model import ToyLLM
-from .policies import make_policy
 
 # Positions: the 0-based index of the predicted token in its window; spans are inclusive.
 EARLY = (17, 64)

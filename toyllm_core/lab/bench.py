@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass
 import jax
 import numpy as np
 
-from .engine import CacheClass, Engine
-from .model import ToyLLM
-from .policies import Policy
-from .sampling import SamplingParams
+from ..serving.engine import CacheClass, Engine
+from ..serving.model import ToyLLM
+from ..serving.policies import Policy
+from ..serving.sampling import SamplingParams
 
 NO_CACHE = "none"  # the baseline: recompute the whole context for every new token
 

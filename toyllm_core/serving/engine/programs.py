@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from .. import jit_stats
+from ... import jit_stats
 from ..model import ToyLLM
 from ..sampling import SamplingParams, first_token
 from ..tiers import ColdTier, cold_buckets

@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..model import ToyLLM
-from ..policies import Policy
+from ...serving.model import ToyLLM
+from ...serving.policies import Policy
 from . import oneshot, perplexity, report, tasks
 from .session import PROTOCOLS, run_once, run_sessions
 

@@ -1,0 +1,1 @@
+"""The lab: training, data, evaluation, benchmarks and plots; nothing the server imports."""
