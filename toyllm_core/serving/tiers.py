@@ -112,7 +112,7 @@ def merge(cache: KVCache, cold: ColdChunk) -> tuple[KVCache, jax.Array]:
 def reselect(cache: KVCache, cold: ColdChunk, policy) -> tuple[KVCache, ColdChunk, jax.Array]:
     """The policy's choice over hot ∪ cold, made by the queries the cache remembers now (a new
     turn's prompt): (the hot cache at its own capacity, the new cold tier [layers, batch, kv,
-    capacity + cold - kept_slots], tokens recalled from cold per layer and KV head [batch])."""
+    capacity + cold - kept_slots (all of it for a policy whose budget varies over heads)], tokens recalled from cold per layer and KV head [batch])."""
     from .policies import compress_split
 
     merged, was_cold = merge(cache, cold)

@@ -130,7 +130,8 @@ def compress(cache: KVCache, policy: EvictingPolicy) -> KVCache:
 
 def compress_split(cache: KVCache, policy: EvictingPolicy) -> tuple[KVCache, Evicted, jax.Array]:
     """`compress`, and what it evicts: the live slots it did not keep, in position order, as
-    `Evicted` [layers, batch, kv_heads, capacity - kept_slots] (position -1 past each head's last),
+    `Evicted` [layers, batch, kv_heads, capacity - kept_slots, or capacity when the policy spreads
+    its budget unevenly] (position -1 past each head's last),
     and the kept mask over the input's slots [layers, batch, kv_heads, capacity]."""
     return _compress(cache, policy, split=True)
 
@@ -178,8 +179,11 @@ def _compress(cache: KVCache, policy: EvictingPolicy, split: bool):
     kept_mask = jnp.zeros(cache.pos.shape, bool).at[(*index, best)].set(chosen)
     evicted = live & ~kept_mask
     slot = jnp.arange(capacity)
-    order = (jnp.sort(jnp.where(evicted, slot, slot + capacity), axis=-1) % capacity)[..., :pad]
-    is_evicted = jnp.arange(pad) < evicted.sum(axis=-1, keepdims=True)
+    # A head keeps kept_slots, so at most capacity - kept_slots are evicted, unless the policy
+    # spreads its budget unevenly: then a head may keep fewer, and evict up to the whole row.
+    n_out = capacity - k_max if type(policy).allocate is EvictingPolicy.allocate else capacity
+    order = (jnp.sort(jnp.where(evicted, slot, slot + capacity), axis=-1) % capacity)[..., :n_out]
+    is_evicted = jnp.arange(n_out) < evicted.sum(axis=-1, keepdims=True)
     ev = Evicted(gather(cache.k, order, 0, 0), gather(cache.v, order, 0, 0),
                  jnp.where(is_evicted, gather(cache.pos, order, -1, 0), -1))
     return out, ev, kept_mask
