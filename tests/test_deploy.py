@@ -102,7 +102,7 @@ def test_grafana_datasource_uid_matches_the_dashboard():
     used |= {t["datasource"]["uid"] for p in _dashboard()["panels"] for t in p.get("targets", [])}
     assert used and used <= uids
     rows = [p["title"] for p in _dashboard()["panels"] if p["type"] == "row"]
-    assert rows == ["Traffic", "Latency", "Throughput", "KV cache", "Sessions", "Engine"]
+    assert rows == ["Traffic", "Latency", "Throughput", "KV cache", "Cache tiers", "Sessions", "Engine"]
 
 
 # ------------------------------------------------------------------ live server + real Prometheus
