@@ -65,6 +65,7 @@ def main() -> None:
     p.add_argument("--reply-tokens", type=int, default=24)
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps-per-call", type=int, default=4, help="decode steps per jitted call (the server's 4)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
@@ -88,14 +89,15 @@ def main() -> None:
     def after_turn1(policy) -> tuple[Engine, Session]:
         cls = CacheClass.make(policy, 1, CHUNK, None if policy.evicts else full_tokens,
                               window if policy.evicts else None)
-        engine = Engine(model, [cls])
+        engine = Engine(model, [cls], steps_per_call=a.steps_per_call)
         session = Session(cls)
         out = session.run_turn(engine, turn1, reply)
         session.replied([{"role": "user", "content": doc.turn(0)}],
                         tokenizer.decode(out[:-1] if out[-1] == eot else out, skip_special_tokens=True))
         return engine, session
 
-    results: dict = {"doc_tokens": a.doc_tokens, "turn1_tokens": len(turn1), "budget": a.budget}
+    results: dict = {"doc_tokens": a.doc_tokens, "turn1_tokens": len(turn1), "budget": a.budget,
+                     "steps_per_call": a.steps_per_call, "dtype": a.dtype}
     snap = make_policy("snapkv", budget=a.budget, cold_bits=8)
     full = make_policy("full")
 

@@ -91,6 +91,7 @@ TOYLLM_PRESET=tiny \
 TOYLLM_DTYPE=float32 \
 TOYLLM_WARMUP=true \
 TOYLLM_MAX_CONCURRENT_REQUESTS=4 \
+TOYLLM_COLD_TOKENS=512 \
 TOYLLM_CACHE_CLASSES='["full", "snapkv:budget=24,sink_size=4,window_size=8,slack=8"]' \
 TOYLLM_API_KEY= \
 TOYLLM_CHAT_TEMPLATE="$OUT/chat.jinja" \

@@ -43,7 +43,7 @@ def server(tmp_path_factory):
     template.write_text(TEST_TEMPLATE)
     env = {"TOYLLM_PRESET": "tiny", "TOYLLM_CHAT_TEMPLATE": str(template), "TOYLLM_MAX_CONCURRENT_REQUESTS": "2",
            "TOYLLM_MAX_PROMPT_TOKENS": "32", "TOYLLM_CACHE_BUDGET": "32", "TOYLLM_CACHE_WINDOW_SIZE": "8",
-           "TOYLLM_CACHE_SLACK": "8", "TOYLLM_WARMUP": "true"}
+           "TOYLLM_CACHE_SLACK": "8", "TOYLLM_WARMUP": "true", "TOYLLM_COLD_TOKENS": "512"}
     with live_server(env, log) as url:
         yield url
 
