@@ -257,3 +257,21 @@ def test_a_model_without_a_template_refuses_chat():
         wait_ready(c)
         r = _chat(c, TURNS[:1])
         assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
+
+
+def test_a_chat_names_its_cache(client):
+    # A stateless chat runs under the cache it names (one of the server's classes; 422 otherwise); a
+    # session's cache is fixed when it is created.
+    base = {"model": "random-tiny", "messages": TURNS[:1], "max_tokens": 3, "temperature": 0, "stream": False}
+    full = client.post("/v1/chat/completions", json={**base, "cache": {"policy": "full"}})
+    assert full.status_code == 200, full.text
+    assert client.post("/v1/chat/completions", json=base).json()["choices"] == full.json()["choices"]
+    r = client.post("/v1/chat/completions", json={**base, "cache": {"policy": "h2o", "budget": 40}})
+    assert r.status_code == 422 and "not among this server's cache classes" in r.json()["error"]["message"]
+    sid = client.post("/sessions", json={"cache": {"policy": "full"}}).json()["session_id"]
+    r = client.post("/v1/chat/completions", json={**base, "session_id": sid, "cache": {"policy": "streaming",
+                                                                                      "budget": 48}})
+    assert r.status_code == 400 and "fixed when it is created" in r.json()["error"]["message"]
+    assert not client.app.state.toyllm.store.get(sid).busy  # refused: the session is free again
+    r = client.post("/v1/chat/completions", json={**base, "session_id": sid, "cache": {"policy": "full"}})
+    assert r.status_code == 200 and client.app.state.toyllm.store.get(sid).policy.name == "full"
