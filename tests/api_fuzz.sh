@@ -74,7 +74,7 @@ expected-statuses = ["2xx", "400", "401", "404", "409", "429"]
 # A cache configuration must also be one of the classes this server warmed up at start-up (its
 # settings, not its schema): 422 unsupported_cache, with the allowed values, otherwise.
 [[operations]]
-include-path-regex = "^/(generate|sessions)$"
+include-path-regex = "^/(generate|sessions|v1/chat/completions)$"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "404", "409", "422", "429"]
 EOF
 
