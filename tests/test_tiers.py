@@ -15,7 +15,7 @@ from toyllm_core.serving.engine import CacheClass, Engine
 from toyllm_core.serving.policies import compress, compress_split, make_policy
 from toyllm_core.serving.sampling import SamplingParams
 from toyllm_core.serving.session import Session
-from toyllm_core.serving.tiers import ColdChunk, ColdTier, cold_buckets, dequantize, quantize, reselect
+from toyllm_core.serving.tiers import ColdChunk, ColdTier, cold_buckets, dequantize, quantize, recall, reselect
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -89,7 +89,10 @@ def test_reselection_is_snapkv_over_the_union_of_the_tiers(budget):
     cold = ColdChunk(*(jnp.asarray(pad(x, bucket, f)) for x, f in (
         (codes, 0), (scale, 0), (codes, 0), (scale, 0), (np.tile(cold_pos.astype(np.int32), (n_layers, 1, n_kv, 1)), -1))))
     policy = make_policy("snapkv", budget=budget, cold_bits=8)
-    out, new_cold, recalled = jax.jit(reselect, static_argnums=2)(cache, cold, policy)
+    merged, was_cold = jax.jit(recall, static_argnums=2)(cache, cold, hot_cap + bucket + 16)
+    assert merged.capacity == hot_cap + bucket + 16
+    out, new_cold, recalled = jax.jit(reselect, static_argnums=(2, 3))(merged, was_cold, policy, hot_cap)
+    assert out.capacity == hot_cap
 
     order = np.argsort(union)
     union_k = np.zeros((n_layers, n_kv, len(union), d), np.float32)
@@ -129,3 +132,29 @@ def test_a_tiered_session_loses_nothing_and_recalls_across_turns(name):
                     list(range(session.tokens_in_cache))
     assert session.reselections == 3 and session.tokens_recalled > 0
     assert cold_buckets(512) == [256, 512]
+
+
+def _turn_two_logits(model, policy, tokens=None):
+    """The logits after turn 2's prompt, in a session whose turn 1 (100 tokens, one generated)
+    was compressed to the policy's budget."""
+    cls = CacheClass.make(policy, 1, 64, tokens=tokens, prefill_window=128, cold_tokens=512)
+    engine, session = Engine(model, [cls]), Session(cls)
+    rng = np.random.default_rng(1)
+    session.run_turn(engine, rng.integers(0, 1000, 100).tolist(), SamplingParams(max_new_tokens=1, temperature=0.0))
+    job = session.begin(engine, rng.integers(0, 1000, 20).tolist(), SamplingParams(max_new_tokens=1))
+    while not engine.prefill(job):
+        pass
+    return np.asarray(job.logits), job
+
+
+def test_a_follow_up_turns_question_is_prefilled_against_the_whole_history():
+    """Turn 2's prompt (shorter than the recall tail) is prefilled against hot ∪ cold: its logits are
+    the full cache's up to the int8 rounding of the cold tier; one tier's are far off."""
+    model = tiny_model()
+    full, _ = _turn_two_logits(model, make_policy("full"), tokens=256)
+    snap = dict(budget=32, sink_size=4, window_size=8, obs_window=8, pool_kernel=3)
+    two, job = _turn_two_logits(model, make_policy("snapkv", **snap))
+    one, _ = _turn_two_logits(model, make_policy("snapkv", cold_bits=0, **snap))
+    assert job.reselections == 1 and job.tail == 21 and job.length == 32
+    two_err, one_err = np.abs(two - full).max(), np.abs(one - full).max()
+    assert two_err < 0.002 * np.abs(full).max() and one_err > 50 * two_err

@@ -3,14 +3,17 @@
 A compressing cache keeps `budget` slots hot (what decoding attends to). What a compression drops
 is not thrown away: `compress_split` hands it back, it is quantised on the device (`quantize`,
 inside the same jitted step) and a session keeps it here, with the original position of every
-entry. When the next turn's prompt is in, `reselect` lets that prompt's last queries vote over hot
-∪ cold and picks the hot set again: cold tokens come back, and what is no longer voted for goes
-cold. So no turn's choice is final, and nothing is lost unless the session itself is.
+entry. When a new turn arrives, all but its last prompt tokens are prefilled against the hot cache;
+then `recall` puts hot ∪ cold back together (cold keys and values dequantised) and the last prompt
+tokens (the question, and the template's reply header) are prefilled against all of it, so in
+every layer their queries see the whole history. `reselect` lets those queries vote and picks the
+hot set again: cold tokens come back, and what is no longer voted for goes cold. So no turn's choice
+is final, and nothing is lost unless the session itself is.
 
 Quantisation is symmetric, one float16 scale per token, KV head and group of `group` channels
 (int8: the whole head, 64 channels on SmolLM2; int4: groups of 32, two codes packed per byte on the
-host). The cold tier is never read while decoding; only a re-selection uploads it, padded to a
-length bucket so that re-selection is one program per bucket (`cold_buckets`).
+host). The cold tier is never read while decoding; only a new turn uploads it, padded to a length
+bucket so that recalling it is one program per bucket (`cold_buckets`).
 """
 
 from __future__ import annotations
@@ -109,17 +112,25 @@ def merge(cache: KVCache, cold: ColdChunk) -> tuple[KVCache, jax.Array]:
     return eqx.tree_at(fields, big, values), take(was_cold)
 
 
-def reselect(cache: KVCache, cold: ColdChunk, policy) -> tuple[KVCache, ColdChunk, jax.Array]:
-    """The policy's choice over hot ∪ cold, made by the queries the cache remembers now (a new
-    turn's prompt): (the hot cache at its own capacity, the new cold tier [layers, batch, kv,
-    capacity + cold - kept_slots (all of it for a policy whose budget varies over heads)], tokens recalled from cold per layer and KV head [batch])."""
+def recall(cache: KVCache, cold: ColdChunk, capacity: int) -> tuple[KVCache, jax.Array]:
+    """Hot ∪ cold (`merge`) at `capacity` slots, with room for the turn's last prompt tokens, and
+    which slots came from the cold tier [layers, batch, kv, capacity]."""
+    merged, was_cold = merge(cache, cold)
+    extra = capacity - merged.capacity
+    return merged.resized(capacity), jnp.pad(was_cold, [(0, 0)] * 3 + [(0, extra)])
+
+
+def reselect(merged: KVCache, was_cold: jax.Array, policy, capacity: int) -> tuple[KVCache, ColdChunk, jax.Array]:
+    """The policy's choice over a recalled cache (hot ∪ cold, and the turn's last prompt tokens
+    prefilled against both): (the hot cache at `capacity`, the new cold tier [layers, batch, kv,
+    merged capacity - kept_slots (all of it for a policy whose budget varies over heads)], tokens
+    recalled from cold per layer and KV head [batch])."""
     from .policies import compress_split
 
-    merged, was_cold = merge(cache, cold)
     out, evicted, kept = compress_split(merged, policy)
-    n_layers, _, n_kv, _ = cache.pos.shape
+    n_layers, _, n_kv, _ = merged.pos.shape
     recalled = (kept & was_cold).sum(axis=(0, 2, 3)) / (n_layers * n_kv)
-    return out.resized(cache.capacity), quantize_slots(evicted.k, evicted.v, evicted.pos, policy.cold_bits), recalled
+    return out.resized(capacity), quantize_slots(evicted.k, evicted.v, evicted.pos, policy.cold_bits), recalled
 
 
 # ---------------------------------------------------------------------------------- on the host

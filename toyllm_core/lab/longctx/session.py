@@ -3,7 +3,8 @@
 - `multi-turn` (session-qa): turn 1 gives the document and the first question; each later turn asks
   one more. Every turn runs as the server runs a session's turn: the session's tiers get the
   pending token and the rendered continuation of the chat, prefilled and then compressed (or, with
-  a cold tier, re-selected over hot and cold) once the prompt is in, and the reply is decoded
+  a cold tier, its last tokens prefilled against hot and cold and the hot set re-selected over
+  both) once the prompt is in, and the reply is decoded
   greedily in a decode slot, compressing when the row reaches kept slots + slack.
 - `once` (kvpress's protocol): the document alone is read and compressed once, before any question;
   each question is then asked from a fresh copy of that compressed session (hot and cold tiers).

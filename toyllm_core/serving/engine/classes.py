@@ -19,6 +19,11 @@ from ..policies import EvictingPolicy, Policy
 # the last piece of a prompt can always be padded to a compiled chunk size.
 MIN_CHUNK = 16
 
+# A session with a cold tier prefills the last this many tokens of a new turn's prompt (its
+# question, and the template's reply header) against hot ∪ cold, so that the queries which choose
+# the next hot set were computed over the whole history. At least SnapKV's largest observation window.
+RECALL_TAIL = 128
+
 
 def chunk_sizes(max_chunk: int) -> list[int]:
     """The compiled prefill chunk lengths: powers of two from MIN_CHUNK to max_chunk."""
@@ -98,13 +103,24 @@ class CacheClass:
         """Whether its sessions keep what the hot cache evicts in a cold tier."""
         return self.cold_tokens > 0
 
-    def memory(self, bytes_per_token: int) -> dict:
-        """What the class allocates, in bytes: the decode slots (held from start-up), the prefill
-        caches of the prompts prefilling at once, and a re-selection's merged cache at the largest
-        cold bucket (both transient)."""
+    @property
+    def recall_capacity(self) -> int:
+        """Slots of a recalled prefill cache (a tiered class): the prefill cache, the largest cold
+        bucket, and the prompt's last RECALL_TAIL tokens."""
         from ..tiers import cold_buckets
 
-        reselect = (self.prefill_capacity + cold_buckets(self.cold_tokens)[-1]) if self.tiered else 0
+        return self.prefill_capacity + cold_buckets(self.cold_tokens)[-1] + RECALL_TAIL if self.tiered else 0
+
+    @property
+    def tail_chunk(self) -> int:
+        """The longest chunk of a prompt's last tokens prefilled against hot ∪ cold."""
+        return min(RECALL_TAIL, self.max_chunk)
+
+    def memory(self, bytes_per_token: int) -> dict:
+        """What the class allocates, in bytes: the decode slots (held from start-up), the prefill
+        caches of the prompts prefilling at once, and a new turn's recalled cache (hot ∪ cold at the
+        largest cold bucket; both transient)."""
+        reselect = self.recall_capacity
         return {"decode_bytes": self.slots * self.capacity * bytes_per_token,
                 "prefill_bytes_per_row": self.prefill_capacity * bytes_per_token,
                 "prefill_bytes": self.prefill_rows * self.prefill_capacity * bytes_per_token,

@@ -30,7 +30,7 @@ from ..model import ToyLLM
 from ..sampling import SamplingParams, first_token, new_key
 from ..tiers import ColdChunk, ColdTier, cold_bucket
 from . import steps
-from .classes import CacheClass, next_piece, row_bucket
+from .classes import MIN_CHUNK, RECALL_TAIL, CacheClass, next_piece, row_bucket
 
 
 @dataclass(eq=False)
@@ -53,11 +53,11 @@ class Prefill:
     recalled: float = 0.0  # tokens per layer and KV head the re-selection brought back from cold
     reselections: int = 0
     dropped: int = 0  # cold entries per layer and KV head dropped at the tier's bound
-
-    @property
-    def holds_last(self) -> bool:
-        """Whether the last prompt token waits for the re-selection (a session with cold entries)."""
-        return self.cold is not None and self.cold.length > 0 and len(self.tokens) > 1
+    # The prompt's last `tail` tokens are prefilled against hot ∪ cold (0: the prompt is compressed
+    # as a whole, nothing to recall). `was_cold` marks the recalled cache's slots from cold.
+    tail: int = 0
+    was_cold: jax.Array | None = None
+    hot_length: int = 0  # live slots in the prefill cache before the recall
 
     @property
     def finished(self) -> bool:
@@ -193,52 +193,83 @@ class Engine:
         state.reserved += 1
         state.prefilling += 1
         eos = -1 if sampling.ignore_eos else (self.eos if sampling.eos_id is None else sampling.eos_id)
-        return Prefill(cls, tokens, sampling, cache, length, eos, user=user, cold=cold if cls.tiered else None)
+        job = Prefill(cls, tokens, sampling, cache, length, eos, user=user, cold=cold if cls.tiered else None)
+        if cls.tiered:
+            # Recall when there is a cold tier, or when the prompt will be compressed before it is
+            # whole (it does not fit the prefill window): either way, what the turn's question
+            # needs may have gone cold.
+            overflows = length + len(tokens) > cls.policy.kept_slots + cls.prefill_window
+            if cold.length or overflows:
+                job.tail = min(RECALL_TAIL, len(tokens))
+        return job
 
     def prefill(self, job: Prefill, limit: int | None = None) -> bool:
-        """Run the next piece of the prompt (at most `limit` tokens); True once all of it is in.
+        """Run the next piece of the prompt (at most `limit` tokens, but the tail whole); True once
+        all of it is in.
 
-        A session with a cold tier re-selects its hot set once all but the prompt's last token are
-        in, and then prefills that token against the new hot set: the first generated token sees
-        what the turn recalled from cold."""
+        A session with a cold tier prefills all but the prompt's last `tail` tokens against its hot
+        cache; then it recalls hot ∪ cold into one cache, prefills the last tokens against all of it
+        and re-selects the hot set with their queries: the question chooses with the whole history
+        in view, and the first generated token sees it too."""
         cls = job.cls
-        remaining = len(job.tokens) - job.done
-        if job.holds_last and not job.reselections:
-            if remaining == 1:
-                self._compress_prefill(job, last=True)
-            else:
-                remaining -= 1
-        piece = next_piece(cls, job.length, remaining, limit or cls.max_chunk)
-        if piece.compress_first:
-            self._compress_prefill(job)
-        chunk = np.zeros((1, piece.padded), np.int32)
-        chunk[0, : piece.real] = job.tokens[job.done : job.done + piece.real]
-        job.logits, job.cache = steps.prefill_chunk(self.model, job.cache, chunk, np.array([piece.real], np.int32))
-        job.length += piece.real
-        job.done += piece.real
-        if job.finished and cls.evicts and job.length > cls.policy.budget and not job.reselections:
-            self._compress_prefill(job, last=True)
+        limit = limit or cls.max_chunk
+        head = len(job.tokens) - job.tail
+        if job.done < head:
+            piece = next_piece(cls, job.length, head - job.done, limit)
+            if piece.compress_first:
+                self._compress_prefill(job)
+            self._run_piece(job, piece.real, piece.padded)
+        else:
+            # The whole tail in this call (at most RECALL_TAIL tokens), so that one recalled cache at
+            # most exists at a time.
+            self._recall(job)
+            while not job.finished:
+                real = min(len(job.tokens) - job.done, cls.tail_chunk)
+                self._run_piece(job, real, max(MIN_CHUNK, 1 << (real - 1).bit_length()))
+        if job.finished and cls.evicts:
+            if job.tail:
+                self._reselect(job)
+            elif job.length > cls.policy.budget:
+                self._compress_prefill(job)
         return job.finished
 
-    def _compress_prefill(self, job: Prefill, last: bool = False) -> None:
-        """Compress the prefill cache. Once the prompt is whole, a session with a cold tier instead
-        re-selects its hot set over hot ∪ cold with the prompt's last queries."""
+    def _run_piece(self, job: Prefill, real: int, padded: int) -> None:
+        chunk = np.zeros((1, padded), np.int32)
+        chunk[0, :real] = job.tokens[job.done : job.done + real]
+        job.logits, job.cache = steps.prefill_chunk(self.model, job.cache, chunk, np.array([real], np.int32))
+        job.length += real
+        job.done += real
+
+    def _compress_prefill(self, job: Prefill) -> None:
+        """Compress the prefill cache (a tiered class keeps what it evicts, to go cold)."""
         cls, policy = job.cls, job.cls.policy
-        if last and job.cold is not None and (job.cold.length or job.spill):
-            cold = job.cold.extend(job.spill)
-            cold, dropped = cold.drop_oldest(cls.cold_tokens)
-            job.spill, job.dropped = [], job.dropped + dropped
-            job.cache, chunk, recalled = steps.reselect(job.cache, cold.upload(cold_bucket(cls.cold_tokens,
-                                                                                            cold.length)), cls=cls)
-            job.cold, dropped = cold.replace(chunk).drop_oldest(cls.cold_tokens)
-            job.dropped += dropped
-            job.recalled += float(np.asarray(recalled)[0])  # (indexing on the device would compile)
-            job.reselections += 1
-        else:
-            job.cache, chunk = steps.compress_cache(job.cache, cls=cls)
-            if chunk is not None and job.cold is not None:
-                job.spill.append(chunk)
+        job.cache, chunk = steps.compress_cache(job.cache, cls=cls)
+        if chunk is not None and job.cold is not None:
+            job.spill.append(chunk)
         job.evicted += _evicted(policy, job.length, job.compressions)
+        job.compressions += 1
+        job.length = min(job.length, policy.kept_slots)
+
+    def _recall(self, job: Prefill) -> None:
+        """Hot ∪ cold as one cache at the class's recall capacity (the cold tier uploaded)."""
+        cls = job.cls
+        cold, dropped = job.cold.extend(job.spill).drop_oldest(cls.cold_tokens)
+        job.spill, job.dropped, job.cold = [], job.dropped + dropped, cold
+        job.hot_length = job.length
+        job.cache, job.was_cold = steps.recall(job.cache, cold.upload(cold_bucket(cls.cold_tokens, cold.length)),
+                                               cls=cls)
+        job.length = int(np.asarray(job.cache.length)[0])  # (indexing on the device would compile)
+
+    def _reselect(self, job: Prefill) -> None:
+        """The hot set chosen again over the recalled cache; the rest is the new cold tier."""
+        cls, policy = job.cls, job.cls.policy
+        job.cache, chunk, recalled = steps.reselect(job.cache, job.was_cold, cls=cls)
+        job.cold, dropped = job.cold.replace(chunk).drop_oldest(cls.cold_tokens)
+        job.dropped += dropped
+        job.recalled += float(np.asarray(recalled)[0])
+        job.reselections += 1
+        job.was_cold = None
+        job.evicted += _evicted(policy, job.hot_length + job.tail, job.compressions)
         job.compressions += 1
         job.length = min(job.length, policy.kept_slots)
 

@@ -3,8 +3,9 @@ that compiles them.
 
 Per class: its decode state, a new prefill cache, each prefill chunk length, the moves between the
 prefill cache, the decode slots and an idle session (insert, extract, move, resize), compression
-(of the prefill cache, and of a decode row), re-selection over hot ∪ cold for each cold-length
-bucket (a tiered class), and the decode call at each compiled batch size (one
+(of the prefill cache, and of a decode row), a new turn's recall of hot ∪ cold for each cold-length
+bucket, the chunks of its last prompt tokens against that and the re-selection (a tiered class),
+and the decode call at each compiled batch size (one
 program for every sampling setting: the sampler picks its path at run time). Plus the first-token
 sampler. No
 request can reach a shape outside this list: prompt lengths are cut into the listed chunks, batch
@@ -31,7 +32,7 @@ from .classes import CacheClass, chunk_sizes, row_buckets
 @dataclass(frozen=True)
 class Program:
     kind: str  # new-state, new-prefill, chunk, compress, fit, insert, extract, move, compress-row, decode,
-    # grow, reselect, first-token
+    # grow, recall, recall-chunk, reselect, first-token
 
     cls: CacheClass | None
     size: int = 0  # chunk length, decode rows, or the capacity grown from
@@ -49,8 +50,10 @@ def programs(classes: list[CacheClass]) -> list[Program]:
         if cls.evicts:
             out += [Program("compress", cls), Program("fit", cls), Program("compress-row", cls),
                     Program("grow", cls, cls.capacity)]
-            if cls.tiered:  # re-selection over hot ∪ cold, one per cold-length bucket
-                out += [Program("reselect", cls, n) for n in cold_buckets(cls.cold_tokens)]
+            if cls.tiered:  # a new turn over hot ∪ cold: recalled per cold-length bucket
+                out += [Program("recall", cls, n) for n in cold_buckets(cls.cold_tokens)]
+                out += [Program("recall-chunk", cls, n) for n in chunk_sizes(cls.tail_chunk)]
+                out.append(Program("reselect", cls))
         else:  # a full session moves up from a smaller full class
             out += [Program("grow", cls, small.capacity) for small in full if small.capacity < cls.capacity]
         out += [Program("insert", cls), Program("extract", cls), Program("move", cls)]
@@ -83,9 +86,15 @@ def compile_program(model: ToyLLM, p: Program, steps_per_call: int) -> None:
     elif p.kind == "move":
         out = steps.move_row(steps.new_cache(model, cls, cls.slots, cls.capacity), np.int32(1 % cls.slots),
                              np.int32(0))
-    elif p.kind == "reselect":
+    elif p.kind == "recall":
         cold = ColdTier.empty(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cls.policy.cold_bits).upload(p.size)
-        out = steps.reselect(steps.new_cache(model, cls, 1, cls.prefill_capacity), cold, cls=cls)
+        out = steps.recall(steps.new_cache(model, cls, 1, cls.prefill_capacity), cold, cls=cls)
+    elif p.kind == "recall-chunk":
+        cache = steps.new_cache(model, cls, 1, cls.recall_capacity)
+        out = steps.prefill_chunk(model, cache, np.zeros((1, p.size), np.int32), np.array([p.size], np.int32))
+    elif p.kind == "reselect":
+        cache = steps.new_cache(model, cls, 1, cls.recall_capacity)
+        out = steps.reselect(cache, np.zeros(cache.pos.shape, bool), cls=cls)
     elif p.kind == "compress-row":
         out = steps.compress_row(steps.new_cache(model, cls, cls.slots, cls.capacity), np.int32(0), cls=cls)
     elif p.kind == "decode":

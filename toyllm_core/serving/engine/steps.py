@@ -16,8 +16,8 @@ from ..cache import KVCache, empty_cache
 from ..model import ToyLLM
 from ..policies import compress, compress_split
 from ..sampling import TOP_LOGPROBS, sample_rows, top_alternatives
+from .. import tiers
 from ..tiers import ColdChunk, quantize_slots
-from ..tiers import reselect as reselect_tiers
 from .classes import CacheClass
 
 
@@ -56,11 +56,18 @@ def compress_cache(cache: KVCache, *, cls: CacheClass) -> tuple[KVCache, ColdChu
     return _compress(cache, cls)
 
 
-@partial(jax.jit, static_argnames=("cls",), donate_argnames=("cache",))
-def reselect(cache: KVCache, cold: ColdChunk, *, cls: CacheClass):
-    """A prefill cache's hot set chosen again over hot ∪ cold (cold padded to a bucket) -> (cache,
+@partial(jax.jit, static_argnames=("cls",))
+def recall(cache: KVCache, cold: ColdChunk, *, cls: CacheClass) -> tuple[KVCache, jax.Array]:
+    """A prefill cache and its cold tier (padded to a bucket) as one cache at the class's recall
+    capacity -> (cache, which slots came from cold). (Not donated: the shapes differ.)"""
+    return tiers.recall(cache, cold, cls.recall_capacity)
+
+
+@partial(jax.jit, static_argnames=("cls",))
+def reselect(cache: KVCache, was_cold, *, cls: CacheClass):
+    """A recalled cache's hot set chosen by the class's policy -> (cache at the prefill capacity,
     the new cold tier, tokens recalled per layer and KV head [1])."""
-    return reselect_tiers(cache, cold, cls.policy)
+    return tiers.reselect(cache, was_cold, cls.policy, cls.prefill_capacity)
 
 
 @partial(jax.jit, static_argnames=("cls",), donate_argnames=("state",))
