@@ -26,6 +26,8 @@ RUN groupadd --system --gid 10001 toyllm \
 COPY --from=build /opt/toyllm /opt/toyllm
 COPY --chown=10001:10001 weights /app/weights
 COPY --from=build --chown=10001:10001 /opt/weights/smollm2-135m-instruct /app/weights/smollm2-135m-instruct
+# Compiled programs, kept across restarts when a volume is mounted here (docker-compose.yml does).
+RUN install -d -o 10001 -g 10001 /var/cache/toyllm
 WORKDIR /app
 USER 10001:10001
 ENV PATH=/opt/toyllm/bin:$PATH \
@@ -33,10 +35,12 @@ ENV PATH=/opt/toyllm/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     TOYLLM_WEIGHTS_DIR=/app/weights \
     TOYLLM_CHECKPOINT=/app/weights/smollm2-135m-instruct \
+    TOYLLM_COMPILE_CACHE_DIR=/var/cache/toyllm/xla \
     TOYLLM_HOST=0.0.0.0 \
     TOYLLM_PORT=8000
 EXPOSE 8000
-# /ready answers 200 only once the model is loaded and warmed up (compiling takes a minute or two).
+# /ready answers 200 only once the model is loaded and warmed up (compiling takes a minute or two;
+# a restart that finds its compiled programs in /var/cache/toyllm reads them instead).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('TOYLLM_PORT', '8000')}/ready\", timeout=4)"]
 CMD ["toyllm", "serve"]

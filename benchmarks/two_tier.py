@@ -8,8 +8,9 @@ the bytes each tier holds at rest against the full cache.
 A session's turn 1 is a `--doc-tokens` document with a question; turn 2 asks another question.
 Everything runs through the engine and the core `Session`, as the server runs a session's turn; each
 timing is the median of `--repeats` runs after one untimed run (which compiles).
-- follow-up TTFT: turn 2 of the two-tier session, from `begin` to its first token (its prompt
-  prefilled against the hot cache, the re-selection over hot and cold, the last prompt token);
+- follow-up TTFT: turn 2 of the two-tier session, from `begin` to its first token (all but its last
+  128 prompt tokens against the hot cache, hot ∪ cold recalled, the last tokens against both, the
+  re-selection);
   against the same history (turn 1, its reply, turn 2) prefilled from scratch into a full cache;
 - decode step: ms per token, batch 1, a row decoding after the history (the last
   `--decode-tokens` - `--decode-warmup` tokens, compressions included), hot `--budget` against the

@@ -16,6 +16,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from toyllm_core import checkpoint as ckpt
+from toyllm_core import compile_cache
 from toyllm_core.chat import ChatTemplate
 from toyllm_core.config import get_dtype
 from toyllm_core.serving.engine import Engine as CoreEngine
@@ -63,6 +64,8 @@ def _start(state: ServerState) -> None:
     """Load, start the engine and warm up (runs in a worker thread: it takes seconds to minutes)."""
     s = state.settings
     started = time.perf_counter()
+    if s.compile_cache_dir and compile_cache.enable(s.compile_cache_dir) is None:
+        log.warning("cannot create the compile cache directory %s: compiling every program", s.compile_cache_dir)
     model, tokenizer, name, digest = _load_model(s)
     model = apply_quantization(model.astype(get_dtype(s.dtype)), s.quant).for_inference()
     state.model, state.tokenizer, state.model_name, state.checkpoint_sha256 = model, tokenizer, name, digest
@@ -116,9 +119,11 @@ def _start(state: ServerState) -> None:
     }
     if s.warmup:
         report = warm_up(model, state.classes, s.steps_per_call, log=log.info)
+        report["compile_cache_dir"] = s.compile_cache_dir or None
+        report["compile_cache_bytes"] = compile_cache.disk_bytes(s.compile_cache_dir) if s.compile_cache_dir else 0
         state.info["warmup"] = report
-        log.info("warm-up: %d programs (%d compilations) in %.1f s", report["programs"], report["compilations"],
-                 report["seconds"])
+        log.info("warm-up: %d programs (%d built, %d of them read from the compile cache) in %.1f s",
+                 report["programs"], report["compilations"], report["cache_hits"], report["seconds"])
     state.engine.start()
     log.info("%s ready in %.1f s", name, time.perf_counter() - started)
 

@@ -57,7 +57,8 @@ class LiveState(Collector):
         info = GaugeMetricFamily("toyllm_model_info", "The served model (value 1).", labels=list(state["model"]))
         info.add_metric(list(state["model"].values()), 1)
         yield info
-        yield CounterMetricFamily("toyllm_jit_compilations", "XLA compilations in this process.",
+        yield CounterMetricFamily("toyllm_jit_compilations", "Programs built in this process (compiled by XLA, "
+                                  "or read from the persistent compilation cache).",
                                   value=jit_stats.compilations())
 
 

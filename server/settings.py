@@ -85,3 +85,6 @@ class Settings(BaseSettings):
                                   "decode (a power of two): a long prompt is admitted in such pieces "
                                   "between decode calls.")
     warmup: bool = Field(True, description="Compile the serving shapes before /ready answers 200.")
+    compile_cache_dir: str = Field("~/.cache/toyllm/xla", description="Where compiled programs are kept across "
+                                   "restarts (JAX's persistent compilation cache), so that a second start reads "
+                                   "them instead of compiling; empty: off. Keep it private: it is trusted.")

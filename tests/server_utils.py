@@ -20,7 +20,8 @@ TEST_CLASSES = ["full", "h2o:budget=32", "streaming:budget=48", "snapkv:budget=2
 def tiny_settings(**changes) -> Settings:
     # A small cold-tier bound: two re-selection buckets per compressing class to warm, not six.
     return Settings(**{"preset": "tiny", "warmup": False, "max_concurrent_requests": 4, "dtype": "float32",
-                       "cache_classes": TEST_CLASSES, "cold_tokens": 512, **changes})
+                       "cache_classes": TEST_CLASSES, "cold_tokens": 512, "compile_cache_dir": "",
+                       **changes})
 
 
 def ready_client(**changes) -> TestClient:

@@ -37,14 +37,19 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    template = log.parent / "chat.jinja"
+def server_env(tmp_path_factory):
+    """The live server's settings, with a compile cache of its own."""
+    directory = tmp_path_factory.mktemp("server")
+    template = directory / "chat.jinja"
     template.write_text(TEST_TEMPLATE)
-    env = {"TOYLLM_PRESET": "tiny", "TOYLLM_CHAT_TEMPLATE": str(template), "TOYLLM_MAX_CONCURRENT_REQUESTS": "2",
+    return {"TOYLLM_COMPILE_CACHE_DIR": str(directory / "xla"), "TOYLLM_PRESET": "tiny", "TOYLLM_CHAT_TEMPLATE": str(template), "TOYLLM_MAX_CONCURRENT_REQUESTS": "2",
            "TOYLLM_MAX_PROMPT_TOKENS": "32", "TOYLLM_CACHE_BUDGET": "32", "TOYLLM_CACHE_WINDOW_SIZE": "8",
            "TOYLLM_CACHE_SLACK": "8", "TOYLLM_WARMUP": "true", "TOYLLM_COLD_TOKENS": "512"}
-    with live_server(env, log) as url:
+
+
+@pytest.fixture(scope="module")
+def server(server_env, tmp_path_factory):
+    with live_server(server_env, tmp_path_factory.mktemp("log") / "server.log") as url:
         yield url
 
 
@@ -64,6 +69,16 @@ def test_after_warmup_serving_compiles_nothing(server):
     for t in threads:
         t.join()
     assert metric(_metrics(server), "toyllm_jit_compilations_total") == before
+
+
+def test_a_second_start_reads_every_program_from_the_compile_cache(server, server_env, tmp_path):
+    first = httpx.get(server + "/info").json()["warmup"]
+    assert first["cache_hits"] == 0 and first["compilations"] > 0 and first["compile_cache_bytes"] > 0
+    with live_server(server_env, tmp_path / "again.log") as again:
+        second = httpx.get(again + "/info").json()["warmup"]
+    assert second["programs"] == first["programs"]
+    # Every program it built was read, none compiled.
+    assert second["cache_hits"] == second["compilations"] > 0
 
 
 def test_two_concurrent_streams_are_batched(server):

@@ -73,7 +73,7 @@ def _recall_session(base, policy, sessions: int = 32, cue: int = 8, span: int = 
 def test_two_tier_sessions_recall_what_one_compression_dropped(base):
     # 96 tokens, then three 8-token turns with 6-token answers: 150 tokens, 48 hot. The first
     # compression chooses by the end of turn 1; each later cue must bring its span back from cold.
-    # Measured: full 0.970, two-tier int8 0.981 (int4 0.991), one tier 0.207.
+    # Measured: full 0.970, two-tier int8 0.986 (int4 0.990), one tier 0.207.
     snap = {"budget": 48, "sink_size": 4, "window_size": 8, "obs_window": 8, "pool_kernel": 15, "slack": 16}
     full = _recall_session(base, make_policy("full"))
     two_tier = _recall_session(base, make_policy("snapkv", cold_bits=8, **snap))

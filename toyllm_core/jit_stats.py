@@ -1,4 +1,6 @@
-"""Counts XLA compilations in this process: a compile on the serving path is an event worth counting."""
+"""Counts the programs this process builds: a program built on the serving path is an event worth
+counting. A program is built when a jitted function meets shapes it has not run before; XLA then
+compiles it, or reads it from the persistent compilation cache (`compile_cache`)."""
 
 from __future__ import annotations
 
@@ -7,20 +9,36 @@ import threading
 from jax import monitoring
 
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 _lock = threading.Lock()
-_count = 0
+_compiled = 0  # programs built
+_read = 0  # of them, read from the persistent cache
 
 
-def _on_event(event: str, duration: float, **_: object) -> None:
-    global _count
+def _on_duration(event: str, duration: float, **_: object) -> None:
+    global _compiled
     if event == _BACKEND_COMPILE_EVENT:
         with _lock:
-            _count += 1
+            _compiled += 1
 
 
-monitoring.register_event_duration_secs_listener(_on_event)
+def _on_event(event: str, **_: object) -> None:
+    global _read
+    if event == _CACHE_HIT_EVENT:
+        with _lock:
+            _read += 1
+
+
+monitoring.register_event_duration_secs_listener(_on_duration)
+monitoring.register_event_listener(_on_event)
 
 
 def compilations() -> int:
-    """XLA backend compilations so far in this process."""
-    return _count
+    """Programs built so far in this process: compiled, or read from the persistent cache (JAX
+    times both as one backend compile)."""
+    return _compiled
+
+
+def cache_hits() -> int:
+    """Of those, programs read from the persistent compilation cache instead of compiled."""
+    return _read

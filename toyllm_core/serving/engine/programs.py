@@ -114,10 +114,11 @@ def compile_program(model: ToyLLM, p: Program, steps_per_call: int) -> None:
 def warm_up(model: ToyLLM, classes: list[CacheClass], steps_per_call: int,
             log: Callable[[str], None] = print, every_s: float = 5.0) -> dict:
     """Compile every program, logging progress (`warm-up: 12/46 programs, 38 s`) at least every
-    `every_s` seconds; returns {"programs", "compilations", "seconds", "per_kind": {kind: seconds}}."""
+    `every_s` seconds; returns {"programs", "compilations" (programs built: compiled or read from the
+    persistent compilation cache), "cache_hits" (read), "seconds", "per_kind": {kind: seconds}}."""
     todo = programs(classes)
     started = last = time.perf_counter()
-    compiled_before = jit_stats.compilations()
+    compiled_before, hits_before = jit_stats.compilations(), jit_stats.cache_hits()
     per_kind: dict[str, float] = {}
     for i, p in enumerate(todo, 1):
         t0 = time.perf_counter()
@@ -129,4 +130,5 @@ def warm_up(model: ToyLLM, classes: list[CacheClass], steps_per_call: int,
             last = now
     seconds = time.perf_counter() - started
     return {"programs": len(todo), "compilations": jit_stats.compilations() - compiled_before,
+            "cache_hits": jit_stats.cache_hits() - hits_before,
             "seconds": seconds, "per_kind": per_kind}
