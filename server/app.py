@@ -4,26 +4,24 @@ engine, warms it up (compiles the serving shapes), and only then lets /ready ans
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 
+import jax
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
-from toyllm_core import checkpoint as ckpt
 from toyllm_core import compile_cache
 from toyllm_core.chat import ChatTemplate
-from toyllm_core.config import get_dtype
+from toyllm_core.machine import peak_rss_bytes
 from toyllm_core.serving.engine import Engine as CoreEngine
 from toyllm_core.serving.engine import plan_classes, warm_up
 from toyllm_core.serving.policies import make_policy, parse_policy, policy_class, policy_names
-from toyllm_core.serving.quant import apply as apply_quantization
-from toyllm_core.weights import missing_checkpoint_hint
+from toyllm_core.weights import load_model
 
 from .engine import Engine
 from .errors import install
@@ -38,36 +36,15 @@ from .state import ServerState
 log = logging.getLogger("toyllm.server")
 
 
-def _load_model(settings: Settings):
-    """(model, tokenizer, name, checkpoint sha256) from the checkpoint, or random preset weights."""
-    if settings.preset is not None:
-        import jax
-
-        from toyllm_core.config import get_preset
-        from toyllm_core.serving.model import ToyLLM
-        from toyllm_core.tokenizer import gpt2_tokenizer
-
-        return ToyLLM(get_preset(settings.preset), jax.random.PRNGKey(0)), gpt2_tokenizer(), \
-            f"random-{settings.preset}", "none"
-    from toyllm_core.tokenizer import load_tokenizer
-
-    directory = settings.checkpoint
-    if not directory.is_dir():
-        raise ckpt.CheckpointError(missing_checkpoint_hint(directory))
-    model, _ = ckpt.load(directory)
-    sums = directory / ckpt.CHECKSUMS
-    digest = hashlib.sha256((sums if sums.exists() else directory / "model.safetensors").read_bytes()).hexdigest()
-    return model, load_tokenizer(directory), directory.name, digest
-
-
 def _start(state: ServerState) -> None:
     """Load, start the engine and warm up (runs in a worker thread: it takes seconds to minutes)."""
     s = state.settings
     started = time.perf_counter()
     if s.compile_cache_dir and compile_cache.enable(s.compile_cache_dir) is None:
         log.warning("cannot create the compile cache directory %s: compiling every program", s.compile_cache_dir)
-    model, tokenizer, name, digest = _load_model(s)
-    model = apply_quantization(model.astype(get_dtype(s.dtype)), s.quant).for_inference()
+    loaded = load_model(None if s.preset else s.checkpoint, s.preset, s.dtype, s.quant)
+    model, tokenizer, name, digest = loaded.model, loaded.tokenizer, loaded.name, loaded.sha256
+    peak_rss = {"load": peak_rss_bytes()}
     state.model, state.tokenizer, state.model_name, state.checkpoint_sha256 = model, tokenizer, name, digest
     source = s.chat_template.read_text() if s.chat_template is not None else None
     state.chat = ChatTemplate.of(tokenizer, source)
@@ -113,6 +90,8 @@ def _start(state: ServerState) -> None:
                    "max_cache_bytes": s.max_cache_bytes, "max_concurrent_requests": s.max_concurrent_requests,
                    "queue_size": s.queue_size, "max_prompt_tokens": s.max_prompt_tokens,
                    "max_new_tokens": s.max_new_tokens, "max_body_bytes": s.max_body_bytes},
+        "backend": {"platform": jax.default_backend(), "devices": [str(d) for d in jax.devices()]},
+        "peak_rss_bytes": peak_rss,  # by phase; /info adds "now" (the peak so far, serving included)
         "engine": {"steps_per_call": s.steps_per_call, "max_prefill_chunk": s.max_prefill_chunk,
                    "interleave_chunk": s.interleave_chunk, "prefill_window": window,
                    "cold_tokens": s.cold_tokens},
@@ -122,6 +101,7 @@ def _start(state: ServerState) -> None:
         report["compile_cache_dir"] = s.compile_cache_dir or None
         report["compile_cache_bytes"] = compile_cache.disk_bytes(s.compile_cache_dir) if s.compile_cache_dir else 0
         state.info["warmup"] = report
+        peak_rss["warm_up"] = peak_rss_bytes()
         log.info("warm-up: %d programs (%d built, %d of them read from the compile cache) in %.1f s",
                  report["programs"], report["compilations"], report["cache_hits"], report["seconds"])
     state.engine.start()

@@ -12,6 +12,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import jax
 import pytest
 
+# Float32 matmuls in full on every backend (GPUs default to TF32): exact-equality tests hold there too.
+jax.config.update("jax_default_matmul_precision", "highest")
+
 from toyllm_core.config import get_preset
 from toyllm_core.serving.model import ToyLLM
 

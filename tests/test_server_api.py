@@ -292,6 +292,9 @@ def test_info_and_openapi(client):
     info = client.get("/info").json()
     assert info["model"]["name"] == "random-tiny" and set(info["policies"]) >= {"full", "streaming", "snapkv", "h2o"}
     assert info["default_cache"]["policy"] == "snapkv"
+    assert info["backend"]["platform"] == "cpu" and info["backend"]["devices"]
+    rss = info["peak_rss_bytes"]
+    assert 0 < rss["load"] <= rss["now"]
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/generate", "/sessions", "/sessions/{session_id}", "/sessions/{session_id}/cache",
             "/v1/completions", "/v1/models", "/health", "/ready", "/info", "/metrics"} <= set(paths)

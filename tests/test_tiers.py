@@ -15,7 +15,15 @@ from toyllm_core.serving.engine import CacheClass, Engine
 from toyllm_core.serving.policies import compress, compress_split, make_policy
 from toyllm_core.serving.sampling import SamplingParams
 from toyllm_core.serving.session import Session
-from toyllm_core.serving.tiers import ColdChunk, ColdTier, cold_buckets, dequantize, quantize, recall, reselect
+from toyllm_core.serving.tiers import (
+    ColdChunk,
+    ColdTier,
+    cold_buckets,
+    dequantize,
+    quantize,
+    recall,
+    reselect,
+)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -152,7 +160,7 @@ def test_a_follow_up_turns_question_is_prefilled_against_the_whole_history():
     the full cache's up to the int8 rounding of the cold tier; one tier's are far off."""
     model = tiny_model()
     full, _ = _turn_two_logits(model, make_policy("full"), tokens=256)
-    snap = dict(budget=32, sink_size=4, window_size=8, obs_window=8, pool_kernel=3)
+    snap = {"budget": 32, "sink_size": 4, "window_size": 8, "obs_window": 8, "pool_kernel": 3}
     two, job = _turn_two_logits(model, make_policy("snapkv", **snap))
     one, _ = _turn_two_logits(model, make_policy("snapkv", cold_bits=0, **snap))
     assert job.reselections == 1 and job.tail == 21 and job.length == 32

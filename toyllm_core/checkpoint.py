@@ -186,8 +186,11 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, dict]:
         raise CheckpointError(f"{path}: invalid Llama config ({e})") from None
 
 
-def load(directory: str | Path, verify_checksums: bool = True) -> tuple[ToyLLM, dict]:
-    """Load a checkpoint -> (model, config.json as a dict)."""
+def load(directory: str | Path, verify_checksums: bool = True, dtype=jnp.float32) -> tuple[ToyLLM, dict]:
+    """Load a checkpoint -> (model with its weights as `dtype`, config.json as a dict).
+
+    Each tensor goes from the file straight to `dtype`: no float32 copy of the model is built, and
+    none stays resident when serving in bfloat16."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
@@ -202,7 +205,7 @@ def load(directory: str | Path, verify_checksums: bool = True) -> tuple[ToyLLM, 
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it may be truncated") from None
     tensors.pop("lm_head.weight", None)  # tied: identical to the embedding when present
-    model = ToyLLM(cfg, jax.random.PRNGKey(0))
+    model = eqx.filter_eval_shape(ToyLLM, cfg, jax.random.PRNGKey(0))  # shapes only: every leaf is replaced
     expected = {name: arr.shape for name, arr in _hf_tensors_shapes(model).items()}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -212,10 +215,12 @@ def load(directory: str | Path, verify_checksums: bool = True) -> tuple[ToyLLM, 
         if tensors[name].shape != want:
             raise CheckpointError(f"{path}: {name} has shape {tensors[name].shape}, config.json implies {want}")
     getters = list(_GLOBAL_TENSORS.values()) + list(_LAYER_TENSORS.values())
-    values = [tensors[name] for name in _GLOBAL_TENSORS]
-    values += [np.stack([tensors[f"model.layers.{i}.{suffix}"] for i in range(cfg.n_layers)])
-               for suffix in _LAYER_TENSORS]
-    model = eqx.tree_at(lambda m: [g(m) for g in getters], model, [jnp.asarray(v, jnp.float32) for v in values])
+    values = [jnp.asarray(tensors.pop(name), dtype) for name in _GLOBAL_TENSORS]
+    for suffix in _LAYER_TENSORS:
+        layers = [tensors.pop(f"model.layers.{i}.{suffix}") for i in range(cfg.n_layers)]
+        values.append(jnp.asarray(np.stack(layers), dtype))
+        del layers
+    model = eqx.tree_at(lambda m: [g(m) for g in getters], model, values)
     return model, hf
 
 

@@ -1,10 +1,11 @@
 """What every benchmark JSON records about where it ran: the CPU model (lscpu's "Model name"), the
-core count, the load average and the JAX version. Standard library only, so that HTTP-side tools
+core count, the load average and the JAX version; and this process's peak resident memory. Standard library only, so that HTTP-side tools
 (`toyllm loadtest`, the admission benchmark) can record it without importing JAX."""
 
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 from importlib import metadata
 
@@ -25,3 +26,8 @@ def machine() -> dict:
         jax_version = None
     return {"cpu_model": cpu_model(), "cpus": os.cpu_count(), "load_average": list(os.getloadavg()),
             "jax": jax_version}
+
+
+def peak_rss_bytes() -> int:
+    """The most resident memory this process has held so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -9,8 +9,10 @@ editable install); else, for an installed wheel, `$XDG_DATA_HOME/toyllm/weights`
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 ENV_VAR = "TOYLLM_WEIGHTS_DIR"
@@ -38,3 +40,38 @@ def missing_checkpoint_hint(directory: Path) -> str:
     if Path(directory).resolve() == DEFAULT_CHECKPOINT.resolve():
         return f"{directory}: not pulled yet; run `toyllm pull {DEFAULT_MODEL}` (or `make serve`, which pulls it)"
     return f"{directory}: no checkpoint there; pass --checkpoint DIR (or --preset seed for random weights)"
+
+
+@dataclass
+class LoadedModel:
+    model: object  # ToyLLM, laid out for inference
+    tokenizer: object
+    name: str  # the checkpoint directory's name, or random-<preset>
+    sha256: str  # of the checkpoint's checksums file (its weights file when it has none); "none": random
+
+
+def load_model(checkpoint: Path | None = None, preset: str | None = None, dtype: str = "bfloat16",
+               quant: str = "none", seed: int = 0) -> LoadedModel:
+    """The model a command or the server runs: a checkpoint (default: the served model), or random
+    weights of `preset` when no checkpoint is given; loaded straight into `dtype`, quantised as
+    `quant` says, laid out for the jitted serving steps. A missing checkpoint raises
+    `CheckpointError` with what to run."""
+    import jax
+
+    from . import checkpoint as ckpt
+    from .config import get_dtype, get_preset
+    from .serving.model import ToyLLM
+    from .serving.quant import apply, check
+    from .tokenizer import gpt2_tokenizer, load_tokenizer
+
+    check(quant)  # before anything is loaded
+    if preset is not None and checkpoint is None:
+        model = ToyLLM(get_preset(preset), jax.random.PRNGKey(seed)).astype(get_dtype(dtype))
+        return LoadedModel(apply(model, quant).for_inference(), gpt2_tokenizer(), f"random-{preset}", "none")
+    directory = Path(checkpoint or DEFAULT_CHECKPOINT)
+    if not directory.is_dir():
+        raise ckpt.CheckpointError(missing_checkpoint_hint(directory))
+    model, _ = ckpt.load(directory, dtype=get_dtype(dtype))
+    sums = directory / ckpt.CHECKSUMS
+    digest = hashlib.sha256((sums if sums.exists() else directory / ckpt.WEIGHTS).read_bytes()).hexdigest()
+    return LoadedModel(apply(model, quant).for_inference(), load_tokenizer(directory), directory.name, digest)

@@ -12,11 +12,11 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from .. import tiers
 from ..cache import KVCache, empty_cache
 from ..model import ToyLLM
 from ..policies import compress, compress_split
 from ..sampling import TOP_LOGPROBS, sample_rows, top_alternatives
-from .. import tiers
 from ..tiers import ColdChunk, quantize_slots
 from .classes import CacheClass
 
