@@ -24,6 +24,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from . import tensors
 from .config import ModelConfig
 from .serving.model import ToyLLM
 
@@ -35,19 +36,9 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded; the message names the file and the fix."""
 
 
-# HF per-layer tensor name -> getter of the stacked array (leading layer axis) in our model.
-_LAYER_TENSORS = {
-    "self_attn.q_proj.weight": lambda m: m.blocks.attn.wq,
-    "self_attn.k_proj.weight": lambda m: m.blocks.attn.wk,
-    "self_attn.v_proj.weight": lambda m: m.blocks.attn.wv,
-    "self_attn.o_proj.weight": lambda m: m.blocks.attn.wo,
-    "mlp.gate_proj.weight": lambda m: m.blocks.mlp.w_gate,
-    "mlp.up_proj.weight": lambda m: m.blocks.mlp.w_up,
-    "mlp.down_proj.weight": lambda m: m.blocks.mlp.w_down,
-    "input_layernorm.weight": lambda m: m.blocks.attn_norm.weight,
-    "post_attention_layernorm.weight": lambda m: m.blocks.mlp_norm.weight,
-}
-_GLOBAL_TENSORS = {"model.embed_tokens.weight": lambda m: m.embed, "model.norm.weight": lambda m: m.norm.weight}
+# HF name (per-layer suffix) -> getter of the array in our model (stacked over layers).
+_LAYER_TENSORS = {w.hf: w.get for w in tensors.BLOCK}
+_GLOBAL_TENSORS = {w.hf: w.get for w in tensors.GLOBAL}
 
 
 def _hf_tensors(model: ToyLLM) -> dict[str, np.ndarray]:

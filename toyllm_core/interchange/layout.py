@@ -10,19 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-# GGUF per-block tensor name -> HF per-layer suffix.
-BLOCK_TENSORS = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"}
+from .. import tensors
+
+# GGUF per-block tensor name -> HF per-layer suffix (without `.weight`), and the global ones.
+BLOCK_TENSORS = {w.gguf: w.hf.removesuffix(".weight") for w in tensors.BLOCK}
+GLOBAL_TENSORS = {w.gguf: w.hf.removesuffix(".weight") for w in tensors.GLOBAL}
 
 
 def hf_name(gguf_name: str) -> str | None:

@@ -14,6 +14,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from .. import tensors
+
 QMAX = 127
 
 
@@ -52,17 +54,12 @@ def int8_linear(x: jax.Array, w: Int8Weight) -> jax.Array:
     return out * w.scale
 
 
-# The block weights that are matmuls (norm weights are vectors and stay as they are).
-MATMULS = (lambda b: b.attn.wq, lambda b: b.attn.wk, lambda b: b.attn.wv, lambda b: b.attn.wo,
-           lambda b: b.mlp.w_gate, lambda b: b.mlp.w_up, lambda b: b.mlp.w_down)
-
-
 def quantize_int8(model):
     """The model with every block matmul weight as an `Int8Weight` (products in the model's dtype)."""
-    blocks = model.blocks
-    for get in MATMULS:
-        blocks = eqx.tree_at(get, blocks, quantize(get(blocks), model.dtype))
-    return eqx.tree_at(lambda m: m.blocks, model, blocks)
+    for w in tensors.BLOCK:
+        if w.matmul:
+            model = eqx.tree_at(w.get, model, quantize(w.get(model), model.dtype))
+    return model
 
 
 def is_quantized(model) -> bool:
