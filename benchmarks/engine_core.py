@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from toyllm_core import checkpoint as ckpt
-from toyllm_core.config import get_preset, to_bits
+from toyllm_core.config import get_preset
 from toyllm_core.machine import machine
+from toyllm_core.serving.backend import to_bits
 from toyllm_core.serving.engine import CacheClass, plan_classes, warm_up
 from toyllm_core.serving.engine import steps as engine_steps
 from toyllm_core.serving.model import ToyLLM

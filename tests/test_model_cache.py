@@ -210,3 +210,39 @@ def test_smollm2_preset_prefills_and_decodes_at_a_short_context():
     produced = sum(len(o.tokens) for _ in range(4) for o in engine.step())
     assert produced == 2 * 11 and all(not s.active for s in seqs)
     assert all(s.length <= 32 + 8 for s in seqs) and seqs[1].compressions >= 1
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_plain_backend_forms_give_the_numbers_of_the_cpu_forms(monkeypatch, batch):
+    """GPUs run the plain forms (bfloat16 stored as it is, one row multiplied as one, one scatter for
+    every row's cache write); on CPU they must give what the CPU forms give: a prefill of unequal
+    prompts, then decode steps with one row inactive."""
+    from toyllm_core.serving import backend
+    from toyllm_core.serving.cache import empty_cache
+
+    base = tiny_model().astype(jnp.bfloat16)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 1000, (batch, 16)).astype(np.int32)
+    n_valid = np.array([16, 9, 12][:batch], np.int32)
+    steps = rng.integers(0, 1000, (3, batch)).astype(np.int32)
+
+    def run(choice):
+        monkeypatch.setattr(backend, "current", lambda: choice)
+        model = base.for_inference()
+        cache = empty_cache.__wrapped__(model.cfg, batch, 40, jnp.bfloat16)
+        forward = jax.jit(lambda m, t, c, n: m.forward(t, c, n))  # a new trace under this choice
+        h, cache = forward(model, tokens, cache, n_valid)
+        outs = [model.logits(h[:, -1])]
+        for i, step in enumerate(steps):
+            active = np.ones(batch, np.int32)
+            active[-1] = i % 2 if batch > 1 else 1
+            h, cache = forward(model, step[:, None], cache, active)
+            outs.append(model.logits(h[:, 0]))
+        assert cache.k.dtype == (jnp.uint16 if choice.bits_storage else jnp.bfloat16)
+        return np.stack(outs), np.asarray(cache.keys(), np.float32), np.asarray(cache.pos)
+
+    cpu, plain = run(backend.CPU), run(backend.PLAIN)
+    np.testing.assert_array_equal(cpu[2], plain[2])  # the same slots hold the same positions
+    live = cpu[2] >= 0
+    np.testing.assert_allclose(cpu[1][live], plain[1][live], atol=1e-2)
+    np.testing.assert_allclose(cpu[0], plain[0], atol=2e-2 * np.abs(cpu[0]).max())

@@ -5,31 +5,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 # Serving stores weights and K/V in bfloat16; tests, `verify-cache` and evaluation may ask for float32.
 # Scores, softmax and accumulators are float32 either way.
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
-
-
-# bfloat16 arrays that the jitted steps slice or update in place (the stacked layer weights, the
-# K/V cache) are handled as their uint16 bit patterns. XLA's CPU backend slices and updates bfloat16
-# arrays by converting through float32, which copied the whole array every time (~10x slower for a
-# layer's weights in the scan, ~100x for a batch-16 cache write; benchmarks/matmul_forms.py); on
-# integers these are plain in-place operations. The bits are reinterpreted (free) where they are used.
-def to_bits(x):
-    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
-
-
-def from_bits(x):
-    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
-
-
-def bits_dtype(dtype):
-    """How arrays of `dtype` are stored (see to_bits)."""
-    return jnp.uint16 if jnp.dtype(dtype) == jnp.bfloat16 else dtype
 
 
 @dataclass(frozen=True)

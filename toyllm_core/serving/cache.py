@@ -23,11 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import ModelConfig, bits_dtype, from_bits, to_bits
+from ..config import ModelConfig
+from . import backend
+from .backend import from_bits, storage_dtype, to_bits
 
 
 class KVCache(eqx.Module):
-    k: jax.Array  # [layers, batch, kv_heads, capacity, head_dim], after RoPE (bfloat16 as bits: to_bits)
+    k: jax.Array  # [layers, batch, kv_heads, capacity, head_dim], after RoPE (stored as backend.to_bits)
     v: jax.Array  # [layers, batch, kv_heads, capacity, head_dim]
     pos: jax.Array  # [layers, batch, kv_heads, capacity] int32 original position, -1 = empty
     length: jax.Array  # [batch] int32 live slots
@@ -53,17 +55,28 @@ class KVCache(eqx.Module):
     # ------------------------------------------------------------------ inside the model's scan
     def write(self, layer, k: jax.Array, v: jax.Array, slot_pos: jax.Array) -> KVCache:
         """Put a chunk's keys and values k, v [B, T, kv, hd] of layer `layer` into slots length..
-        with original positions slot_pos [B, T] (-1 for padding).
+        with original positions slot_pos [B, T] (-1 for padding). A row with no room (an inactive
+        row of a full cache: slot_pos all -1) keeps what is there.
 
-        One in-place dynamic-update-slice per row. The equivalent scatter, even on the uint16 bits,
-        was slower and erratic at batch 1 on a SmolLM2-sized cache (43-78 ms per decode step against
-        31-53 ms, float32 and bfloat16), as if it sometimes copied the cache. A row with no room (an
-        inactive row of a full cache: slot_pos all -1) rewrites what is there already.
-        """
+        How is the backend's choice (`backend.row_writes`): one dynamic-update-slice per row, or
+        every row in one scatter."""
         b, t = slot_pos.shape
-        cap = self.capacity
         new_pos = jnp.broadcast_to(slot_pos[:, None, :], (b, k.shape[2], t))  # [B, kv, T]
         new_k, new_v = (to_bits(x.transpose(0, 2, 1, 3).astype(self.dtype)) for x in (k, v))
+        if backend.current().row_writes:
+            ck, cv, cp = self._write_rows(layer, new_k, new_v, new_pos, slot_pos)
+        else:
+            # Slot of each token; padding and rows without room go out of range and are dropped.
+            slots = jnp.where(slot_pos >= 0, self.length[:, None] + jnp.arange(t)[None, :], self.capacity)
+            rows = jnp.arange(b)[:, None]
+            put = lambda c, new: c.at[layer, rows, :, slots].set(new.swapaxes(1, 2), mode="drop")
+            ck, cv, cp = put(self.k, new_k), put(self.v, new_v), put(self.pos, new_pos)
+        return eqx.tree_at(lambda c: (c.k, c.v, c.pos), self, (ck, cv, cp))
+
+    def _write_rows(self, layer, new_k, new_v, new_pos, slot_pos):
+        """One in-place dynamic-update-slice per row (a loop over rows unless there is one)."""
+        b, t = slot_pos.shape
+        cap = self.capacity
 
         def put(i, arrays):
             ck, cv, cp = arrays
@@ -78,9 +91,7 @@ class KVCache(eqx.Module):
             return put_one(ck, new_k, at4), put_one(cv, new_v, at4), put_one(cp, new_pos, at3)
 
         arrays = (self.k, self.v, self.pos)
-        # (One row, the prefill and batch-1 decoding: no loop around the update.)
-        ck, cv, cp = put(0, arrays) if b == 1 else jax.lax.fori_loop(0, b, put, arrays)
-        return eqx.tree_at(lambda c: (c.k, c.v, c.pos), self, (ck, cv, cp))
+        return put(0, arrays) if b == 1 else jax.lax.fori_loop(0, b, put, arrays)
 
     def keys(self) -> jax.Array:
         """Every layer's keys in their dtype: [layers, batch, kv_heads, capacity, head_dim]."""
@@ -201,8 +212,8 @@ def empty_cache(cfg: ModelConfig, batch: int, capacity: int, dtype, scores: bool
     """An empty cache; `scores` and `recent` (ring size) add the signals a policy declares."""
     lead = (cfg.n_layers, batch, cfg.n_kv_heads, capacity)
     return KVCache(
-        k=jnp.zeros((*lead, cfg.head_dim), bits_dtype(dtype)),
-        v=jnp.zeros((*lead, cfg.head_dim), bits_dtype(dtype)),
+        k=jnp.zeros((*lead, cfg.head_dim), storage_dtype(dtype)),
+        v=jnp.zeros((*lead, cfg.head_dim), storage_dtype(dtype)),
         pos=jnp.full(lead, -1, jnp.int32),
         length=jnp.zeros(batch, jnp.int32),
         next_pos=jnp.zeros(batch, jnp.int32),

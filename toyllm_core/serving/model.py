@@ -22,7 +22,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ..config import ModelConfig, from_bits, to_bits
+from ..config import ModelConfig
+from . import backend
+from .backend import from_bits, to_bits
 from .cache import KVCache
 from .quant import Int8Weight, int8_linear
 
@@ -35,10 +37,9 @@ def _init(key: jax.Array, shape: tuple[int, ...], std: float = 0.02) -> jax.Arra
 
 
 def _one_row_safe(dot, x: jax.Array, w: jax.Array) -> jax.Array:
-    """dot(x, w) for x [..., in]; a single bfloat16 row is computed as two. XLA's CPU backend sends a
-    one-row bfloat16 matmul down a path ~5x slower than a two-row one (benchmarks/matmul_forms.py),
-    which is most of a batch-1 decode step; float32 one-row products are fast as they are."""
-    if w.dtype == jnp.bfloat16 and math.prod(x.shape[:-1]) == 1:
+    """dot(x, w) for x [..., in]; a single row computed as two where the backend wants it
+    (`backend.pair_one_row`: XLA-CPU's one-row bfloat16 matmul is ~5x slower than two rows)."""
+    if backend.pair_one_row(x, w.dtype):
         # (A zero second row: a broadcast copy would be simplified back to one row.)
         pair = jnp.concatenate([x.reshape(1, -1), jnp.zeros((1, x.shape[-1]), x.dtype)])
         return dot(pair, w)[:1].reshape(*x.shape[:-1], -1)
@@ -238,7 +239,7 @@ class ToyLLM(eqx.Module):
         bits, and a bfloat16 model keeps a second copy of the embedding as bits to look tokens up in
         (vocab x d_model more memory). Not for training (the copies would not follow the weights)."""
         blocks = jax.tree.map(to_bits, self.blocks)
-        bits = to_bits(self.embed) if self.embed.dtype == jnp.bfloat16 else None
+        bits = to_bits(self.embed) if backend.current().bits_storage and self.embed.dtype == jnp.bfloat16 else None
         model = eqx.tree_at(lambda m: m.blocks, self, blocks)
         return eqx.tree_at(lambda m: m.embed_bits, model, bits, is_leaf=lambda x: x is None)
 
@@ -279,7 +280,7 @@ class ToyLLM(eqx.Module):
             valid = offsets < n_valid[:, None]
         x = self.embedding(tokens)
         params, static = eqx.partition(self.blocks, eqx.is_array)
-        # The scan slices one layer's weights per step: as bits for bfloat16 (see config.to_bits;
+        # The scan slices one layer's weights per step: as bits for bfloat16 (see backend.to_bits;
         # a no-op for the inference layout, which stores them so).
         params = jax.tree.map(to_bits, params)
 

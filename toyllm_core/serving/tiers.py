@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import from_bits, to_bits
+from .backend import from_bits, to_bits
 from .cache import KVCache
 
 COLD_BITS = (0, 4, 8)  # 0: no cold tier (evicted tokens are dropped)

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from ...config import from_bits
 from ..cache import KVCache
 from ..model import rope
 from .base import EvictingPolicy, Signals, protected_slots
@@ -83,12 +82,13 @@ def expected_attention(cache: KVCache, n_future: int, theta: float, live: jax.Ar
     cov = cov.reshape(n_layers, batch, n_kv, group, hd, hd)
 
     def layer(args):
-        k, v, mu, sigma, alive = args  # [B, kv, C, hd] x2, [B, kv, g, hd], [B, kv, g, hd, hd], [B, kv, C]
-        k = from_bits(k).astype(jnp.float32)
+        index, mu, sigma, alive = args  # layer, [B, kv, g, hd], [B, kv, g, hd, hd], [B, kv, C]
+        k, v, _ = cache.layer(index)  # [B, kv, C, hd] x2, in their dtype
+        k = k.astype(jnp.float32)
         logit = jnp.einsum("bkgd,bkcd->bkgc", mu, k) / math.sqrt(hd)
         spread = jnp.einsum("bkcd,bkgde,bkce->bkgc", k, sigma, k) / (2 * hd)
         expected = jax.nn.softmax(jnp.where(alive[:, :, None], logit + spread, -jnp.inf), axis=-1)
-        v_norm = jnp.linalg.norm(from_bits(v).astype(jnp.float32), axis=-1)  # [B, kv, C]
+        v_norm = jnp.linalg.norm(v.astype(jnp.float32), axis=-1)  # [B, kv, C]
         return expected.sum(2) * v_norm
 
-    return jax.lax.map(layer, (cache.k, cache.v, mean, cov, live))
+    return jax.lax.map(layer, (jnp.arange(n_layers), mean, cov, live))

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from ...config import from_bits
 from ..cache import KVCache
 from .base import EvictingPolicy
 from .registry import register
@@ -24,5 +23,5 @@ class KeyNorm(EvictingPolicy):
     name = "knorm"
 
     def score(self, cache: KVCache) -> jax.Array:
-        k = from_bits(cache.k).astype(jnp.float32)  # [layers, batch, kv, capacity, head_dim]
+        k = cache.keys().astype(jnp.float32)  # [layers, batch, kv, capacity, head_dim]
         return -jnp.sqrt(jnp.sum(k * k, axis=-1))  # lowest norm first

@@ -1,0 +1,78 @@
+"""What the serving core does differently per XLA backend, in one place, chosen by
+`jax.default_backend()`. Everything else (the model, the cache, the policies, the engine) is
+backend-free and asks this module.
+
+Each choice answers a slow path of XLA's CPU backend, measured on this project's CPU machines
+(docs/serving-speed.md, benchmarks/matmul_forms.py):
+- `bits_storage`: bfloat16 arrays that a jitted step slices or updates in place (the stacked layer
+  weights, the K/V cache) are kept as their uint16 bit patterns. XLA-CPU slices and updates bfloat16
+  by converting through float32, which copied the whole array every time (~10x slower for a layer's
+  weights in the scan, ~100x for a batch-16 cache write); on integers these are in-place. The bits
+  are reinterpreted (free) where they are used.
+- `pair_one_row`: a one-row bfloat16 matmul runs as two rows; XLA-CPU sends one row down a path ~5x
+  slower, most of a batch-1 decode step.
+- `row_writes`: a chunk's keys and values go into the cache with one dynamic-update-slice per row;
+  the equivalent scatter was slower and erratic on XLA-CPU at batch 1 (43-78 ms per decode step
+  against 31-53 ms), as if it sometimes copied the cache.
+
+Other backends (GPUs) store bfloat16 as it is, multiply one row as one, and write every row with one
+scatter: the plain forms, which XLA's GPU backend compiles to in-place updates. Those forms run
+on CPU too (the tests check both give the same numbers there); they are unmeasured on a GPU here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cache
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclass(frozen=True)
+class Backend:
+    platform: str
+    bits_storage: bool
+    pair_one_row: bool
+    row_writes: bool
+
+
+CPU = Backend("cpu", bits_storage=True, pair_one_row=True, row_writes=True)
+PLAIN = Backend("plain", bits_storage=False, pair_one_row=False, row_writes=False)
+
+# TOYLLM_BACKEND_CHOICES=plain runs the plain forms on any backend (the tests compare them on CPU).
+_ENV = "TOYLLM_BACKEND_CHOICES"
+
+
+@cache
+def current() -> Backend:
+    """The choices for the default backend (read once per process, at the first trace)."""
+    if os.environ.get(_ENV) == "plain":
+        return PLAIN
+    return CPU if jax.default_backend() == "cpu" else PLAIN
+
+
+def to_bits(x: jax.Array) -> jax.Array:
+    """How the backend stores `x`: its bits for bfloat16 under `bits_storage`, else `x`."""
+    if current().bits_storage and x.dtype == jnp.bfloat16:
+        return jax.lax.bitcast_convert_type(x, jnp.uint16)
+    return x
+
+
+def from_bits(x: jax.Array) -> jax.Array:
+    """The array in its real dtype (the inverse of `to_bits`)."""
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
+
+
+def storage_dtype(dtype):
+    """The dtype arrays of `dtype` are stored as (see `to_bits`)."""
+    return jnp.uint16 if current().bits_storage and jnp.dtype(dtype) == jnp.bfloat16 else dtype
+
+
+def pair_one_row(x: jax.Array, w_dtype) -> bool:
+    """Whether x [..., in] (one row) times a `w_dtype` weight should run as two rows."""
+    n_rows = 1
+    for n in x.shape[:-1]:
+        n_rows *= n
+    return current().pair_one_row and jnp.dtype(w_dtype) == jnp.bfloat16 and n_rows == 1
