@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from ... import jit_stats
+from ..cache import empty_cache
 from ..model import ToyLLM
 from ..sampling import SamplingParams, first_token
 from ..tiers import ColdTier, cold_buckets
@@ -63,52 +64,59 @@ def programs(classes: list[CacheClass]) -> list[Program]:
 
 
 def compile_program(model: ToyLLM, p: Program, steps_per_call: int) -> None:
-    """Run one program on empty inputs of its shapes (which compiles it) and wait for it."""
+    """Build one program: lower it for its input shapes and compile it (or read it from the
+    persistent compilation cache), without running it. Caches are given as shapes only, so that
+    warming a class does not allocate its decode state once per program."""
     cls, cfg = p.cls, model.cfg
+
+    def cache(batch: int, capacity: int):
+        return jax.eval_shape(lambda: steps.new_cache(model, cls, batch, capacity))
+
+    def build(fn, *args, **kwargs):
+        fn.lower(*args, **kwargs).compile()
+
+    state, prefill = (lambda: cache(cls.slots, cls.capacity)), (lambda: cache(1, cls.prefill_capacity))
     if p.kind == "new-state":
-        out = steps.new_cache(model, cls, cls.slots, cls.capacity)
+        signals = cls.policy.signals
+        build(empty_cache, cfg, cls.slots, cls.capacity, model.dtype, signals.scores, signals.recent_queries)
     elif p.kind == "new-prefill":
-        out = steps.new_cache(model, cls, 1, cls.prefill_capacity)
+        signals = cls.policy.signals
+        build(empty_cache, cfg, 1, cls.prefill_capacity, model.dtype, signals.scores, signals.recent_queries)
     elif p.kind == "chunk":
-        cache = steps.new_cache(model, cls, 1, cls.prefill_capacity)
-        out = steps.prefill_chunk(model, cache, np.zeros((1, p.size), np.int32), np.array([p.size], np.int32))
+        build(steps.prefill_chunk, model, prefill(), np.zeros((1, p.size), np.int32), np.array([p.size], np.int32))
     elif p.kind == "compress":
-        out = steps.compress_cache(steps.new_cache(model, cls, 1, cls.prefill_capacity), cls=cls)
+        build(steps.compress_cache, prefill(), cls=cls)
     elif p.kind == "fit":
-        out = steps.resize(steps.new_cache(model, cls, 1, cls.prefill_capacity), capacity=cls.capacity)
+        build(steps.resize, prefill(), capacity=cls.capacity)
     elif p.kind == "grow":
-        out = steps.resize(steps.new_cache(model, cls, 1, p.size), capacity=cls.prefill_capacity)
+        build(steps.resize, cache(1, p.size), capacity=cls.prefill_capacity)
     elif p.kind == "insert":
-        out = steps.insert_row(steps.new_cache(model, cls, cls.slots, cls.capacity), np.int32(0),
-                               steps.new_cache(model, cls, 1, cls.prefill_capacity), cls=cls)
+        build(steps.insert_row, state(), np.int32(0), prefill(), cls=cls)
     elif p.kind == "extract":
-        out = steps.extract_row(steps.new_cache(model, cls, cls.slots, cls.capacity), np.int32(0))
+        build(steps.extract_row, state(), np.int32(0))
     elif p.kind == "move":
-        out = steps.move_row(steps.new_cache(model, cls, cls.slots, cls.capacity), np.int32(1 % cls.slots),
-                             np.int32(0))
+        build(steps.move_row, state(), np.int32(1 % cls.slots), np.int32(0))
     elif p.kind == "recall":
         cold = ColdTier.empty(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cls.policy.cold_bits).upload(p.size)
-        out = steps.recall(steps.new_cache(model, cls, 1, cls.prefill_capacity), cold, cls=cls)
+        build(steps.recall, prefill(), cold, cls=cls)
     elif p.kind == "recall-chunk":
-        cache = steps.new_cache(model, cls, 1, cls.recall_capacity)
-        out = steps.prefill_chunk(model, cache, np.zeros((1, p.size), np.int32), np.array([p.size], np.int32))
+        build(steps.prefill_chunk, model, cache(1, cls.recall_capacity), np.zeros((1, p.size), np.int32),
+              np.array([p.size], np.int32))
     elif p.kind == "reselect":
-        cache = steps.new_cache(model, cls, 1, cls.recall_capacity)
-        out = steps.reselect(cache, np.zeros(cache.pos.shape, bool), cls=cls)
+        recalled = cache(1, cls.recall_capacity)
+        build(steps.reselect, recalled, jax.ShapeDtypeStruct(recalled.pos.shape, bool), cls=cls)
     elif p.kind == "compress-row":
-        out = steps.compress_row(steps.new_cache(model, cls, cls.slots, cls.capacity), np.int32(0), cls=cls)
+        build(steps.compress_row, state(), np.int32(0), cls=cls)
     elif p.kind == "decode":
         n = p.size
         z = np.zeros(n, np.int32)
-        out = steps.decode_steps(model, steps.new_cache(model, cls, cls.slots, cls.capacity), np.int32(1), z, z,
-                                 np.zeros((n, 2), np.uint32), np.ones(n, np.float32), z, np.ones(n, np.float32),
-                                 z - 1, z, n_rows=n, max_steps=steps_per_call)
+        build(steps.decode_steps, model, state(), np.int32(1), z, z, np.zeros((n, 2), np.uint32),
+              np.ones(n, np.float32), z, np.ones(n, np.float32), z - 1, z, n_rows=n, max_steps=steps_per_call)
     elif p.kind == "first-token":
         params = SamplingParams(temperature=1.0, top_k=1)
-        out = first_token(np.zeros(cfg.vocab_size, np.float32), params, np.zeros(2, np.uint32))
+        jax.block_until_ready(first_token(np.zeros(cfg.vocab_size, np.float32), params, np.zeros(2, np.uint32)))
     else:
         raise ValueError(f"unknown program kind {p.kind!r}")
-    jax.block_until_ready(out)
 
 
 def warm_up(model: ToyLLM, classes: list[CacheClass], steps_per_call: int,
