@@ -81,7 +81,7 @@ def _start(state: ServerState) -> None:
         "policies": policy_names(),
         "default_cache": state.default_policy.describe(),
         "cache_classes": [c.describe(model.kv_bytes_per_token) for c in state.classes],
-        # Decode slots are allocated at start-up; prefill caches while prompts prefill (at most
+        # Decode slots are allocated when a class first decodes; prefill caches while prompts prefill (at most
         # prefill_rows per class), a new turn's recalled cache (hot ∪ cold) while it prefills (one at a time).
         "memory": {"decode_bytes": sum(m["decode_bytes"] for m in memory),
                    "prefill_bytes": sum(m["prefill_bytes"] for m in memory),

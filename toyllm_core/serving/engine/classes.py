@@ -117,7 +117,7 @@ class CacheClass:
         return min(RECALL_TAIL, self.max_chunk)
 
     def memory(self, bytes_per_token: int) -> dict:
-        """What the class allocates, in bytes: the decode slots (held from start-up), the prefill
+        """What the class allocates, in bytes: the decode slots (held from the first row on), the prefill
         caches of the prompts prefilling at once, and a new turn's recalled cache (hot ∪ cold at the
         largest cold bucket; both transient)."""
         reselect = self.recall_capacity

@@ -9,8 +9,8 @@ Shaped like JetStream's engine API, over pure jitted steps (`steps`):
     outputs = engine.step()       # one decode call per class with active rows: tokens for every slot
     cache, length = engine.free(seq)                               # the row's cache, for its session
 
-Each class's decode state is one cache of `slots` rows x `capacity` slots, allocated once.
-Occupied rows stay packed at the front (a freed row's slot takes the last occupied row), so a decode
+Each class's decode state is one cache of `slots` rows x `capacity` slots, allocated when the class
+first takes a row, and kept. Occupied rows stay packed at the front (a freed row's slot takes the last occupied row), so a decode
 call runs the smallest compiled batch size that covers them. Compressing rows are compressed in
 place when they reach budget + slack. The engine knows nothing of HTTP or threads: the server's
 engine thread, `toyllm generate`, the benchmarks and the evaluation all drive this object.
@@ -121,14 +121,29 @@ class DecodeFailed(RuntimeError):
 
 
 class _ClassState:
-    """One class's decode state: the batched cache and who sits in each slot."""
+    """One class's decode state: the batched cache and who sits in each slot. The cache is allocated
+    when the class first takes a row, and kept: a class no request uses costs no memory."""
 
     def __init__(self, model: ToyLLM, cls: CacheClass):
-        self.cls = cls
-        self.cache = steps.new_cache(model, cls, cls.slots, cls.capacity)
+        self.model, self.cls = model, cls
+        self._cache: KVCache | None = None
         self.rows: list[Sequence] = []  # occupied slots, packed: rows[i].slot == i
         self.reserved = 0  # prefills under way that will take a slot
         self.prefilling = 0  # prefill caches held (at most cls.prefill_rows)
+
+    @property
+    def cache(self) -> KVCache:
+        if self._cache is None:
+            self._cache = steps.new_cache(self.model, self.cls, self.cls.slots, self.cls.capacity)
+        return self._cache
+
+    @cache.setter
+    def cache(self, value: KVCache) -> None:
+        self._cache = value
+
+    @property
+    def allocated(self) -> bool:
+        return self._cache is not None
 
     @property
     def free_slots(self) -> int:
@@ -164,8 +179,8 @@ class Engine:
         return sum(len(s.rows) for s in self._states.values())
 
     def capacity_bytes(self) -> int:
-        """Bytes of every class's decode state (allocated once)."""
-        return sum(c.slots * c.capacity for c in self.classes) * self.model.kv_bytes_per_token
+        """Bytes of the decode states allocated so far (a class's, once it first takes a row)."""
+        return sum(c.slots * c.capacity for c, s in self._states.items() if s.allocated) * self.model.kv_bytes_per_token
 
     # ------------------------------------------------------------------------------- prefill
     def begin(self, tokens, cls: CacheClass, sampling: SamplingParams, cache: KVCache | None = None,
