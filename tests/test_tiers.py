@@ -166,3 +166,42 @@ def test_a_follow_up_turns_question_is_prefilled_against_the_whole_history():
     assert job.reselections == 1 and job.tail == 21 and job.length == 32
     two_err, one_err = np.abs(two - full).max(), np.abs(one - full).max()
     assert two_err < 0.002 * np.abs(full).max() and one_err > 50 * two_err
+
+
+def test_a_follow_up_turn_rewinds_the_last_reply_and_reads_it_as_a_full_cache_would():
+    """Turn 1's reply was decoded against a 32-slot hot set; turn 2 drops it from both tiers and
+    prefills it again with its prompt, against hot ∪ cold: its logits are those of a full cache fed
+    the same history (up to int8 rounding), and nothing is lost."""
+    model = tiny_model()
+    snap = make_policy("snapkv", budget=32, sink_size=4, window_size=8, obs_window=8, pool_kernel=3, slack=16)
+    cls = CacheClass.make(snap, 1, 64, prefill_window=128, cold_tokens=512)
+    engine, session = Engine(model, [cls]), Session(cls)
+    rng = np.random.default_rng(2)
+    session.run_turn(engine, rng.integers(0, 1000, 100).tolist(), SamplingParams(max_new_tokens=40, temperature=0.0,
+                                                                                 ignore_eos=True))
+    assert session.reply_start == 100 and session.rewind_to(cls) == 100
+    prompt = rng.integers(0, 1000, 20).tolist()
+    history = session.tokens + prompt
+    job = session.begin(engine, prompt, SamplingParams(max_new_tokens=1))
+    assert len(job.tokens) == 40 + 20 and job.tail == 60
+    while not engine.prefill(job):
+        pass
+    two = np.asarray(job.logits)
+    seq = engine.start(job)
+    session.started(seq, prompt)
+    session.emitted(seq.pending)
+    session.finish(engine, seq)
+    hot = np.asarray(session.cache.pos)[:, 0, :, : session.length]
+    for layer in range(hot.shape[0]):
+        for head in range(hot.shape[1]):
+            cold, kept = session.cold.pos[layer, head], hot[layer, head]
+            assert sorted(kept[kept >= 0].tolist() + cold[cold >= 0].tolist()) == list(range(len(history)))
+
+    full_cls = CacheClass.make(make_policy("full"), 1, 64, tokens=256)
+    full_engine = Engine(model, [full_cls])
+    job = full_engine.begin(history, full_cls, SamplingParams(max_new_tokens=1))
+    while not full_engine.prefill(job):
+        pass
+    full = np.asarray(job.logits)
+    # (Measured: 5.4e-5 of a 0.64 logit scale; without the rewind 1.5e-3.)
+    assert np.abs(two - full).max() < 0.0005 * np.abs(full).max()

@@ -154,6 +154,22 @@ class KVCache(eqx.Module):
         axes = _batch_axes(caches[0])
         return jax.tree.map(lambda *xs: jnp.concatenate(xs[1:], axis=xs[0]), axes, *caches)
 
+    def truncated(self, position) -> KVCache:
+        """Every slot at `position` and after emptied, as if the row had seen only the tokens before
+        it (one row; `position` may be traced). Slots stay in position order, so the live ones stay
+        first."""
+        gone = self.pos >= position
+        pos = jnp.where(gone, -1, self.pos)
+        fields = lambda c: [c.pos, c.length, c.next_pos] + ([c.score] if c.score is not None else []) + \
+            ([c.recent_pos] if c.recent_pos is not None else [])
+        values = [pos, jnp.max(jnp.sum(pos >= 0, axis=-1), axis=(0, 2)).astype(jnp.int32),
+                  jnp.minimum(self.next_pos, position).astype(jnp.int32)]
+        if self.score is not None:
+            values.append(jnp.where(gone, 0.0, self.score))
+        if self.recent_pos is not None:
+            values.append(jnp.where(self.recent_pos >= position, -1, self.recent_pos))
+        return eqx.tree_at(fields, self, values)
+
     # ---------------------------------------------------------------------------- whole rows
     def rows(self, start, n: int = 1) -> KVCache:
         """Rows start .. start + n as a cache of n rows (start may be traced)."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .cache import KVCache
-from .engine import CacheClass, Engine, Prefill, Sequence
+from .engine import RECALL_TAIL, CacheClass, Engine, Prefill, Sequence
 from .sampling import SamplingParams
 from .tiers import ColdTier
 
@@ -47,6 +47,7 @@ class Session:
     reselections: int = 0
     tokens_recalled: float = 0.0  # brought back from cold per layer and KV head, over every re-selection
     cold_dropped: int = 0  # cold entries per layer and KV head dropped at the tier's bound
+    reply_start: int | None = None  # position of the last turn's first generated token
 
     @property
     def policy(self):
@@ -71,12 +72,26 @@ class Session:
         """What a turn prefills: the pending token, then the prompt."""
         return ([self.pending] if self.pending is not None else []) + list(prompt_ids)
 
+    def rewind_to(self, cls: CacheClass) -> int | None:
+        """Where a tiered session rewinds to at its next turn: the start of its last reply (at most
+        RECALL_TAIL tokens back), or None. The reply's keys and values were computed while it was
+        decoded against the hot set of its turn; the next turn prefills it again, within the tokens
+        that see hot ∪ cold, so that what it holds is what a full cache would."""
+        if not (cls.tiered and self.cold is not None and self.cold.length and self.reply_start is not None):
+            return None
+        start = max(self.reply_start, len(self.tokens) - RECALL_TAIL)
+        return start if start < self.tokens_in_cache else None
+
     def begin(self, engine: Engine, prompt_ids: list[int], sampling: SamplingParams, cls: CacheClass | None = None,
               user: object = None) -> Prefill:
         """Start a turn: the engine takes the tiers and prefills pending + prompt (in class `cls`, a
-        larger full class, when given)."""
+        larger full class, when given); a tiered session first rewinds its last reply (`rewind_to`)
+        and prefills it again before them."""
         cls = cls or self.cls
-        job = engine.begin(self.feed(prompt_ids), cls, sampling, self.cache, self.length, user=user, cold=self.cold)
+        rewind = self.rewind_to(cls)
+        feed = self.feed(prompt_ids) if rewind is None else self.tokens[rewind:] + list(prompt_ids)
+        job = engine.begin(feed, cls, sampling, self.cache, self.length, user=user, cold=self.cold,
+                           rewind_to=rewind)
         self.cache, self.cold, self.cls = None, None, cls
         return job
 
@@ -85,6 +100,7 @@ class Session:
         self.tokens.extend(prompt_ids)
         self.pending = None
         self.length = seq.length
+        self.reply_start = len(self.tokens)
 
     def emitted(self, token: int) -> None:
         """A generated token the turn hands out (the next turn feeds the last one first)."""

@@ -224,6 +224,16 @@ class ColdTier:
         return ColdChunk(pad(self._unpack(self.k)), pad(self.k_scale), pad(self._unpack(self.v)), pad(self.v_scale),
                          pad(self.pos, -1))
 
+    def before(self, position: int) -> ColdTier:
+        """The tier without its entries at `position` and after (a session rewinding its last reply)."""
+        keep = (self.pos >= 0) & (self.pos < position)
+        n = int(keep.sum(axis=-1).max()) if keep.size else 0
+        order = np.argsort(~keep, axis=-1, kind="stable")[..., :n]
+        take = lambda a: np.take_along_axis(a, order if a.ndim == 3 else order[..., None], axis=2)
+        pos = np.where(take(keep), take(self.pos), -1)
+        return ColdTier(self.bits, self.head_dim, take(self.k), take(self.k_scale), take(self.v), take(self.v_scale),
+                        pos)
+
     def drop_oldest(self, keep: int) -> tuple[ColdTier, int]:
         """At most `keep` entries per head: the latest positions (the tier's bound). Returns the tier
         and how many entries per head it dropped."""

@@ -123,6 +123,7 @@ def run_once(model: ToyLLM, tokenizer, chat, doc: SessionDocument, policies: lis
         read.run_turn(engine, [int(runner.prompt[-1])], dataclasses.replace(runner.sampling, max_new_tokens=1))
         read.tokens.pop()
         read.pending = None
+        read.reply_start = None  # (that token is no reply)
         turns = []
         for i, question in enumerate(doc.questions):
             text = doc.turn(i).split("\n\n")[-1] if i == 0 else doc.turn(i)

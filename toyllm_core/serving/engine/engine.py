@@ -184,10 +184,12 @@ class Engine:
 
     # ------------------------------------------------------------------------------- prefill
     def begin(self, tokens, cls: CacheClass, sampling: SamplingParams, cache: KVCache | None = None,
-              length: int = 0, user: object = None, cold: ColdTier | None = None) -> Prefill:
+              length: int = 0, user: object = None, cold: ColdTier | None = None,
+              rewind_to: int | None = None) -> Prefill:
         """Start prefilling `tokens` for a sequence of class `cls` (reserving a decode slot and a
         prefill row), on a session's idle cache (one row, at the capacity of this class or of a
-        smaller full class) and cold tier, or on new ones."""
+        smaller full class) and cold tier, or on new ones. `rewind_to` (a tiered class): first drop
+        every position from there on from both tiers (`tokens` then start at that position)."""
         tokens = np.asarray(tokens, np.int32)
         if len(tokens) == 0:
             raise ValueError("a prompt needs at least one token")
@@ -205,6 +207,10 @@ class Engine:
             cache = steps.new_cache(self.model, cls, 1, cls.prefill_capacity)
         elif cache.capacity != cls.prefill_capacity:
             cache = steps.resize(cache, capacity=cls.prefill_capacity)
+        if rewind_to is not None and cls.tiered:
+            cache = steps.truncate(cache, np.int32(rewind_to))
+            cold = cold.before(rewind_to)
+            length = int(np.asarray(cache.length)[0])  # (indexing on the device would compile)
         state.reserved += 1
         state.prefilling += 1
         eos = -1 if sampling.ignore_eos else (self.eos if sampling.eos_id is None else sampling.eos_id)

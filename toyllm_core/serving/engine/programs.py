@@ -3,13 +3,13 @@ that compiles them.
 
 Per class: its decode state, a new prefill cache, each prefill chunk length, the moves between the
 prefill cache, the decode slots and an idle session (insert, extract, move, resize), compression
-(of the prefill cache, and of a decode row), a new turn's recall of hot ∪ cold for each cold-length
-bucket, the chunks of its last prompt tokens against that and the re-selection (a tiered class),
-and the decode call at each compiled batch size (one
-program for every sampling setting: the sampler picks its path at run time). Plus the first-token
-sampler. No
-request can reach a shape outside this list: prompt lengths are cut into the listed chunks, batch
-sizes are the listed buckets, and a cache configuration outside the classes is refused.
+(of the prefill cache, and of a decode row), and the decode call at each compiled batch size (one
+program for every sampling setting: the sampler picks its path at run time). A tiered class adds a
+new turn's programs: the rewinding of the session's last reply, the recall of hot ∪ cold for each
+cold-length bucket, the chunks of the prompt's last tokens against them, and the re-selection.
+Plus the first-token sampler. No request can reach a shape outside this list: prompt lengths are
+cut into the listed chunks, batch sizes are the listed buckets, and a cache configuration outside
+the classes is refused.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from .classes import CacheClass, chunk_sizes, row_buckets
 @dataclass(frozen=True)
 class Program:
     kind: str  # new-state, new-prefill, chunk, compress, fit, insert, extract, move, compress-row, decode,
-    # grow, recall, recall-chunk, reselect, first-token
+    # grow, truncate, recall, recall-chunk, reselect, first-token
 
     cls: CacheClass | None
     size: int = 0  # chunk length, decode rows, or the capacity grown from
@@ -52,6 +52,7 @@ def programs(classes: list[CacheClass]) -> list[Program]:
             out += [Program("compress", cls), Program("fit", cls), Program("compress-row", cls),
                     Program("grow", cls, cls.capacity)]
             if cls.tiered:  # a new turn over hot ∪ cold: recalled per cold-length bucket
+                out.append(Program("truncate", cls))  # the last reply rewound
                 out += [Program("recall", cls, n) for n in cold_buckets(cls.cold_tokens)]
                 out += [Program("recall-chunk", cls, n) for n in chunk_sizes(cls.tail_chunk)]
                 out.append(Program("reselect", cls))
@@ -96,6 +97,8 @@ def compile_program(model: ToyLLM, p: Program, steps_per_call: int) -> None:
         build(steps.extract_row, state(), np.int32(0))
     elif p.kind == "move":
         build(steps.move_row, state(), np.int32(1 % cls.slots), np.int32(0))
+    elif p.kind == "truncate":
+        build(steps.truncate, prefill(), np.int32(0))
     elif p.kind == "recall":
         cold = ColdTier.empty(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cls.policy.cold_bits).upload(p.size)
         build(steps.recall, prefill(), cold, cls=cls)

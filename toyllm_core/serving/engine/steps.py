@@ -56,6 +56,12 @@ def compress_cache(cache: KVCache, *, cls: CacheClass) -> tuple[KVCache, ColdChu
     return _compress(cache, cls)
 
 
+@partial(jax.jit, donate_argnames=("cache",))
+def truncate(cache: KVCache, position) -> KVCache:
+    """A prefill cache without the slots at `position` and after (a session rewinding its last reply)."""
+    return cache.truncated(position)
+
+
 @partial(jax.jit, static_argnames=("cls",))
 def recall(cache: KVCache, cold: ColdChunk, *, cls: CacheClass) -> tuple[KVCache, jax.Array]:
     """A prefill cache and its cold tier (padded to a bucket) as one cache at the class's recall

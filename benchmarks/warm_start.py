@@ -1,0 +1,80 @@
+"""A cold start and a warm start of the default server: seconds from `toyllm serve` to `/ready` 200,
+the warm-up's programs (built, and read back from the compile cache), the cache's size on disk, and
+the peak resident memory by phase that /info reports.
+
+    python benchmarks/warm_start.py --json out/warm_start.json
+
+The first start gets an empty compile cache (a fresh temporary directory), the second the same one.
+Extra `TOYLLM_*` settings come from the environment, as for `toyllm serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from toyllm_core.compile_cache import disk_bytes
+from toyllm_core.machine import machine
+
+
+def _start(env: dict, log: Path, timeout: float) -> dict:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    started = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port)],
+                                env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        while time.perf_counter() - started < timeout:
+            if proc.poll() is not None:
+                raise SystemExit(f"the server exited; see {log}")
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        else:
+            raise SystemExit(f"not ready after {timeout} s; see {log}")
+        ready = time.perf_counter() - started
+        info = httpx.get(url + "/info", timeout=10).json()
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    warm = info["warmup"]
+    return {"ready_s": round(ready, 2), "warmup_s": round(warm["seconds"], 2), "programs": warm["programs"],
+            "built": warm["compilations"], "read_from_cache": warm["cache_hits"],
+            "peak_rss_bytes": info["peak_rss_bytes"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", type=Path)
+    p.add_argument("--timeout", type=float, default=600)
+    a = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {"TOYLLM_COMPILE_CACHE_DIR": str(Path(tmp) / "xla")}
+        cold = _start(env, Path(tmp) / "cold.log", a.timeout)
+        warm = _start(env, Path(tmp) / "warm.log", a.timeout)
+        size = disk_bytes(env["TOYLLM_COMPILE_CACHE_DIR"])
+    out = {"cold": cold, "warm": warm, "compile_cache_bytes": size, "machine": machine()}
+    print(f"cold start: ready in {cold['ready_s']} s ({cold['built']} programs compiled); warm start: ready in "
+          f"{warm['ready_s']} s ({warm['read_from_cache']} read from the cache); cache {size / 2**20:.1f} MiB")
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
