@@ -18,9 +18,12 @@ engine thread, `toyllm generate`, the benchmarks and the evaluation all drive th
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import jax
 import numpy as np
@@ -120,6 +123,32 @@ class DecodeFailed(RuntimeError):
         self.outputs, self.failures = outputs, failures
 
 
+class _CompletionWatcher:
+    """Times device work without waiting for it: a daemon thread waits for each watched array and
+    calls back with the seconds from `started` to its completion. (JAX runs a backend's programs in
+    the order they were dispatched, so work dispatched right after a synchronisation point starts
+    at once.)"""
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, array: jax.Array, started: float, callback: Callable[[float], None]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="toyllm-completions", daemon=True)
+            self._thread.start()
+        self._queue.put((array, started, callback))
+
+    def _run(self) -> None:
+        while True:
+            array, started, callback = self._queue.get()
+            try:
+                array.block_until_ready()
+            except Exception:  # noqa: BLE001, S112 - a failed step is the engine's to report, not the timer's
+                continue
+            callback(time.perf_counter() - started)
+
+
 class _ClassState:
     """One class's decode state: the batched cache and who sits in each slot. The cache is allocated
     when the class first takes a row, and kept: a class no request uses costs no memory."""
@@ -160,9 +189,10 @@ class Engine:
         self.eos = model.cfg.eos_token_id  # the token that ends a sequence (unless it ignores EOS)
         self.classes = list(classes)
         self.steps_per_call = steps_per_call
-        # Called as on_compress(seq, seconds) after each decode-time compression; setting it makes
-        # the engine wait for each compression to finish so that it can be timed.
+        # Called as on_compress(seq, seconds) once each decode-time compression has finished (from
+        # a watcher thread: the engine does not wait for it).
         self.on_compress = on_compress
+        self._watcher = _CompletionWatcher()
         self._states = {c: _ClassState(model, c) for c in classes}
 
     # ------------------------------------------------------------------------------- classes
@@ -400,8 +430,7 @@ class Engine:
             if chunk is not None and r.cold is not None:
                 r.spill.append(chunk)
             if self.on_compress is not None:
-                state.cache.length.block_until_ready()
-                self.on_compress(r, time.perf_counter() - started)
+                self._watcher.watch(state.cache.length, started, partial(self.on_compress, r))
             r.tokens_evicted += _evicted(cls.policy, r.length, r.compressions)
             r.compressions += 1
             r.length = min(r.length, cls.policy.kept_slots)
