@@ -12,46 +12,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
+from server.subprocess_server import serve
 from toyllm_core.compile_cache import disk_bytes
 from toyllm_core.machine import machine
 
 
 def _start(env: dict, log: Path, timeout: float) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port)],
-                                env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        while time.perf_counter() - started < timeout:
-            if proc.poll() is not None:
-                raise SystemExit(f"the server exited; see {log}")
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise SystemExit(f"not ready after {timeout} s; see {log}")
+    with serve(env, log, timeout) as (url, _):
         ready = time.perf_counter() - started
         info = httpx.get(url + "/info", timeout=10).json()
-    finally:
-        proc.terminate()
-        proc.wait(60)
     warm = info["warmup"]
     return {"ready_s": round(ready, 2), "warmup_s": round(warm["seconds"], 2), "programs": warm["programs"],
             "built": warm["compilations"], "read_from_cache": warm["cache_hits"],

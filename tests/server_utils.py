@@ -6,7 +6,6 @@ import contextlib
 import json
 import re
 import time
-from pathlib import Path
 
 from fastapi.testclient import TestClient
 
@@ -95,36 +94,8 @@ def background_stream(client, body: dict):
 @contextlib.contextmanager
 def live_server(env: dict, log_path, timeout: float = 300.0):
     """A `toyllm serve` subprocess on a free port with `env` added; yields its URL once /ready is 200."""
-    import os
-    import socket
-    import subprocess
-    import sys
+    from server.subprocess_server import serve
 
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log_path = Path(log_path)
-    with log_path.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port)],
-                                env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    live_server.process = proc  # for tests that signal it
-    try:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise TimeoutError(log_path.read_text()[-3000:])
+    with serve(env, log_path, timeout) as (url, proc):
+        live_server.process = proc  # for tests that signal it
         yield url
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(30)
