@@ -182,6 +182,12 @@ class OpenAIRequest(BaseModel):
     presence_penalty: float | None = Field(None, ge=0, le=0, description="Not supported: 0 or left out.")
     logit_bias: dict[str, float] | None = Field(None, max_length=0, description="Not supported: empty or left out.")
     user: str | None = Field(None, max_length=256, description="The end user, for the client's own records.")
+    # Extensions (as vLLM and llama.cpp's server have them).
+    ignore_eos: bool = Field(False, description="An extension: keep generating past the end-of-text token "
+                             "(benchmarks: every request makes max_tokens tokens).")
+    cache: CacheSpec | None = Field(None, description="An extension, as /generate's: the cache a stateless request "
+                                    "runs under (one of the server's cache classes, e.g. {\"policy\": \"full\"}); "
+                                    "a session's is fixed when it is created.")
 
     @field_validator("frequency_penalty", "presence_penalty", mode="before")
     @classmethod
@@ -274,10 +280,6 @@ class ChatCompletionRequest(OpenAIRequest):
                                      "per token (implies logprobs).")
     session_id: str | None = Field(None, max_length=64, description="Continue this session's chat: only the "
                                    "messages it does not hold yet are prefilled, against its cache.")
-    cache: CacheSpec | None = Field(None, description="An extension, as /generate's: the cache a stateless chat "
-                                    "runs under (one of the server's cache classes, e.g. {\"policy\": \"full\"}); "
-                                    "a session's is fixed when it is created.")
-
     @property
     def wants_logprobs(self) -> bool:
         return self.logprobs or bool(self.top_logprobs)

@@ -90,6 +90,27 @@ def test_top_k_is_the_vllm_extension(client):
     assert _complete(client, top_k=-2).status_code == 422
 
 
+def test_ignore_eos_and_cache_are_completion_extensions(client):
+    """As vLLM and llama.cpp's server take them: ignore_eos generates past the end-of-text token; `cache`
+    names the class a stateless request runs under (one of the server's)."""
+    first = _complete(client).json()
+    ids = [d["id"] for n, d in parse_sse(client.post("/generate", json={"prompt": "The history of", "max_new_tokens": 5,
+                                                                        "temperature": 0}).text) if n == "token"]
+    engine = client.app.state.toyllm.engine.core
+    eos, engine.eos = engine.eos, ids[0]  # the token greedy decoding makes first now ends the text
+    try:
+        stopped = _complete(client).json()
+        kept_going = _complete(client, ignore_eos=True).json()
+    finally:
+        engine.eos = eos
+    assert stopped["choices"][0]["finish_reason"] == "stop" and stopped["usage"]["completion_tokens"] == 0
+    assert kept_going["usage"]["completion_tokens"] == 5
+    assert kept_going["choices"][0]["text"] == first["choices"][0]["text"]
+    assert _complete(client, cache={"policy": "full"}).json()["choices"][0]["text"] == first["choices"][0]["text"]
+    refused = _complete(client, cache={"policy": "h2o", "budget": 7})
+    assert refused.status_code == 422 and "cache" in refused.text
+
+
 @pytest.mark.parametrize("field, value", [("best_of", 2), ("frequency_penalty", 0.5), ("presence_penalty", -1),
                                           ("logit_bias", {"50256": -100}), ("suffix", "end"), ("n", 2),
                                           ("tools", []), ("logprobs", 6), ("made_up_field", 1)])

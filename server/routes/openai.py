@@ -162,8 +162,8 @@ async def completions(body: CompletionRequest, request: Request, state: ReadySta
     """A text completion of one prompt."""
     _check_model(state, body.model)
     sampling = sampling_params(body.max_tokens, body.temperature, body.top_k_value, body.top_p, body.seed,
-                               body.stop_list, top_logprobs=body.logprobs or 0)
-    session = _ephemeral_session(state)
+                               body.stop_list, ignore_eos=body.ignore_eos, top_logprobs=body.logprobs or 0)
+    session = _ephemeral_session(state, cache_policy(state, body.cache))
     prompt = body.prompt_text
     prompt_ids = await run_in_threadpool(tokenize, state, prompt)  # a long prompt takes a while
     cls = request_class(state, session, len(prompt_ids), body.max_tokens)
@@ -218,7 +218,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     session_id = body.session_id or x_session_id
     top = body.top_logprobs or 0
     sampling = sampling_params(body.max_new_tokens, body.temperature, body.top_k_value, body.top_p, body.seed,
-                               body.stop_list, eos_id=state.end_of_turn, top_logprobs=top)
+                               body.stop_list, ignore_eos=body.ignore_eos, eos_id=state.end_of_turn,
+                               top_logprobs=top)
     policy = cache_policy(state, body.cache)
     if session_id is None:
         session = _ephemeral_session(state, policy)
