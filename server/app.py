@@ -67,9 +67,10 @@ def _start(state: ServerState) -> None:
     state.store = SessionStore(s.max_sessions, s.session_ttl_s, s.max_cache_bytes, model.kv_bytes_per_token,
                                on_created=m.sessions_created.inc,
                                on_evicted=lambda reason: m.sessions_evicted.labels(reason).inc())
-    core = CoreEngine(model, state.classes, steps_per_call=s.steps_per_call)
+    core = CoreEngine(model, state.classes, steps_per_call=s.steps_per_call, batch_rows=s.max_concurrent_requests)
     state.engine = Engine(core, tokenizer, state.store, m, max_running=s.max_concurrent_requests,
-                          queue_size=s.queue_size, interleave_chunk=s.interleave_chunk)
+                          queue_size=s.queue_size, interleave_chunk=s.interleave_chunk,
+                          interleave_tokens=s.interleave_tokens)
     state.info = {
         "model": {"name": name, "vocab_size": cfg.vocab_size, "context_length": cfg.context_length,
                   "d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
@@ -93,11 +94,13 @@ def _start(state: ServerState) -> None:
         "backend": {"platform": jax.default_backend(), "devices": [str(d) for d in jax.devices()]},
         "peak_rss_bytes": peak_rss,  # by phase; /info adds "now" (the peak so far, serving included)
         "engine": {"steps_per_call": s.steps_per_call, "max_prefill_chunk": s.max_prefill_chunk,
-                   "interleave_chunk": s.interleave_chunk, "prefill_window": window,
+                   "interleave_chunk": s.interleave_chunk, "interleave_tokens": s.interleave_tokens,
+                   "prefill_window": window,
                    "cold_tokens": s.cold_tokens},
     }
     if s.warmup:
-        report = warm_up(model, state.classes, s.steps_per_call, log=log.info)
+        report = warm_up(model, state.classes, s.steps_per_call, log=log.info,
+                         batch_rows=state.engine.core.batch_rows)
         report["compile_cache_dir"] = s.compile_cache_dir or None
         report["compile_cache_bytes"] = compile_cache.disk_bytes(s.compile_cache_dir) if s.compile_cache_dir else 0
         state.info["warmup"] = report

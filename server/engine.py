@@ -8,10 +8,12 @@ Request flow:
 2. Each engine iteration admits waiting requests whose class has a free decode slot, up to
    `max_running` at once (continuous batching), and starts their prefill: the session's pending
    token, then the new prompt, against the session's cache.
-3. It then runs ONE prefill piece of the oldest admitted prompt, at most `interleave_chunk` tokens,
-   while other rows decode, so a long prompt never stalls the running streams for more than one
-   piece (when none decode: a piece of up to `max_chunk` tokens of every admitted prompt). When a
-   prompt is all in, its first token is sampled and the sequence joins a decode slot.
+3. Short new prompts (no session cache, up to 256 tokens) are prefilled together, whole, in one call
+   (while other rows decode: at most `interleave_tokens` of them). Otherwise it runs ONE prefill
+   piece of the oldest admitted prompt, at most `interleave_chunk` tokens, while other rows decode,
+   so a long prompt never stalls the running streams for more than one piece (when none decode: a
+   piece of up to `max_chunk` tokens of every admitted prompt). When a prompt is all in, its first
+   token is sampled and the sequence joins a decode slot.
 4. Then one jitted call of up to `steps_per_call` decode steps for every running sequence; each new
    token goes to its request's sink as text (incremental detokenization with stop strings).
    Sequences that are finished or whose client went away retire: the cache goes back to the session,
@@ -108,7 +110,8 @@ class GenerationRequest:
 
 class Engine:
     def __init__(self, core: CoreEngine, tokenizer, store: SessionStore, metrics: Metrics, *,
-                 max_running: int = 32, queue_size: int = 64, interleave_chunk: int = 64):
+                 max_running: int = 32, queue_size: int = 64, interleave_chunk: int = 64,
+                 interleave_tokens: int = 256):
         self.core = core
         self.tokenizer = tokenizer
         self.store = store
@@ -116,6 +119,7 @@ class Engine:
         self.max_running = max_running
         self.queue_size = queue_size
         self.interleave_chunk = interleave_chunk
+        self.interleave_tokens = interleave_tokens
         core.on_compress = self._compressed
         self._waiting: deque[GenerationRequest] = deque()
         self._admitted = 0  # taken from the queue, not yet prefilling: still counted against the bound
@@ -197,10 +201,14 @@ class Engine:
                     admitted.popleft()
                     self._admitted = len(admitted)
                 self._retire_cancelled()
-                # One piece of the oldest prompt while streams decode (they wait for it); when none
-                # does, a piece of every admitted prompt, so that a burst of arrivals starts together.
+                # Short new prompts together in one call; then one piece of the oldest other prompt
+                # while streams decode (they wait for it), unless short ones just took that turn; when
+                # none decodes, a piece of every admitted prompt, so that a burst starts together.
+                short = [r for r in self._prefilling if r.job.short]
+                batched = bool(short) and self._prefill_short(short)
+                others = [r for r in self._prefilling if not r.job.short]
                 limit = self.interleave_chunk if self._running else None
-                for request in self._prefilling[: 1 if self._running else None]:
+                for request in others[: 0 if batched and self._running else 1 if self._running else None]:
                     self._prefill_piece(request, limit)
                 if self._running:
                     self._decode()
@@ -223,10 +231,13 @@ class Engine:
         for request in list(self._waiting):
             if self.running + len(taken) >= self.max_running:
                 break
-            cls = request.cls
-            free.setdefault(cls, min(self.core.free_slots(cls), self.core.free_prefill_rows(cls)))
-            if free[cls] > 0:
-                free[cls] -= 1
+            cls, session = request.cls, request.session
+            free.setdefault(cls, [self.core.free_slots(cls), self.core.free_prefill_rows(cls)])
+            # A short new prompt needs a decode slot only; any other a prefill row too.
+            short = self.core.takes_short(cls, len(session.feed(request.prompt_ids)), session.cache, session.cold)
+            if free[cls][0] > 0 and (short or free[cls][1] > 0):
+                free[cls][0] -= 1
+                free[cls][1] -= not short
                 taken.append(request)
                 self._waiting.remove(request)
         return taken
@@ -247,6 +258,32 @@ class Engine:
             return
         self._prefilling.append(request)
 
+    def _prefill_short(self, requests: list[GenerationRequest]) -> bool:
+        """Prefill the oldest short prompts together (while streams decode, at most interleave_tokens
+        of them) and start them; True if any ran."""
+        taken, tokens = [], 0
+        for request in requests[: self.core.batch_rows]:
+            n = len(request.job.tokens)
+            if taken and self._running and tokens + n > self.interleave_tokens:
+                break
+            taken.append(request)
+            tokens += n
+        try:
+            self.core.prefill_short([r.job for r in taken])
+        except Exception as e:
+            log.exception("prefill failed")
+            for request in taken:
+                self._prefilling.remove(request)
+                self.core.cancel(request.job)
+                self._discard(request, f"prefill failed ({e}); the session was discarded")
+            return True
+        for request in taken:
+            if self.trace is not None:
+                self.trace.append(("prefill", request, len(request.job.tokens)))
+            self._prefilling.remove(request)
+            self._start_or_discard(request)
+        return True
+
     def _prefill_piece(self, request: GenerationRequest, limit: int | None) -> None:
         job = request.job
         before = job.done
@@ -262,17 +299,21 @@ class Engine:
             self.trace.append(("prefill", request, job.done - before))
         if finished:
             self._prefilling.remove(request)
-            try:
-                self._start(request)
-            except Exception as e:
-                log.exception("starting a sequence failed")
-                if request.row is None:
-                    self.core.cancel(job)
-                else:
-                    if request in self._running:
-                        self._running.remove(request)
-                    self.core.free(request.row)
-                self._discard(request, f"could not start generating ({e}); the session was discarded")
+            self._start_or_discard(request)
+
+    def _start_or_discard(self, request: GenerationRequest) -> None:
+        job = request.job
+        try:
+            self._start(request)
+        except Exception as e:
+            log.exception("starting a sequence failed")
+            if request.row is None:
+                self.core.cancel(job)
+            else:
+                if request in self._running:
+                    self._running.remove(request)
+                self.core.free(request.row)
+            self._discard(request, f"could not start generating ({e}); the session was discarded")
 
     def _start(self, request: GenerationRequest) -> None:
         session, job = request.session, request.job

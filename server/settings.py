@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     interleave_chunk: int = Field(64, ge=16, description="Longest prefill chunk while other streams "
                                   "decode (a power of two): a long prompt is admitted in such pieces "
                                   "between decode calls.")
+    interleave_tokens: int = Field(256, ge=1, description="Prompt tokens of short new prompts (up to 256 "
+                                   "tokens each) prefilled together between two decode calls while streams "
+                                   "decode (at least one prompt).")
     warmup: bool = Field(True, description="Compile the serving shapes before /ready answers 200.")
     compile_cache_dir: str = Field("~/.cache/toyllm/xla", description="Where compiled programs are kept across "
                                    "restarts (JAX's persistent compilation cache), so that a second start reads "

@@ -90,6 +90,41 @@ def test_prefill_chunk_against_existing_cache_equals_recomputation(model):
     assert np.abs(np.asarray(more[0]) - full[137:160]).max() < 1e-4
 
 
+def test_attention_spans_read_the_filled_prefix_and_change_nothing(model):
+    """A prompt chunk and a decode call that attend over the first `span` slots give what attending
+    over the whole capacity gives; an inactive row filled past the span keeps every slot."""
+    from toyllm_core.serving.cache import KVCache
+    from toyllm_core.serving.engine import steps
+
+    def prefilled(n, seed, span=None):
+        cache = empty_cache(model.cfg, 1, 600, model.dtype)
+        chunk = np.zeros((1, 512), np.int32)
+        chunk[0, :n] = _tokens(n, seed)
+        return prefill_chunk(model, cache, chunk, np.array([n], np.int32), span=span)
+
+    (lf, full), (ls, spanned) = prefilled(100, 1), prefilled(100, 1, span=512)
+    np.testing.assert_allclose(np.asarray(ls), np.asarray(lf), atol=1e-6)
+    for a, b in zip(jax.tree.leaves(spanned), jax.tree.leaves(full), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+    def decode(span):
+        state = KVCache.stack([prefilled(100, 1)[1], prefilled(300, 2)[1]])
+        before = jax.tree.map(np.asarray, state)
+        inputs = steps.decode_inputs([5, 6], [8, 0], np.zeros((2, 2), np.uint32), [0.0, 0.0], [1, 1], [1.0, 1.0],
+                                     [-1, -1], [0, 0])
+        state, bundle, _, _ = steps.decode_steps(model, state, np.int32(8), inputs, n_rows=2, max_steps=8, span=span)
+        return steps.DecodeOutputs.read(bundle, 8), jax.tree.map(np.asarray, state), before
+
+    (out_full, state_full, _), (out, state, before) = decode(None), decode(256)  # row 0: 100 + 8 slots
+    np.testing.assert_array_equal(out.tokens, out_full.tokens)
+    np.testing.assert_allclose(out.logprobs[0], out_full.logprobs[0], atol=1e-5)  # (row 1 emits nothing)
+    assert out.emitted[0].all() and not out.emitted[1].any() and list(out.remaining) == [0, 0]
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(state_full), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_array_equal(state.k[:, 1], before.k[:, 1])  # the inactive row, 300 slots > span
+    np.testing.assert_array_equal(state.pos[:, 1], before.pos[:, 1])
+
+
 def _greedy(n):
     return SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
 
@@ -124,6 +159,38 @@ def test_batched_decode_of_different_lengths_and_policies_equals_each_alone(mode
     for p, c, s, t in zip(prompts, policies, params, together, strict=True):
         (alone,) = _run(model, [p], [c], [s])
         assert alone == t
+
+
+def test_short_prompts_prefilled_together_generate_what_each_does_alone(model):
+    """A batch of short prompts of several classes (their signals recorded for all, each row keeping its
+    class's) in one call: the same first tokens, the same continuations, the same compressions later."""
+    classes = [CacheClass.make(p, 4, 64, None if p.evicts else 256)
+               for p in (FULL, make_policy("snapkv", budget=32, window_size=8), make_policy("h2o", budget=40))]
+    prompts = [_tokens(n, 20 + n) for n in (12, 30, 40, 5)]
+    picks = [classes[0], classes[1], classes[2], classes[0]]
+    lengths = [20, 45, 40, 1]  # the last ends at its first token: an idle cache straight from the batch
+
+    def generate(together: bool):
+        engine = Engine(model, classes, steps_per_call=4)
+        jobs = [engine.begin(p, c, _greedy(n)) for p, c, n in zip(prompts, picks, lengths, strict=True)]
+        assert [j.short for j in jobs] == [True, True, True, True] and all(j.cache is None for j in jobs)
+        if together:
+            engine.prefill_short(jobs)
+        else:
+            for j in jobs:
+                while not engine.prefill(j):
+                    pass
+        seqs = [engine.start(j) for j in jobs]
+        out = {id(s): [s.pending] for s in seqs}
+        while any(s.active for s in seqs):
+            for o in engine.step():
+                out[id(o.seq)] += o.tokens
+        idle, _ = engine.free(seqs[3])
+        return [out[id(s)] for s in seqs], [s.compressions for s in seqs], np.asarray(idle.pos)
+
+    (alone, c_alone, idle_alone), (together, c_together, idle_together) = generate(False), generate(True)
+    assert together == alone and c_together == c_alone and c_alone[1] > 0 and c_alone[2] > 0
+    np.testing.assert_array_equal(idle_together, idle_alone)
 
 
 def test_rows_join_and_leave_the_slots_without_disturbing_the_others(model):

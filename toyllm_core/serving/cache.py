@@ -184,6 +184,26 @@ class KVCache(eqx.Module):
         return jax.tree.map(lambda x, y, axis: jax.lax.dynamic_update_slice_in_dim(x, y, start, axis), self, rows,
                             _batch_axes(self))
 
+    def prefix(self, n_rows: int, n_slots: int) -> KVCache:
+        """Rows [0, n_rows) with their first n_slots slots, as a cache of that shape (static sizes;
+        traced). A step that only needs the filled prefix of its rows works on this, so that its
+        attention reads what is filled and not the whole capacity; `with_prefix` puts it back."""
+        if n_rows == self.batch and n_slots == self.capacity:
+            return self
+        def cut(x, axis, slotted):
+            x = jax.lax.slice_in_dim(x, 0, n_rows, axis=axis)
+            return jax.lax.slice_in_dim(x, 0, n_slots, axis=3) if slotted else x
+
+        return jax.tree.map(cut, self, _batch_axes(self), _slot_leaves(self))
+
+    def with_prefix(self, part: KVCache) -> KVCache:
+        """This cache with rows [0, part.batch) x slots [0, part.capacity) replaced by `part` (from
+        `prefix`: what lies past its slots is empty in those rows and stays so). In place when donated."""
+        if part.batch == self.batch and part.capacity == self.capacity:
+            return part
+        # Every leaf of the part starts at index 0 on every axis of the same leaf here.
+        return jax.tree.map(lambda x, y: jax.lax.dynamic_update_slice(x, y, (0,) * x.ndim), self, part)
+
     def resized(self, capacity: int) -> KVCache:
         """The same rows with another capacity: pads with empty slots, or cuts slots off the end
         (the caller makes sure they are empty). Traced: call inside a jitted function."""
@@ -220,6 +240,14 @@ def _batch_axes(cache: KVCache) -> KVCache:
     return KVCache(k=1, v=1, pos=1, length=0, next_pos=0, score=per_layer(cache.score),
                    recent_q=per_layer(cache.recent_q), recent_pos=None if cache.recent_pos is None else 0,
                    rope_theta=cache.rope_theta)
+
+
+def _slot_leaves(cache: KVCache) -> KVCache:
+    """Whether each leaf has the slot axis (axis 3): the keys, values, positions and scores."""
+    return KVCache(k=True, v=True, pos=True, length=False, next_pos=False,
+                   score=None if cache.score is None else True,
+                   recent_q=None if cache.recent_q is None else False,
+                   recent_pos=None if cache.recent_pos is None else False, rope_theta=cache.rope_theta)
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))

@@ -25,6 +25,53 @@ MIN_CHUNK = 16
 RECALL_TAIL = 128
 
 
+# A prompt chunk or a decode call attends over the first `span` slots of its rows: the smallest
+# compiled span that holds what they have filled plus what the call adds, not the whole capacity
+# (a 64-token prompt in a class of 6,176 slots read 96x the keys it needed). Spans grow by 4x from
+# MIN_SPAN, so a call reads at most 4x what it needs, and the capacity is the last.
+MIN_SPAN = 256
+SPAN_GROWTH = 4
+
+
+def spans(capacity: int) -> list[int]:
+    """The compiled attention spans of rows of `capacity` slots."""
+    sizes, n = [], MIN_SPAN
+    while n < capacity:
+        sizes.append(n)
+        n *= SPAN_GROWTH
+    return sizes + [capacity]
+
+
+def span_for(capacity: int, needed: int) -> int:
+    """The smallest compiled span that holds `needed` slots (at most the capacity)."""
+    return next(s for s in spans(capacity) if s >= needed)
+
+
+# Short new prompts prefill together (`Engine.prefill_short`): up to MAX_BATCH_ROWS prompts of at
+# most SHORT_PROMPT tokens in one call, so that a burst of arrivals shares the weight reads and the
+# call overheads. They fill a batch cache of SHORT_PROMPT slots per row that records every class's
+# signals; each row then moves into its own class's decode slot.
+SHORT_PROMPT = 256
+MAX_BATCH_ROWS = 16
+
+
+def batch_sizes(max_rows: int) -> list[int]:
+    """The compiled row counts of a short-prompt batch."""
+    return row_buckets(min(MAX_BATCH_ROWS, max_rows))
+
+
+def batch_chunks() -> list[int]:
+    """The compiled prompt lengths of a short-prompt batch (every prompt whole, padded to the longest)."""
+    return chunk_sizes(SHORT_PROMPT)
+
+
+def batch_signals(classes) -> tuple[bool, int]:
+    """The signals a short-prompt batch records for `classes`: scores if any policy wants them, and
+    the longest query ring (a row then keeps its class's own: `KVCache.with_signals`)."""
+    signals = [c.policy.signals for c in classes]
+    return any(s.scores for s in signals), max((s.recent_queries for s in signals), default=0)
+
+
 def chunk_sizes(max_chunk: int) -> list[int]:
     """The compiled prefill chunk lengths: powers of two from MIN_CHUNK to max_chunk."""
     if max_chunk < MIN_CHUNK or max_chunk & (max_chunk - 1):
@@ -110,6 +157,12 @@ class CacheClass:
         from ..tiers import cold_buckets
 
         return self.prefill_capacity + cold_buckets(self.cold_tokens)[-1] + RECALL_TAIL if self.tiered else 0
+
+    def takes_short(self, n_tokens: int) -> bool:
+        """Whether a new prompt of n_tokens (no session cache) may prefill in a short-prompt batch:
+        it fits the batch cache, and this class keeps all of it (nothing to compress)."""
+        limit = self.policy.budget if self.evicts else self.tokens
+        return n_tokens <= min(SHORT_PROMPT, limit, self.capacity)
 
     @property
     def tail_chunk(self) -> int:

@@ -33,7 +33,19 @@ from ..model import ToyLLM
 from ..sampling import SamplingParams, first_token, new_key
 from ..tiers import ColdChunk, ColdTier, cold_bucket
 from . import steps
-from .classes import MIN_CHUNK, RECALL_TAIL, CacheClass, next_piece, row_bucket
+from .classes import (
+    MAX_BATCH_ROWS,
+    MIN_CHUNK,
+    RECALL_TAIL,
+    SHORT_PROMPT,
+    CacheClass,
+    batch_chunks,
+    batch_signals,
+    batch_sizes,
+    next_piece,
+    row_bucket,
+    span_for,
+)
 
 
 @dataclass(eq=False)
@@ -43,7 +55,7 @@ class Prefill:
     cls: CacheClass
     tokens: np.ndarray  # [n] int32, the whole prompt
     sampling: SamplingParams
-    cache: KVCache  # one row at the class's prefill capacity
+    cache: KVCache | None  # one row at the class's prefill capacity (allocated at the first piece)
     length: int  # live slots in it
     eos: int
     done: int = 0  # prompt tokens prefilled so far
@@ -61,6 +73,10 @@ class Prefill:
     tail: int = 0
     was_cold: jax.Array | None = None
     hot_length: int = 0  # live slots in the prefill cache before the recall
+    # A short new prompt may prefill with others in one call (`Engine.prefill_short`); it then sits
+    # in row `batch[1]` of the batch cache `batch[0]` until it starts.
+    short: bool = False
+    batch: tuple[KVCache, int] | None = None
 
     @property
     def finished(self) -> bool:
@@ -182,7 +198,7 @@ class _ClassState:
 
 class Engine:
     def __init__(self, model: ToyLLM, classes: list[CacheClass], steps_per_call: int = 4,
-                 on_compress: Callable[[Sequence, float], None] | None = None):
+                 on_compress: Callable[[Sequence, float], None] | None = None, batch_rows: int = MAX_BATCH_ROWS):
         if len({c.name for c in classes}) != len(classes):
             raise ValueError("cache classes must be distinct")
         self.model = model
@@ -194,10 +210,17 @@ class Engine:
         self.on_compress = on_compress
         self._watcher = _CompletionWatcher()
         self._states = {c: _ClassState(model, c) for c in classes}
+        self.batch_rows = min(batch_rows, MAX_BATCH_ROWS)  # short prompts prefilled together, at most
 
     # ------------------------------------------------------------------------------- classes
     def free_slots(self, cls: CacheClass) -> int:
         return self._states[cls].free_slots
+
+    def takes_short(self, cls: CacheClass, n_tokens: int, cache: KVCache | None = None,
+                    cold: ColdTier | None = None) -> bool:
+        """Whether a prompt of n_tokens (on a session's cache and cold tier, if any) is a short new
+        prompt: it may prefill with others (`prefill_short`) and needs no prefill row."""
+        return cache is None and not (cold is not None and cold.length) and cls.takes_short(n_tokens)
 
     def free_prefill_rows(self, cls: CacheClass) -> int:
         """Prompts of this class that may start prefilling now (each holds a prefill cache)."""
@@ -226,15 +249,16 @@ class Engine:
         if cls.tokens is not None and length + len(tokens) > cls.tokens:
             raise ValueError(f"{length} cached + {len(tokens)} prompt tokens exceed the class's {cls.tokens}")
         state = self._states[cls]
+        short = self.takes_short(cls, len(tokens), cache, cold) and rewind_to is None
         if state.free_slots < 1:
             raise RuntimeError(f"no free decode slot in cache class {cls.name}")
-        if state.prefilling >= cls.prefill_rows:
+        if not short and state.prefilling >= cls.prefill_rows:
             raise RuntimeError(f"no free prefill row in cache class {cls.name}")
         if cls.tiered and cold is None:
             cfg = self.model.cfg
             cold = ColdTier.empty(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cls.policy.cold_bits)
         if cache is None:
-            cache = steps.new_cache(self.model, cls, 1, cls.prefill_capacity)
+            cache = None if short else steps.new_cache(self.model, cls, 1, cls.prefill_capacity)
         elif cache.capacity != cls.prefill_capacity:
             cache = steps.resize(cache, capacity=cls.prefill_capacity)
         if rewind_to is not None and cls.tiered:
@@ -242,9 +266,10 @@ class Engine:
             cold = cold.before(rewind_to)
             length = int(np.asarray(cache.length)[0])  # (indexing on the device would compile)
         state.reserved += 1
-        state.prefilling += 1
+        state.prefilling += not short
         eos = -1 if sampling.ignore_eos else (self.eos if sampling.eos_id is None else sampling.eos_id)
-        job = Prefill(cls, tokens, sampling, cache, length, eos, user=user, cold=cold if cls.tiered else None)
+        job = Prefill(cls, tokens, sampling, cache, length, eos, user=user, cold=cold if cls.tiered else None,
+                      short=short)
         if cls.tiered:
             # Recall when there is a cold tier, or when the prompt will be compressed before it is
             # whole (it does not fit the prefill window): either way, what the turn's question
@@ -263,6 +288,8 @@ class Engine:
         and re-selects the hot set with their queries: the question chooses with the whole history
         in view, and the first generated token sees it too."""
         cls = job.cls
+        if job.cache is None:  # a short prompt prefilled on its own after all
+            job.cache = steps.new_cache(self.model, cls, 1, cls.prefill_capacity)
         limit = limit or cls.max_chunk
         head = len(job.tokens) - job.tail
         if job.done < head:
@@ -287,7 +314,11 @@ class Engine:
     def _run_piece(self, job: Prefill, real: int, padded: int) -> None:
         chunk = np.zeros((1, padded), np.int32)
         chunk[0, :real] = job.tokens[job.done : job.done + real]
-        job.logits, job.cache = steps.prefill_chunk(self.model, job.cache, chunk, np.array([real], np.int32))
+        # A recalled cache (hot ∪ cold) is read whole; a prefill cache up to what the chunk fills.
+        span = job.cls.recall_capacity if job.was_cold is not None else \
+            span_for(job.cls.prefill_capacity, job.length + padded)
+        job.logits, job.cache = steps.prefill_chunk(self.model, job.cache, chunk, np.array([real], np.int32),
+                                                    span=span)
         job.length += real
         job.done += real
 
@@ -335,29 +366,61 @@ class Engine:
         # Sampled before the reservation is given up: if it fails, the job can be cancelled as is.
         token, logprob, top, key = first_token(job.logits, params, new_key(params.seed))
         state.reserved -= 1
-        state.prefilling -= 1
+        state.prefilling -= not job.short
         remaining = 0 if (token == job.eos or params.max_new_tokens == 1) else params.max_new_tokens - 1
         seq = Sequence(job.cls, params, job.length, token, remaining, key, eos=job.eos, first_logprob=logprob,
                        first_top=top if params.top_logprobs else None,
                        single_step=bool(params.stop), tokens_evicted=job.evicted, compressions=job.compressions,
                        user=job.user, cold=job.cold, spill=job.spill, recalled=job.recalled,
                        reselections=job.reselections, dropped=job.dropped)
+        cls = job.cls
         if seq.active:
             seq.slot = len(state.rows)
             state.rows.append(seq)
-            state.cache = steps.insert_row(state.cache, np.int32(seq.slot), job.cache, cls=job.cls)
+            if job.batch is not None:
+                batch, i = job.batch
+                state.cache = steps.insert_batch_row(state.cache, np.int32(seq.slot), batch, np.int32(i), cls=cls)
+            else:
+                state.cache = steps.insert_row(state.cache, np.int32(seq.slot), job.cache, cls=cls)
+        elif job.batch is not None:
+            seq.idle_cache = steps.batch_row(job.batch[0], np.int32(job.batch[1]), cls=cls)
         else:
-            seq.idle_cache = job.cache if job.cls.capacity == job.cls.prefill_capacity else \
-                steps.resize(job.cache, capacity=job.cls.capacity)
-        job.cache = None
+            seq.idle_cache = job.cache if cls.capacity == cls.prefill_capacity else \
+                steps.resize(job.cache, capacity=cls.capacity)
+        job.cache = job.batch = None
         return seq
 
     def cancel(self, job: Prefill) -> None:
         """Abandon a prefill under way (its client went away); its reserved slot is free again."""
         state = self._states[job.cls]
         state.reserved -= 1
-        state.prefilling -= 1
-        job.cache = None
+        state.prefilling -= not job.short
+        job.cache = job.batch = None
+
+    def prefill_short(self, jobs: list[Prefill]) -> None:
+        """Prefill short new prompts (`job.short`, at most `batch_rows`, of any classes) whole, together
+        in one call; each then starts as any prefilled job does."""
+        if not jobs or len(jobs) > self.batch_rows or not all(j.short and j.done == 0 for j in jobs):
+            raise ValueError(f"1 to {self.batch_rows} short prompts, none started")
+        rows = next(b for b in batch_sizes(self.batch_rows) if b >= len(jobs))
+        width = next(c for c in batch_chunks() if c >= max(len(j.tokens) for j in jobs))
+        tokens = np.zeros((rows, width), np.int32)
+        n_valid = np.zeros(rows, np.int32)
+        for i, job in enumerate(jobs):
+            tokens[i, : len(job.tokens)] = job.tokens
+            n_valid[i] = len(job.tokens)
+        scores, recent = self.batch_signals
+        batch = steps.new_batch_cache(self.model, rows, scores, recent)
+        logits, batch = steps.prefill_batch(self.model, batch, tokens, n_valid, span=SHORT_PROMPT)
+        logits = np.asarray(logits)  # rows on the host: slicing on the device would compile
+        for i, job in enumerate(jobs):
+            job.logits, job.batch = logits[i], (batch, i)
+            job.done = job.length = len(job.tokens)
+
+    @property
+    def batch_signals(self) -> tuple[bool, int]:
+        """What a short-prompt batch records: every class's signals (scores, the longest query ring)."""
+        return batch_signals(self.classes)
 
     # -------------------------------------------------------------------------------- decode
     def step(self) -> list[StepOutput]:
@@ -386,39 +449,42 @@ class Engine:
         n_rows = row_bucket(cls.slots, len(rows))
         active = [r for r in rows if r.active]
         n_steps = self._steps_now(active)
+        # Attend over what the active rows fill by the end of the call (inactive rows write nothing).
+        span = span_for(cls.capacity, max(r.length for r in active) + n_steps)
+        pad = [0] * (n_rows - len(rows))
 
-        def column(get, dtype):
-            return np.array([get(r) for r in rows] + [0] * (n_rows - len(rows)), dtype)
+        def column(get):
+            return [get(r) for r in rows] + pad
 
         keys = np.zeros((n_rows, 2), np.uint32)
         for r in rows:
             keys[r.slot] = r.key
-        state.cache, out, logprobs, emitted, remaining, keys, top_ids, top_lps = steps.decode_steps(
-            self.model, state.cache, np.int32(n_steps),
-            column(lambda r: r.pending, np.int32), column(lambda r: r.remaining, np.int32), keys,
-            column(lambda r: r.sampling.temperature, np.float32),
-            column(lambda r: min(r.sampling.top_k, self.model.cfg.vocab_size), np.int32),  # top_k >= vocab: off
-            column(lambda r: r.sampling.top_p, np.float32), column(lambda r: r.eos, np.int32),
-            column(lambda r: r.sampling.top_logprobs, np.int32), n_rows=n_rows, max_steps=self.steps_per_call)
-        out, logprobs, emitted = np.asarray(out), np.asarray(logprobs), np.asarray(emitted)
-        remaining, keys = np.asarray(remaining), np.asarray(keys)
+        vocab = self.model.cfg.vocab_size
+        inputs = steps.decode_inputs(
+            column(lambda r: r.pending), column(lambda r: r.remaining), keys,
+            column(lambda r: r.sampling.temperature), column(lambda r: min(r.sampling.top_k, vocab)),  # >= vocab: off
+            column(lambda r: r.sampling.top_p), column(lambda r: r.eos), column(lambda r: r.sampling.top_logprobs))
+        state.cache, bundle, top_ids, top_lps = steps.decode_steps(
+            self.model, state.cache, np.int32(n_steps), inputs, n_rows=n_rows, max_steps=self.steps_per_call,
+            span=span)
+        got = steps.DecodeOutputs.read(bundle, self.steps_per_call)
         if any(r.sampling.top_logprobs for r in active):  # host copies (slicing on device would compile)
             top_ids, top_lps = np.asarray(top_ids), np.asarray(top_lps)
 
         outputs = []
         for r in active:
             i = r.slot
-            n = int(emitted[i].sum())
+            n = int(got.emitted[i].sum())
             r.length += n
-            r.pending = int(out[i, n - 1])
-            r.remaining = int(remaining[i])
-            r.key = keys[i]
+            r.pending = int(got.tokens[i, n - 1])
+            r.remaining = int(got.remaining[i])
+            r.key = got.keys[i]
             top = None
             if r.sampling.top_logprobs:
                 k = r.sampling.top_logprobs
                 ids, lps = top_ids[i, :n, :k].tolist(), top_lps[i, :n, :k].tolist()
                 top = [list(zip(a, b, strict=True)) for a, b in zip(ids, lps, strict=True)]
-            outputs.append(StepOutput(r, out[i, :n].tolist(), logprobs[i, :n].tolist(), top))
+            outputs.append(StepOutput(r, got.tokens[i, :n].tolist(), got.logprobs[i, :n].tolist(), top))
             self._compress_if_due(state, r)
         return outputs
 

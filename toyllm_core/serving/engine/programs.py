@@ -1,10 +1,11 @@
 """Every program the engine compiles, listed in closed form from its cache classes, and the warm-up
 that compiles them.
 
-Per class: its decode state, a new prefill cache, each prefill chunk length, the moves between the
-prefill cache, the decode slots and an idle session (insert, extract, move, resize), compression
-(of the prefill cache, and of a decode row), and the decode call at each compiled batch size (one
-program for every sampling setting: the sampler picks its path at run time). A tiered class adds a
+Per class: its decode state, a new prefill cache, each prefill chunk length at each attention span
+of the prefill cache, the moves between the prefill cache, the decode slots and an idle session
+(insert, extract, move, resize), compression (of the prefill cache, and of a decode row), and the
+decode call at each compiled batch size and attention span of the decode rows (one program for
+every sampling setting: the sampler picks its path at run time). A tiered class adds a
 new turn's programs: the rewinding of the session's last reply, the recall of hot ∪ cold for each
 cold-length bucket, the chunks of the prompt's last tokens against them, and the re-selection.
 Plus the first-token sampler. No request can reach a shape outside this list: prompt lengths are
@@ -27,27 +28,46 @@ from ..model import ToyLLM
 from ..sampling import SamplingParams, first_token
 from ..tiers import ColdTier, cold_buckets
 from . import steps
-from .classes import CacheClass, chunk_sizes, row_buckets
+from .classes import (
+    MAX_BATCH_ROWS,
+    SHORT_PROMPT,
+    CacheClass,
+    batch_chunks,
+    batch_signals,
+    batch_sizes,
+    chunk_sizes,
+    row_buckets,
+    spans,
+)
 
 
 @dataclass(frozen=True)
 class Program:
     kind: str  # new-state, new-prefill, chunk, compress, fit, insert, extract, move, compress-row, decode,
-    # grow, truncate, recall, recall-chunk, reselect, first-token
+    # grow, truncate, recall, recall-chunk, reselect, batch-new, batch-chunk, batch-insert, batch-row,
+    # first-token
 
     cls: CacheClass | None
-    size: int = 0  # chunk length, decode rows, or the capacity grown from
+    size: int = 0  # chunk length, decode or batch rows, or the capacity grown from
+    span: int = 0  # chunk, decode: the slots attended over
+    width: int = 0  # batch-chunk: the prompts' padded length
 
     def __str__(self) -> str:
-        return " ".join([self.kind] + ([self.cls.name] if self.cls else []) + ([str(self.size)] if self.size else []))
+        return " ".join([self.kind] + ([self.cls.name] if self.cls else []) + ([str(self.size)] if self.size else [])
+                        + ([f"span {self.span}"] if self.span else []) + ([f"x {self.width}"] if self.width else []))
 
 
-def programs(classes: list[CacheClass]) -> list[Program]:
+def programs(classes: list[CacheClass], batch_rows: int = MAX_BATCH_ROWS) -> list[Program]:
+    """Every program of an engine over `classes` that prefills up to `batch_rows` short prompts together."""
     out = []
+    rows = batch_sizes(batch_rows)
+    out += [Program("batch-new", None, k) for k in rows]
+    out += [Program("batch-chunk", None, k, width=n) for k in rows for n in batch_chunks()]
     full = sorted((c for c in classes if not c.evicts), key=lambda c: c.capacity)
     for cls in classes:
         out += [Program("new-state", cls), Program("new-prefill", cls)]
-        out += [Program("chunk", cls, n) for n in chunk_sizes(cls.max_chunk)]
+        out += [Program("chunk", cls, n, span) for span in spans(cls.prefill_capacity)
+                for n in chunk_sizes(cls.max_chunk) if n <= span]
         if cls.evicts:
             out += [Program("compress", cls), Program("fit", cls), Program("compress-row", cls),
                     Program("grow", cls, cls.capacity)]
@@ -59,12 +79,15 @@ def programs(classes: list[CacheClass]) -> list[Program]:
         else:  # a full session moves up from a smaller full class
             out += [Program("grow", cls, small.capacity) for small in full if small.capacity < cls.capacity]
         out += [Program("insert", cls), Program("extract", cls), Program("move", cls)]
-        out += [Program("decode", cls, n) for n in row_buckets(cls.slots)]
+        takes = [n for n in (1, SHORT_PROMPT) if cls.takes_short(n)]
+        if takes:  # a short prompt's row of a batch into a decode slot, or as an idle cache
+            out += [Program(kind, cls, k) for kind in ("batch-insert", "batch-row") for k in rows]
+        out += [Program("decode", cls, n, span) for n in row_buckets(cls.slots) for span in spans(cls.capacity)]
     out.append(Program("first-token", None))
     return out
 
 
-def compile_program(model: ToyLLM, p: Program, steps_per_call: int) -> None:
+def compile_program(model: ToyLLM, p: Program, steps_per_call: int, classes: list[CacheClass]) -> None:
     """Build one program: lower it for its input shapes and compile it (or read it from the
     persistent compilation cache), without running it. Caches are given as shapes only, so that
     warming a class does not allocate its decode state once per program."""
@@ -76,6 +99,19 @@ def compile_program(model: ToyLLM, p: Program, steps_per_call: int) -> None:
     def build(fn, *args, **kwargs):
         fn.lower(*args, **kwargs).compile()
 
+    if p.kind.startswith("batch"):
+        scores, recent = batch_signals(classes)
+        batch = lambda: jax.eval_shape(lambda: steps.new_batch_cache(model, p.size, scores, recent))
+        if p.kind == "batch-new":
+            build(empty_cache, cfg, p.size, SHORT_PROMPT, model.dtype, scores, recent)
+        elif p.kind == "batch-chunk":
+            build(steps.prefill_batch, model, batch(), np.zeros((p.size, p.width), np.int32),
+                  np.zeros(p.size, np.int32), span=SHORT_PROMPT)
+        elif p.kind == "batch-insert":
+            build(steps.insert_batch_row, cache(cls.slots, cls.capacity), np.int32(0), batch(), np.int32(0), cls=cls)
+        else:
+            build(steps.batch_row, batch(), np.int32(0), cls=cls)
+        return
     state, prefill = (lambda: cache(cls.slots, cls.capacity)), (lambda: cache(1, cls.prefill_capacity))
     if p.kind == "new-state":
         signals = cls.policy.signals
@@ -84,7 +120,8 @@ def compile_program(model: ToyLLM, p: Program, steps_per_call: int) -> None:
         signals = cls.policy.signals
         build(empty_cache, cfg, 1, cls.prefill_capacity, model.dtype, signals.scores, signals.recent_queries)
     elif p.kind == "chunk":
-        build(steps.prefill_chunk, model, prefill(), np.zeros((1, p.size), np.int32), np.array([p.size], np.int32))
+        build(steps.prefill_chunk, model, prefill(), np.zeros((1, p.size), np.int32), np.array([p.size], np.int32),
+              span=p.span)
     elif p.kind == "compress":
         build(steps.compress_cache, prefill(), cls=cls)
     elif p.kind == "fit":
@@ -104,17 +141,16 @@ def compile_program(model: ToyLLM, p: Program, steps_per_call: int) -> None:
         build(steps.recall, prefill(), cold, cls=cls)
     elif p.kind == "recall-chunk":
         build(steps.prefill_chunk, model, cache(1, cls.recall_capacity), np.zeros((1, p.size), np.int32),
-              np.array([p.size], np.int32))
+              np.array([p.size], np.int32), span=cls.recall_capacity)
     elif p.kind == "reselect":
         recalled = cache(1, cls.recall_capacity)
         build(steps.reselect, recalled, jax.ShapeDtypeStruct(recalled.pos.shape, bool), cls=cls)
     elif p.kind == "compress-row":
         build(steps.compress_row, state(), np.int32(0), cls=cls)
     elif p.kind == "decode":
-        n = p.size
-        z = np.zeros(n, np.int32)
-        build(steps.decode_steps, model, state(), np.int32(1), z, z, np.zeros((n, 2), np.uint32),
-              np.ones(n, np.float32), z, np.ones(n, np.float32), z - 1, z, n_rows=n, max_steps=steps_per_call)
+        inputs = np.zeros((p.size, len(steps.DECODE_INPUTS)), np.int32)
+        build(steps.decode_steps, model, state(), np.int32(1), inputs, n_rows=p.size, max_steps=steps_per_call,
+              span=p.span)
     elif p.kind == "first-token":
         params = SamplingParams(temperature=1.0, top_k=1)
         jax.block_until_ready(first_token(np.zeros(cfg.vocab_size, np.float32), params, np.zeros(2, np.uint32)))
@@ -123,17 +159,17 @@ def compile_program(model: ToyLLM, p: Program, steps_per_call: int) -> None:
 
 
 def warm_up(model: ToyLLM, classes: list[CacheClass], steps_per_call: int,
-            log: Callable[[str], None] = print, every_s: float = 5.0) -> dict:
+            log: Callable[[str], None] = print, every_s: float = 5.0, batch_rows: int = MAX_BATCH_ROWS) -> dict:
     """Compile every program, logging progress (`warm-up: 12/46 programs, 38 s`) at least every
     `every_s` seconds; returns {"programs", "compilations" (programs built: compiled or read from the
     persistent compilation cache), "cache_hits" (read), "seconds", "per_kind": {kind: seconds}}."""
-    todo = programs(classes)
+    todo = programs(classes, batch_rows)
     started = last = time.perf_counter()
     compiled_before, hits_before = jit_stats.compilations(), jit_stats.cache_hits()
     per_kind: dict[str, float] = {}
     for i, p in enumerate(todo, 1):
         t0 = time.perf_counter()
-        compile_program(model, p, steps_per_call)
+        compile_program(model, p, steps_per_call, classes)
         now = time.perf_counter()
         per_kind[p.kind] = per_kind.get(p.kind, 0.0) + now - t0
         if now - last >= every_s or i == len(todo):

@@ -7,10 +7,12 @@ returns updated are donated to it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .. import tiers
 from ..cache import KVCache, empty_cache
@@ -18,7 +20,7 @@ from ..model import ToyLLM
 from ..policies import compress, compress_split
 from ..sampling import TOP_LOGPROBS, sample_rows, top_alternatives
 from ..tiers import ColdChunk, quantize_slots
-from .classes import CacheClass
+from .classes import SHORT_PROMPT, CacheClass
 
 
 def new_cache(model: ToyLLM, cls: CacheClass, batch: int, capacity: int) -> KVCache:
@@ -27,19 +29,56 @@ def new_cache(model: ToyLLM, cls: CacheClass, batch: int, capacity: int) -> KVCa
     return empty_cache(model.cfg, batch, capacity, model.dtype, signals.scores, signals.recent_queries)
 
 
+def new_batch_cache(model: ToyLLM, rows: int, scores: bool, recent: int) -> KVCache:
+    """An empty short-prompt batch cache (`classes.SHORT_PROMPT` slots per row)."""
+    return empty_cache(model.cfg, rows, SHORT_PROMPT, model.dtype, scores, recent)
+
+
 @partial(jax.jit, static_argnames=("capacity",))
 def resize(cache: KVCache, *, capacity: int) -> KVCache:
     """The same rows at another capacity (a new buffer: the shapes differ, so nothing to donate)."""
     return cache.resized(capacity)
 
 
-@partial(jax.jit, donate_argnames=("cache",))
-def prefill_chunk(model: ToyLLM, cache: KVCache, tokens, n_valid):
+@partial(jax.jit, static_argnames=("span",), donate_argnames=("cache",))
+def prefill_chunk(model: ToyLLM, cache: KVCache, tokens, n_valid, *, span: int | None = None):
     """tokens [1, C] (the first n_valid [1] real) into a one-row cache -> (logits [vocab] after the
-    last real token, cache)."""
-    h, cache = model.forward(tokens, cache, n_valid)
+    last real token, cache). `span`: the chunk attends over the cache's first `span` slots only
+    (they must hold its filled slots and the chunk) [default: all of them]."""
+    part = cache.prefix(1, span or cache.capacity)
+    h, part = model.forward(tokens, part, n_valid)
     last = h[0, jnp.maximum(n_valid[0] - 1, 0)]
-    return model.logits(last[None])[0], cache
+    return model.logits(last[None])[0], cache.with_prefix(part)
+
+
+@partial(jax.jit, static_argnames=("span",), donate_argnames=("cache",))
+def prefill_batch(model: ToyLLM, cache: KVCache, tokens, n_valid, *, span: int):
+    """Several short prompts together: tokens [k, T] (row i's first n_valid[i] real) into a batch
+    cache of k empty rows, attending over its first `span` slots -> (logits [k, vocab] after each
+    row's last real token, cache)."""
+    part = cache.prefix(cache.batch, span)
+    h, part = model.forward(tokens, part, n_valid)
+    last = jnp.take_along_axis(h, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)[:, 0]
+    return model.logits(last), cache.with_prefix(part)
+
+
+def _batch_row(batch: KVCache, i, cls: CacheClass) -> KVCache:
+    """Row i of a batch prefill cache as one row of class `cls` (its signals, its capacity)."""
+    signals = cls.policy.signals
+    return batch.rows(i).with_signals(signals.scores, signals.recent_queries).resized(cls.capacity)
+
+
+@partial(jax.jit, static_argnames=("cls",), donate_argnames=("state",))
+def insert_batch_row(state: KVCache, slot, batch: KVCache, i, *, cls: CacheClass) -> KVCache:
+    """Row i of a batch prefill cache into decode slot `slot`."""
+    return state.set_rows(slot, _batch_row(batch, i, cls))
+
+
+@partial(jax.jit, static_argnames=("cls",))
+def batch_row(batch: KVCache, i, *, cls: CacheClass) -> KVCache:
+    """Row i of a batch prefill cache as an idle one-row cache of class `cls` (a sequence that ended
+    at its first token)."""
+    return _batch_row(batch, i, cls)
 
 
 def _compress(cache: KVCache, cls: CacheClass) -> tuple[KVCache, ColdChunk | None]:
@@ -107,20 +146,57 @@ def decode_rows(model: ToyLLM, tokens, active, cache: KVCache):
     return model.logits(h[:, 0]), cache
 
 
-@partial(jax.jit, static_argnames=("n_rows", "max_steps"), donate_argnames=("state",))
-def decode_steps(model: ToyLLM, state: KVCache, n_steps, tokens, remaining, keys, temperature, top_k, top_p, eos,
-                 top_n, *, n_rows: int, max_steps: int):
-    """Run n_steps (<= max_steps, an array: any count, one compile) decode steps for rows [0, n_rows)
-    of the decode state.
+# A decode call takes one host array and gives back one (each host-device copy has a fixed cost):
+# per row, its inputs as int32 columns (floats and the uint32 key by their bits), and its outputs as
+# [tokens | logprobs | emitted] x max_steps, then remaining and the key.
+DECODE_INPUTS = ("token", "remaining", "key0", "key1", "temperature", "top_k", "top_p", "eos", "top_n")
 
-    tokens [n]: each row's pending token (sampled, not yet in the cache); remaining [n]: tokens the
-    row may still produce (0 = inactive: writes nothing); keys [n, 2]: per-row PRNG keys, so a row's
-    samples do not depend on its batch-mates; eos [n]: token that ends the row (-1 = none); top_n [n]:
-    alternatives the row wants per token (computed for the whole call only when some active row does).
-    Returns (state, new tokens [n, max_steps], logprobs, emitted [n, max_steps], remaining, keys,
-    top ids [n, max_steps, TOP_LOGPROBS], their logprobs); columns past n_steps are not emitted.
+
+def decode_inputs(token, remaining, keys, temperature, top_k, top_p, eos, top_n) -> np.ndarray:
+    """The rows' inputs [n] (keys [n, 2]) as one int32 array [n, len(DECODE_INPUTS)] (host side)."""
+    bits = lambda x, dtype: np.asarray(x, dtype).view(np.int32)
+    cols = [np.asarray(token, np.int32), np.asarray(remaining, np.int32), bits(keys, np.uint32)[:, 0],
+            bits(keys, np.uint32)[:, 1], bits(temperature, np.float32), np.asarray(top_k, np.int32),
+            bits(top_p, np.float32), np.asarray(eos, np.int32), np.asarray(top_n, np.int32)]
+    return np.stack(cols, axis=1)
+
+
+@dataclass
+class DecodeOutputs:
+    tokens: np.ndarray  # [n, max_steps] int32
+    logprobs: np.ndarray  # [n, max_steps] float32
+    emitted: np.ndarray  # [n, max_steps] bool
+    remaining: np.ndarray  # [n] int32
+    keys: np.ndarray  # [n, 2] uint32
+
+    @staticmethod
+    def read(bundle, max_steps: int) -> DecodeOutputs:
+        """Copy a decode call's output bundle to the host and split it."""
+        b, s = np.asarray(bundle), max_steps
+        return DecodeOutputs(b[:, :s], b[:, s:2 * s].view(np.float32), b[:, 2 * s:3 * s].astype(bool), b[:, 3 * s],
+                             np.ascontiguousarray(b[:, 3 * s + 1:3 * s + 3]).view(np.uint32))
+
+
+@partial(jax.jit, static_argnames=("n_rows", "max_steps", "span"), donate_argnames=("state",))
+def decode_steps(model: ToyLLM, state: KVCache, n_steps, inputs, *, n_rows: int, max_steps: int,
+                 span: int | None = None):
+    """Run n_steps (<= max_steps, an array: any count, one compile) decode steps for rows [0, n_rows)
+    of the decode state, attending over their first `span` slots (which must hold every active row's
+    filled slots and the n_steps it adds) [default: all of them].
+
+    inputs [n, len(DECODE_INPUTS)] (`decode_inputs`), per row: its pending token (sampled, not yet in
+    the cache); the tokens it may still produce (0 = inactive: writes nothing); its PRNG key, so a
+    row's samples do not depend on its batch-mates; its sampling settings; the token that ends it
+    (-1 = none); and the alternatives it wants per token (computed for the whole call only when some
+    active row does). Returns (state, the output bundle (`DecodeOutputs.read`), top ids [n, max_steps,
+    TOP_LOGPROBS], their logprobs); columns past n_steps are not emitted.
     """
-    sub = state.rows(0, n_rows)
+    as_f32 = lambda x: jax.lax.bitcast_convert_type(x, jnp.float32)
+    tokens, remaining, eos, top_k, top_n = (inputs[:, DECODE_INPUTS.index(f)] for f in
+                                            ("token", "remaining", "eos", "top_k", "top_n"))
+    keys = jax.lax.bitcast_convert_type(inputs[:, 2:4], jnp.uint32)
+    temperature, top_p = as_f32(inputs[:, 4]), as_f32(inputs[:, 6])
+    sub = state.prefix(n_rows, span or state.capacity)
     k = min(TOP_LOGPROBS, model.cfg.vocab_size)
 
     def step(i, carry):
@@ -140,9 +216,11 @@ def decode_steps(model: ToyLLM, state: KVCache, n_steps, tokens, remaining, keys
             jnp.zeros((max_steps, n_rows), jnp.float32), jnp.zeros((max_steps, n_rows), bool),
             jnp.zeros((max_steps, n_rows, k), jnp.int32), jnp.zeros((max_steps, n_rows, k), jnp.float32))
     sub, _, remaining, keys, out, logprobs, emitted, top_ids, top_lps = jax.lax.fori_loop(0, n_steps, step, init)
-    state = state.set_rows(0, sub)
-    return (state, out.T, logprobs.T, emitted.T, remaining, keys, top_ids.transpose(1, 0, 2),
-            top_lps.transpose(1, 0, 2))
+    state = state.with_prefix(sub)
+    as_i32 = lambda x: jax.lax.bitcast_convert_type(x, jnp.int32)
+    bundle = jnp.concatenate([out.T, as_i32(logprobs.T), emitted.T.astype(jnp.int32), remaining[:, None],
+                              as_i32(keys)], axis=1)
+    return state, bundle, top_ids.transpose(1, 0, 2), top_lps.transpose(1, 0, 2)
 
 
 @partial(jax.jit, donate_argnames=("cache",))
