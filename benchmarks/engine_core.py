@@ -61,11 +61,10 @@ def compile_times(layers: int, repeats: int = 3) -> dict:
     cls = CacheClass.make(make_policy("snapkv"), 16, 512)
     state = engine_steps.new_cache(model, cls, cls.slots, cls.capacity)
     prefill = engine_steps.new_cache(model, cls, 1, cls.prefill_capacity)
-    z = np.zeros(16, np.int32)
     calls = {
         "decode_16": lambda: engine_steps.decode_steps.lower(
-            model, state, np.int32(1), z, z, np.zeros((16, 2), np.uint32), np.ones(16, np.float32), z,
-            np.ones(16, np.float32), z, z, n_rows=16, max_steps=STEPS_PER_CALL),
+            model, state, np.int32(1), np.zeros((16, len(engine_steps.DECODE_INPUTS)), np.int32), n_rows=16,
+            max_steps=STEPS_PER_CALL),
         "chunk_512": lambda: engine_steps.prefill_chunk.lower(model, prefill, np.zeros((1, 512), np.int32),
                                                               np.array([512], np.int32)),
     }
@@ -100,12 +99,12 @@ def decode_ms(model: ToyLLM, batch: int, context: int, calls: int = 6) -> dict:
     cls = CacheClass.make(make_policy("full"), batch, 512, context + STEPS_PER_CALL * (calls + 1))
     state = filled_state(model, cls, batch, context)
     z = np.zeros(batch, np.int32)
-    args = (z, np.full(batch, 10**6, np.int32), np.zeros((batch, 2), np.uint32), np.zeros(batch, np.float32), z,
-            np.ones(batch, np.float32), z - 1, z)
+    inputs = engine_steps.decode_inputs(z, np.full(batch, 10**6, np.int32), np.zeros((batch, 2), np.uint32),
+                                        np.zeros(batch, np.float32), z, np.ones(batch, np.float32), z - 1, z)
     times = []
     for i in range(calls + 1):
         t = time.perf_counter()
-        state, out, *_ = engine_steps.decode_steps(model, state, np.int32(STEPS_PER_CALL), *args, n_rows=batch,
+        state, out, *_ = engine_steps.decode_steps(model, state, np.int32(STEPS_PER_CALL), inputs, n_rows=batch,
                                                    max_steps=STEPS_PER_CALL)
         jax.block_until_ready(out)
         if i:  # the first call compiles
