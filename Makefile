@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve pull test test-longctx test-model test-deploy test-image test-api lint bench bench-peers verify-cache train-base clean
+.PHONY: serve pull test test-longctx test-model test-deploy test-image test-api lint bench bench-peers bench-server-peers verify-cache train-base clean
 
 # The default served model: imported from a pinned PyPI wheel by `toyllm pull` (made, git-ignored).
 MODEL := smollm2-135m-instruct
@@ -128,6 +128,13 @@ bench: $(VENV)/.installed
 bench-peers: $(VENV)/.installed-peers
 	$(BIN)/toyllm pull $(MODEL)
 	$(BIN)/python benchmarks/peers.py --json out/peers.json
+
+# This server next to llama.cpp's llama-server through HTTP, one client for both (docs/serving-speed.md);
+# builds llama-server from the llama.cpp that llama-cpp-python's sdist vendors the first time (~20 min).
+bench-server-peers: $(VENV)/.installed
+	$(BIN)/toyllm pull $(MODEL)
+	PIP=$(BIN)/pip bash benchmarks/build_llama_server.sh
+	$(BIN)/python benchmarks/server_peers.py --json out/server_peers.json
 
 # Checks the default served model (pulled first, as `make serve` does; a no-op when it is there).
 verify-cache: $(VENV)/.installed

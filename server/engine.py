@@ -441,8 +441,8 @@ class Engine:
         request.sink(Finished(reason, request.text.text, len(request.prompt_ids), request.generated,
                               session.stats(), timings, request.tail))
 
-    def _compressed(self, seq: Sequence, seconds: float) -> None:
-        self.metrics.compression_duration.labels(seq.cls.policy.name).observe(seconds)
+    def _compressed(self, cls: CacheClass, rows: int, seconds: float) -> None:
+        self.metrics.compression_duration.labels(cls.policy.name).observe(seconds)
 
     def _fail(self, request: GenerationRequest, message: str, status: int = 500) -> None:
         self.store.release(request.session)

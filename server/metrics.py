@@ -77,7 +77,8 @@ class Metrics:
         self.prefill_duration = hist("toyllm_prefill_duration_seconds", "Prefill time per request.")
         self.decode_step = hist("toyllm_decode_step_duration_seconds", "One batched decode step (all rows).")
         self.batch_size = hist("toyllm_decode_batch_size", "Rows in a batched decode step.", buckets=BATCH_BUCKETS)
-        self.compression_duration = hist("toyllm_kv_compression_duration_seconds", "One cache compression.",
+        self.compression_duration = hist("toyllm_kv_compression_duration_seconds", "One decode-time compression "
+                                         "call (every due row of a class together), from its dispatch to its end.",
                                          ["policy"])
         self.requests = Counter("toyllm_requests", "HTTP requests by endpoint and status code (API traffic: "
                                 "probes and scrapes are toyllm_probe_requests).", ["endpoint", "code"], registry=r)

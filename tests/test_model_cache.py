@@ -193,6 +193,41 @@ def test_short_prompts_prefilled_together_generate_what_each_does_alone(model):
     np.testing.assert_array_equal(idle_together, idle_alone)
 
 
+def test_due_rows_compress_together_in_one_call_as_each_alone(model, monkeypatch):
+    """Rows of a class that reach their trigger at the same step compress in one call (a padded batch
+    of slots); each row keeps what it keeps alone, and its cold tier gets its own evicted slots."""
+    from toyllm_core.serving.engine import steps
+
+    cls = CacheClass.make(make_policy("snapkv", budget=32, slack=8, window_size=8), 4, 64)
+    prompts = [_tokens(20, 40 + i) for i in range(3)]
+    calls = []
+    compress_rows = steps.compress_rows
+
+    def counted(state, slots, *, cls):
+        calls.append(len(slots))
+        return compress_rows(state, slots, cls=cls)
+
+    monkeypatch.setattr(steps, "compress_rows", counted)
+
+    def generate(group):
+        engine = Engine(model, [cls], steps_per_call=4)
+        seqs = [engine.run_prefill(p, cls, _greedy(40)) for p in group]
+        out = {id(s): [s.pending] for s in seqs}
+        while any(s.active for s in seqs):
+            for o in engine.step():
+                out[id(o.seq)] += o.tokens
+        return [out[id(s)] for s in seqs], [s.cold_tier().pos for s in seqs]
+
+    together, cold_together = generate(prompts)
+    batched = list(calls)
+    for i, p in enumerate(prompts):
+        alone, (cold_alone,) = generate([p])
+        assert alone == [together[i]]
+        np.testing.assert_array_equal(cold_alone, cold_together[i])
+    assert batched and set(batched) == {4}  # three due rows padded to a bucket of 4, every time
+    assert len(batched) == len(calls) // 4  # one call for the three, where alone each took its own
+
+
 def test_rows_join_and_leave_the_slots_without_disturbing_the_others(model):
     classes = {p: CacheClass.make(p, 4, 64, None if p.evicts else 256)
                for p in (FULL, make_policy("snapkv", budget=32), make_policy("h2o", budget=40))}

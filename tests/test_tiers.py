@@ -37,7 +37,7 @@ def test_quantisation_is_within_half_a_step_and_the_host_packing_is_exact(bits):
     step = np.repeat(np.asarray(scale, np.float32), 64 // scale.shape[-1], axis=-1)
     assert (np.abs(back - x) <= step / 2 + 1e-3 * np.abs(x)).all()  # (+ float16 rounding of the scale)
     pos = np.tile(np.arange(40, dtype=np.int32), (2, 1, 3, 1))
-    tier = ColdTier.empty(2, 3, 64, bits).extend([ColdChunk(codes, scale, codes, scale, jnp.asarray(pos))])
+    tier = ColdTier.empty(2, 3, 64, bits).extend([(ColdChunk(codes, scale, codes, scale, jnp.asarray(pos)), 0)])
     assert tier.k.shape[-1] == (64 if bits == 8 else 32)  # int4: two codes per byte
     up = tier.upload(64)
     np.testing.assert_array_equal(up.k[:, :, :, :40], np.asarray(codes))

@@ -184,6 +184,18 @@ class KVCache(eqx.Module):
         return jax.tree.map(lambda x, y, axis: jax.lax.dynamic_update_slice_in_dim(x, y, start, axis), self, rows,
                             _batch_axes(self))
 
+    def take_rows(self, rows: jax.Array) -> KVCache:
+        """The rows at indices rows [k] (any order; traced), as a cache of k rows (a copy)."""
+        return jax.tree.map(lambda x, axis: jnp.take(x, rows, axis=axis), self, _batch_axes(self))
+
+    def put_rows(self, rows: jax.Array, part: KVCache) -> KVCache:
+        """This cache with the rows at indices rows [k] replaced by part's k rows (an index given
+        twice must get the same row twice)."""
+        def put(x, y, axis):
+            return x.at[(slice(None),) * axis + (rows,)].set(y)
+
+        return jax.tree.map(put, self, part, _batch_axes(self))
+
     def prefix(self, n_rows: int, n_slots: int) -> KVCache:
         """Rows [0, n_rows) with their first n_slots slots, as a cache of that shape (static sizes;
         traced). A step that only needs the filled prefix of its rows works on this, so that its

@@ -188,15 +188,20 @@ class ColdTier:
     def replace(self, chunk: ColdChunk) -> ColdTier:
         """A new tier holding exactly the entries of `chunk` (one row; a re-selection's result)."""
         empty = ColdTier.empty(self.pos.shape[0], self.pos.shape[1], self.head_dim, self.bits)
-        return empty.extend([chunk])
+        return empty.extend([(chunk, 0)])
 
-    def extend(self, chunks: list[ColdChunk]) -> ColdTier:
-        """This tier plus the entries of `chunks` (one row each, in eviction order)."""
+    def extend(self, chunks: list[tuple[ColdChunk, int]]) -> ColdTier:
+        """This tier plus the entries of `chunks`: (chunk, row) pairs, in eviction order (a chunk
+        that several rows' compressions evicted together is copied to the host once)."""
         if not chunks:
             return self
-        parts = [(np.asarray(c.pos)[:, 0], c) for c in chunks]
-        keep = [(p, c, (p >= 0).sum(axis=-1).max()) for p, c in parts]
-        keep = [(p, c, int(n)) for p, c, n in keep if n > 0]
+        host: dict[int, list[np.ndarray]] = {}
+        for c, _ in chunks:
+            if id(c) not in host:
+                host[id(c)] = [np.asarray(a) for a in (c.pos, c.k, c.k_scale, c.v, c.v_scale)]
+        parts = [[a[:, row] for a in host[id(c)]] for c, row in chunks]
+        keep = [(q, (q[0] >= 0).sum(axis=-1).max()) for q in parts]
+        keep = [(q, int(n)) for q, n in keep if n > 0]
         if not keep:
             return self
 
@@ -205,8 +210,7 @@ class ColdTier:
             order = np.argsort(p < 0, axis=-1, kind="stable")[..., :n]
             return [np.take_along_axis(a, order if a.ndim == 3 else order[..., None], axis=2) for a in arrays]
 
-        pieces = [compact(p, [p, np.asarray(c.k)[:, 0], np.asarray(c.k_scale)[:, 0], np.asarray(c.v)[:, 0],
-                              np.asarray(c.v_scale)[:, 0]], n) for p, c, n in keep]
+        pieces = [compact(q[0], q, n) for q, n in keep]
         pos = np.concatenate([self.pos] + [q[0] for q in pieces], axis=2)
         k = np.concatenate([self.k] + [self._pack(q[1]) for q in pieces], axis=2)
         ks = np.concatenate([self.k_scale] + [q[2] for q in pieces], axis=2)

@@ -64,7 +64,7 @@ class Prefill:
     compressions: int = 0
     user: object = None
     cold: ColdTier | None = None  # the session's cold tier (a tiered class), on the host
-    spill: list[ColdChunk] = field(default_factory=list)  # evicted here, not yet in `cold` (on the device)
+    spill: list[tuple[ColdChunk, int]] = field(default_factory=list)  # evicted here, not yet in `cold`: (chunk, row)
     recalled: float = 0.0  # tokens per layer and KV head the re-selection brought back from cold
     reselections: int = 0
     dropped: int = 0  # cold entries per layer and KV head dropped at the tier's bound
@@ -103,7 +103,7 @@ class Sequence:
     idle_cache: KVCache | None = None  # its cache when it never joined a slot
     user: object = None
     cold: ColdTier | None = None  # its cold tier as the prefill left it (a tiered class)
-    spill: list[ColdChunk] = field(default_factory=list)  # evicted while decoding, on the device
+    spill: list[tuple[ColdChunk, int]] = field(default_factory=list)  # evicted while decoding: (chunk, row)
     recalled: float = 0.0
     reselections: int = 0
     dropped: int = 0
@@ -198,15 +198,15 @@ class _ClassState:
 
 class Engine:
     def __init__(self, model: ToyLLM, classes: list[CacheClass], steps_per_call: int = 4,
-                 on_compress: Callable[[Sequence, float], None] | None = None, batch_rows: int = MAX_BATCH_ROWS):
+                 on_compress: Callable[[CacheClass, int, float], None] | None = None, batch_rows: int = MAX_BATCH_ROWS):
         if len({c.name for c in classes}) != len(classes):
             raise ValueError("cache classes must be distinct")
         self.model = model
         self.eos = model.cfg.eos_token_id  # the token that ends a sequence (unless it ignores EOS)
         self.classes = list(classes)
         self.steps_per_call = steps_per_call
-        # Called as on_compress(seq, seconds) once each decode-time compression has finished (from
-        # a watcher thread: the engine does not wait for it).
+        # Called as on_compress(cls, rows, seconds) once each decode-time compression call (of `rows`
+        # rows of class `cls`) has finished (from a watcher thread: the engine does not wait for it).
         self.on_compress = on_compress
         self._watcher = _CompletionWatcher()
         self._states = {c: _ClassState(model, c) for c in classes}
@@ -327,7 +327,7 @@ class Engine:
         cls, policy = job.cls, job.cls.policy
         job.cache, chunk = steps.compress_cache(job.cache, cls=cls)
         if chunk is not None and job.cold is not None:
-            job.spill.append(chunk)
+            job.spill.append((chunk, 0))
         job.evicted += _evicted(policy, job.length, job.compressions)
         job.compressions += 1
         job.length = min(job.length, policy.kept_slots)
@@ -485,18 +485,25 @@ class Engine:
                 ids, lps = top_ids[i, :n, :k].tolist(), top_lps[i, :n, :k].tolist()
                 top = [list(zip(a, b, strict=True)) for a, b in zip(ids, lps, strict=True)]
             outputs.append(StepOutput(r, got.tokens[i, :n].tolist(), got.logprobs[i, :n].tolist(), top))
-            self._compress_if_due(state, r)
+        self._compress_due(state, active)
         return outputs
 
-    def _compress_if_due(self, state: _ClassState, r: Sequence) -> None:
+    def _compress_due(self, state: _ClassState, rows: list[Sequence]) -> None:
+        """Compress every row that has reached its trigger, in one call (not waited for: the watcher
+        times it from its completion)."""
         cls = state.cls
-        if cls.evicts and r.length >= cls.policy.trigger:
-            started = time.perf_counter()
-            state.cache, chunk = steps.compress_row(state.cache, np.int32(r.slot), cls=cls)
+        due = [r for r in rows if cls.evicts and r.length >= cls.policy.trigger]
+        if not due:
+            return
+        k = row_bucket(cls.slots, len(due))
+        slots = np.array([r.slot for r in due] + [due[0].slot] * (k - len(due)), np.int32)
+        started = time.perf_counter()
+        state.cache, chunk = steps.compress_rows(state.cache, slots, cls=cls)
+        if self.on_compress is not None:
+            self._watcher.watch(state.cache.length, started, partial(self.on_compress, cls, len(due)))
+        for i, r in enumerate(due):
             if chunk is not None and r.cold is not None:
-                r.spill.append(chunk)
-            if self.on_compress is not None:
-                self._watcher.watch(state.cache.length, started, partial(self.on_compress, r))
+                r.spill.append((chunk, i))
             r.tokens_evicted += _evicted(cls.policy, r.length, r.compressions)
             r.compressions += 1
             r.length = min(r.length, cls.policy.kept_slots)
@@ -525,7 +532,7 @@ class Engine:
                                                        np.pad(targets, pad).astype(np.int32), n_rows=n_rows)
         for r in rows:
             r.length += tokens.shape[1]
-            self._compress_if_due(state, r)
+        self._compress_due(state, rows)
         return np.asarray(nll, np.float64)[: len(rows)], np.asarray(correct)[: len(rows)]
 
     def kept_positions(self, seq: Sequence) -> np.ndarray:

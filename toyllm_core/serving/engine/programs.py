@@ -15,8 +15,11 @@ the classes is refused.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import jax
@@ -43,7 +46,7 @@ from .classes import (
 
 @dataclass(frozen=True)
 class Program:
-    kind: str  # new-state, new-prefill, chunk, compress, fit, insert, extract, move, compress-row, decode,
+    kind: str  # new-state, new-prefill, chunk, compress, fit, insert, extract, move, compress-rows, decode,
     # grow, truncate, recall, recall-chunk, reselect, batch-new, batch-chunk, batch-insert, batch-row,
     # first-token
 
@@ -69,7 +72,8 @@ def programs(classes: list[CacheClass], batch_rows: int = MAX_BATCH_ROWS) -> lis
         out += [Program("chunk", cls, n, span) for span in spans(cls.prefill_capacity)
                 for n in chunk_sizes(cls.max_chunk) if n <= span]
         if cls.evicts:
-            out += [Program("compress", cls), Program("fit", cls), Program("compress-row", cls),
+            out += [Program("compress-rows", cls, n) for n in row_buckets(cls.slots)]
+            out += [Program("compress", cls), Program("fit", cls),
                     Program("grow", cls, cls.capacity)]
             if cls.tiered:  # a new turn over hot ∪ cold: recalled per cold-length bucket
                 out.append(Program("truncate", cls))  # the last reply rewound
@@ -145,8 +149,8 @@ def compile_program(model: ToyLLM, p: Program, steps_per_call: int, classes: lis
     elif p.kind == "reselect":
         recalled = cache(1, cls.recall_capacity)
         build(steps.reselect, recalled, jax.ShapeDtypeStruct(recalled.pos.shape, bool), cls=cls)
-    elif p.kind == "compress-row":
-        build(steps.compress_row, state(), np.int32(0), cls=cls)
+    elif p.kind == "compress-rows":
+        build(steps.compress_rows, state(), np.zeros(p.size, np.int32), cls=cls)
     elif p.kind == "decode":
         inputs = np.zeros((p.size, len(steps.DECODE_INPUTS)), np.int32)
         build(steps.decode_steps, model, state(), np.int32(1), inputs, n_rows=p.size, max_steps=steps_per_call,
@@ -159,22 +163,34 @@ def compile_program(model: ToyLLM, p: Program, steps_per_call: int, classes: lis
 
 
 def warm_up(model: ToyLLM, classes: list[CacheClass], steps_per_call: int,
-            log: Callable[[str], None] = print, every_s: float = 5.0, batch_rows: int = MAX_BATCH_ROWS) -> dict:
-    """Compile every program, logging progress (`warm-up: 12/46 programs, 38 s`) at least every
-    `every_s` seconds; returns {"programs", "compilations" (programs built: compiled or read from the
-    persistent compilation cache), "cache_hits" (read), "seconds", "per_kind": {kind: seconds}}."""
+            log: Callable[[str], None] = print, every_s: float = 5.0, batch_rows: int = MAX_BATCH_ROWS,
+            workers: int | None = None) -> dict:
+    """Compile every program, `workers` at a time [default: one per core] (XLA compiles, and reads
+    the persistent compilation cache, outside the GIL), logging progress (`warm-up: 12/46 programs,
+    38 s`) at least every `every_s` seconds; returns {"programs", "compilations" (programs built:
+    compiled or read from the persistent compilation cache), "cache_hits" (read), "seconds",
+    "per_kind": {kind: seconds, summed over the workers}}."""
     todo = programs(classes, batch_rows)
-    started = last = time.perf_counter()
+    started = time.perf_counter()
+    last = [started]
     compiled_before, hits_before = jit_stats.compilations(), jit_stats.cache_hits()
     per_kind: dict[str, float] = {}
-    for i, p in enumerate(todo, 1):
+    done = [0]
+    lock = threading.Lock()
+
+    def build(p: Program) -> None:
         t0 = time.perf_counter()
         compile_program(model, p, steps_per_call, classes)
         now = time.perf_counter()
-        per_kind[p.kind] = per_kind.get(p.kind, 0.0) + now - t0
-        if now - last >= every_s or i == len(todo):
-            log(f"warm-up: {i}/{len(todo)} programs, {now - started:.0f} s")
-            last = now
+        with lock:
+            per_kind[p.kind] = per_kind.get(p.kind, 0.0) + now - t0
+            done[0] += 1
+            if now - last[0] >= every_s or done[0] == len(todo):
+                log(f"warm-up: {done[0]}/{len(todo)} programs, {now - started:.0f} s")
+                last[0] = now
+
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1, thread_name_prefix="toyllm-warm-up") as pool:
+        list(pool.map(build, todo))  # (re-raises the first failure)
     seconds = time.perf_counter() - started
     return {"programs": len(todo), "compilations": jit_stats.compilations() - compiled_before,
             "cache_hits": jit_stats.cache_hits() - hits_before,

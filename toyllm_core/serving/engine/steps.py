@@ -134,9 +134,12 @@ def move_row(state: KVCache, src, dst) -> KVCache:
 
 
 @partial(jax.jit, static_argnames=("cls",), donate_argnames=("state",))
-def compress_row(state: KVCache, slot, *, cls: CacheClass) -> tuple[KVCache, ColdChunk | None]:
-    row, evicted = _compress(state.rows(slot), cls)
-    return state.set_rows(slot, row), evicted
+def compress_rows(state: KVCache, slots, *, cls: CacheClass) -> tuple[KVCache, ColdChunk | None]:
+    """Compress the decode rows at slots [k] in one call (a padded list repeats a slot: the same row
+    compressed twice gives the same result) -> (state, their evicted slots [.., k, ..] for the cold
+    tier, or None)."""
+    rows, evicted = _compress(state.take_rows(slots), cls)
+    return state.put_rows(slots, rows), evicted
 
 
 def decode_rows(model: ToyLLM, tokens, active, cache: KVCache):
