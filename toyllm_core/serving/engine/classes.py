@@ -28,7 +28,8 @@ RECALL_TAIL = 128
 # A prompt chunk or a decode call attends over the first `span` slots of its rows: the smallest
 # compiled span that holds what they have filled plus what the call adds, not the whole capacity
 # (a 64-token prompt in a class of 6,176 slots read 96x the keys it needed). Spans grow by 4x from
-# MIN_SPAN, so a call reads at most 4x what it needs, and the capacity is the last.
+# MIN_SPAN, and the capacity is the last; a span is compiled only if it is at most half the
+# capacity (a program that saves less is not worth its compile).
 MIN_SPAN = 256
 SPAN_GROWTH = 4
 
@@ -36,7 +37,7 @@ SPAN_GROWTH = 4
 def spans(capacity: int) -> list[int]:
     """The compiled attention spans of rows of `capacity` slots."""
     sizes, n = [], MIN_SPAN
-    while n < capacity:
+    while 2 * n <= capacity:
         sizes.append(n)
         n *= SPAN_GROWTH
     return sizes + [capacity]

@@ -378,12 +378,12 @@ class Engine:
             seq.slot = len(state.rows)
             state.rows.append(seq)
             if job.batch is not None:
-                batch, i = job.batch
-                state.cache = steps.insert_batch_row(state.cache, np.int32(seq.slot), batch, np.int32(i), cls=cls)
+                row = steps.batch_take(job.batch[0], np.int32(job.batch[1]))
+                state.cache = steps.insert_batch_row(state.cache, np.int32(seq.slot), row, cls=cls)
             else:
                 state.cache = steps.insert_row(state.cache, np.int32(seq.slot), job.cache, cls=cls)
         elif job.batch is not None:
-            seq.idle_cache = steps.batch_row(job.batch[0], np.int32(job.batch[1]), cls=cls)
+            seq.idle_cache = steps.batch_row(steps.batch_take(job.batch[0], np.int32(job.batch[1])), cls=cls)
         else:
             seq.idle_cache = job.cache if cls.capacity == cls.prefill_capacity else \
                 steps.resize(job.cache, capacity=cls.capacity)

@@ -15,11 +15,8 @@ the classes is refused.
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import jax
@@ -47,7 +44,7 @@ from .classes import (
 @dataclass(frozen=True)
 class Program:
     kind: str  # new-state, new-prefill, chunk, compress, fit, insert, extract, move, compress-rows, decode,
-    # grow, truncate, recall, recall-chunk, reselect, batch-new, batch-chunk, batch-insert, batch-row,
+    # grow, truncate, recall, recall-chunk, reselect, batch-new, batch-chunk, batch-take, batch-insert, batch-row,
     # first-token
 
     cls: CacheClass | None
@@ -64,7 +61,7 @@ def programs(classes: list[CacheClass], batch_rows: int = MAX_BATCH_ROWS) -> lis
     """Every program of an engine over `classes` that prefills up to `batch_rows` short prompts together."""
     out = []
     rows = batch_sizes(batch_rows)
-    out += [Program("batch-new", None, k) for k in rows]
+    out += [Program(kind, None, k) for kind in ("batch-new", "batch-take") for k in rows]
     out += [Program("batch-chunk", None, k, width=n) for k in rows for n in batch_chunks()]
     full = sorted((c for c in classes if not c.evicts), key=lambda c: c.capacity)
     for cls in classes:
@@ -85,7 +82,7 @@ def programs(classes: list[CacheClass], batch_rows: int = MAX_BATCH_ROWS) -> lis
         out += [Program("insert", cls), Program("extract", cls), Program("move", cls)]
         takes = [n for n in (1, SHORT_PROMPT) if cls.takes_short(n)]
         if takes:  # a short prompt's row of a batch into a decode slot, or as an idle cache
-            out += [Program(kind, cls, k) for kind in ("batch-insert", "batch-row") for k in rows]
+            out += [Program("batch-insert", cls), Program("batch-row", cls)]
         out += [Program("decode", cls, n, span) for n in row_buckets(cls.slots) for span in spans(cls.capacity)]
     out.append(Program("first-token", None))
     return out
@@ -106,15 +103,18 @@ def compile_program(model: ToyLLM, p: Program, steps_per_call: int, classes: lis
     if p.kind.startswith("batch"):
         scores, recent = batch_signals(classes)
         batch = lambda: jax.eval_shape(lambda: steps.new_batch_cache(model, p.size, scores, recent))
+        row = lambda: jax.eval_shape(lambda: steps.new_batch_cache(model, 1, scores, recent))
         if p.kind == "batch-new":
             build(empty_cache, cfg, p.size, SHORT_PROMPT, model.dtype, scores, recent)
         elif p.kind == "batch-chunk":
             build(steps.prefill_batch, model, batch(), np.zeros((p.size, p.width), np.int32),
                   np.zeros(p.size, np.int32), span=SHORT_PROMPT)
+        elif p.kind == "batch-take":
+            build(steps.batch_take, batch(), np.int32(0))
         elif p.kind == "batch-insert":
-            build(steps.insert_batch_row, cache(cls.slots, cls.capacity), np.int32(0), batch(), np.int32(0), cls=cls)
+            build(steps.insert_batch_row, cache(cls.slots, cls.capacity), np.int32(0), row(), cls=cls)
         else:
-            build(steps.batch_row, batch(), np.int32(0), cls=cls)
+            build(steps.batch_row, row(), cls=cls)
         return
     state, prefill = (lambda: cache(cls.slots, cls.capacity)), (lambda: cache(1, cls.prefill_capacity))
     if p.kind == "new-state":
@@ -163,34 +163,24 @@ def compile_program(model: ToyLLM, p: Program, steps_per_call: int, classes: lis
 
 
 def warm_up(model: ToyLLM, classes: list[CacheClass], steps_per_call: int,
-            log: Callable[[str], None] = print, every_s: float = 5.0, batch_rows: int = MAX_BATCH_ROWS,
-            workers: int | None = None) -> dict:
-    """Compile every program, `workers` at a time [default: one per core] (XLA compiles, and reads
-    the persistent compilation cache, outside the GIL), logging progress (`warm-up: 12/46 programs,
-    38 s`) at least every `every_s` seconds; returns {"programs", "compilations" (programs built:
-    compiled or read from the persistent compilation cache), "cache_hits" (read), "seconds",
-    "per_kind": {kind: seconds, summed over the workers}}."""
+            log: Callable[[str], None] = print, every_s: float = 5.0, batch_rows: int = MAX_BATCH_ROWS) -> dict:
+    """Compile every program, logging progress (`warm-up: 12/46 programs, 38 s`) at least every
+    `every_s` seconds; returns {"programs", "compilations" (programs built: compiled or read from the
+    persistent compilation cache), "cache_hits" (read), "seconds", "per_kind": {kind: seconds}}.
+    One at a time: compiling on a thread per core saved ~15% of a warm start here, and a test
+    process that had done so later aborted inside an XLA compile."""
     todo = programs(classes, batch_rows)
-    started = time.perf_counter()
-    last = [started]
+    started = last = time.perf_counter()
     compiled_before, hits_before = jit_stats.compilations(), jit_stats.cache_hits()
     per_kind: dict[str, float] = {}
-    done = [0]
-    lock = threading.Lock()
-
-    def build(p: Program) -> None:
+    for i, p in enumerate(todo, 1):
         t0 = time.perf_counter()
         compile_program(model, p, steps_per_call, classes)
         now = time.perf_counter()
-        with lock:
-            per_kind[p.kind] = per_kind.get(p.kind, 0.0) + now - t0
-            done[0] += 1
-            if now - last[0] >= every_s or done[0] == len(todo):
-                log(f"warm-up: {done[0]}/{len(todo)} programs, {now - started:.0f} s")
-                last[0] = now
-
-    with ThreadPoolExecutor(workers or os.cpu_count() or 1, thread_name_prefix="toyllm-warm-up") as pool:
-        list(pool.map(build, todo))  # (re-raises the first failure)
+        per_kind[p.kind] = per_kind.get(p.kind, 0.0) + now - t0
+        if now - last >= every_s or i == len(todo):
+            log(f"warm-up: {i}/{len(todo)} programs, {now - started:.0f} s")
+            last = now
     seconds = time.perf_counter() - started
     return {"programs": len(todo), "compilations": jit_stats.compilations() - compiled_before,
             "cache_hits": jit_stats.cache_hits() - hits_before,

@@ -62,23 +62,29 @@ def prefill_batch(model: ToyLLM, cache: KVCache, tokens, n_valid, *, span: int):
     return model.logits(last), cache.with_prefix(part)
 
 
-def _batch_row(batch: KVCache, i, cls: CacheClass) -> KVCache:
-    """Row i of a batch prefill cache as one row of class `cls` (its signals, its capacity)."""
+@jax.jit
+def batch_take(batch: KVCache, i) -> KVCache:
+    """Row i of a batch prefill cache, as a one-row cache (a copy; every class's signals)."""
+    return batch.rows(i)
+
+
+def _class_row(row: KVCache, cls: CacheClass) -> KVCache:
+    """A one-row batch prefill cache as a row of class `cls` (its signals, its capacity)."""
     signals = cls.policy.signals
-    return batch.rows(i).with_signals(signals.scores, signals.recent_queries).resized(cls.capacity)
+    return row.with_signals(signals.scores, signals.recent_queries).resized(cls.capacity)
 
 
 @partial(jax.jit, static_argnames=("cls",), donate_argnames=("state",))
-def insert_batch_row(state: KVCache, slot, batch: KVCache, i, *, cls: CacheClass) -> KVCache:
-    """Row i of a batch prefill cache into decode slot `slot`."""
-    return state.set_rows(slot, _batch_row(batch, i, cls))
+def insert_batch_row(state: KVCache, slot, row: KVCache, *, cls: CacheClass) -> KVCache:
+    """A row taken from a batch prefill cache (`batch_take`) into decode slot `slot`."""
+    return state.set_rows(slot, _class_row(row, cls))
 
 
 @partial(jax.jit, static_argnames=("cls",))
-def batch_row(batch: KVCache, i, *, cls: CacheClass) -> KVCache:
-    """Row i of a batch prefill cache as an idle one-row cache of class `cls` (a sequence that ended
-    at its first token)."""
-    return _batch_row(batch, i, cls)
+def batch_row(row: KVCache, *, cls: CacheClass) -> KVCache:
+    """A row taken from a batch prefill cache as an idle one-row cache of class `cls` (a sequence
+    that ended at its first token)."""
+    return _class_row(row, cls)
 
 
 def _compress(cache: KVCache, cls: CacheClass) -> tuple[KVCache, ColdChunk | None]:
