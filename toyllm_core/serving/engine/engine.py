@@ -498,9 +498,10 @@ class Engine:
         k = row_bucket(cls.slots, len(due))
         slots = np.array([r.slot for r in due] + [due[0].slot] * (k - len(due)), np.int32)
         started = time.perf_counter()
-        state.cache, chunk = steps.compress_rows(state.cache, slots, cls=cls)
+        state.cache, chunk, done = steps.compress_rows(state.cache, slots, cls=cls)
         if self.on_compress is not None:
-            self._watcher.watch(state.cache.length, started, partial(self.on_compress, cls, len(due)))
+            # Not a leaf of the state: the next decode call donates (frees) those under the watcher.
+            self._watcher.watch(done, started, partial(self.on_compress, cls, len(due)))
         for i, r in enumerate(due):
             if chunk is not None and r.cold is not None:
                 r.spill.append((chunk, i))

@@ -140,12 +140,13 @@ def move_row(state: KVCache, src, dst) -> KVCache:
 
 
 @partial(jax.jit, static_argnames=("cls",), donate_argnames=("state",))
-def compress_rows(state: KVCache, slots, *, cls: CacheClass) -> tuple[KVCache, ColdChunk | None]:
+def compress_rows(state: KVCache, slots, *, cls: CacheClass) -> tuple[KVCache, ColdChunk | None, jax.Array]:
     """Compress the decode rows at slots [k] in one call (a padded list repeats a slot: the same row
     compressed twice gives the same result) -> (state, their evicted slots [.., k, ..] for the cold
-    tier, or None)."""
+    tier, or None, and their new lengths [k]: an output of its own, that a timer may wait for while
+    the state is donated to the next call)."""
     rows, evicted = _compress(state.take_rows(slots), cls)
-    return state.put_rows(slots, rows), evicted
+    return state.put_rows(slots, rows), evicted, rows.length + 0
 
 
 def decode_rows(model: ToyLLM, tokens, active, cache: KVCache):
