@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from toyllm_core import compile_cache
 from toyllm_core.chat import ChatTemplate
-from toyllm_core.machine import peak_rss_bytes
+from toyllm_core.machine import memory_maps, peak_rss_bytes
 from toyllm_core.serving.engine import Engine as CoreEngine
 from toyllm_core.serving.engine import plan_classes, warm_up
 from toyllm_core.serving.policies import make_policy, parse_policy, policy_class, policy_names
@@ -103,6 +103,13 @@ def _start(state: ServerState) -> None:
                          batch_rows=state.engine.core.batch_rows)
         report["compile_cache_dir"] = s.compile_cache_dir or None
         report["compile_cache_bytes"] = compile_cache.disk_bytes(s.compile_cache_dir) if s.compile_cache_dir else 0
+        maps = memory_maps()
+        if maps is not None:
+            report["memory_maps"], report["max_map_count"] = maps
+            if maps[0] > maps[1] // 2:
+                log.warning("the compiled programs hold %d of the %d memory maps a process may have "
+                            "(vm.max_map_count); more cache classes could crash a compile: raise it "
+                            "(sysctl -w vm.max_map_count=262144)", *maps)
         state.info["warmup"] = report
         peak_rss["warm_up"] = peak_rss_bytes()
         log.info("warm-up: %d programs (%d built, %d of them read from the compile cache) in %.1f s",

@@ -35,3 +35,13 @@ def tokenizer():
     from toyllm_core.tokenizer import gpt2_tokenizer
 
     return gpt2_tokenizer()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module. XLA's CPU backend maps every compiled
+    kernel's code and data separately (~180 memory maps per serving program), and a process that
+    keeps every program the whole suite compiles passes Linux's default vm.max_map_count (65,530):
+    the next compile then crashes inside XLA."""
+    yield
+    jax.clear_caches()

@@ -59,6 +59,7 @@ def test_no_compile_after_warm_up_for_any_class_prompt_length_or_session():
         wait_ready(c, timeout=600)
         state = c.app.state.toyllm
         assert state.info["warmup"]["programs"] == len(programs(state.classes, state.engine.core.batch_rows))
+        assert 0 < state.info["warmup"]["memory_maps"] < state.info["warmup"]["max_map_count"]
         compiled = metric(c.get("/metrics").text, "toyllm_jit_compilations_total")
         rng = np.random.default_rng(0)
         words = ["the", "of", "and", "river", "music"]

@@ -31,3 +31,16 @@ def machine() -> dict:
 def peak_rss_bytes() -> int:
     """The most resident memory this process has held so far (Linux reports kilobytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_maps() -> tuple[int, int] | None:
+    """(memory maps this process holds, the kernel's per-process limit vm.max_map_count), on Linux.
+    XLA's CPU backend maps every compiled kernel separately (~180 maps per serving program), so the
+    programs a server compiles count against the limit; past it, the next compile crashes."""
+    try:
+        with open("/proc/self/maps") as f:
+            held = sum(1 for _ in f)
+        with open("/proc/sys/vm/max_map_count") as f:
+            return held, int(f.read())
+    except (OSError, ValueError):
+        return None
