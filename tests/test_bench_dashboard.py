@@ -6,6 +6,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.lab  # the lab's tools (make test-lab)
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

@@ -15,6 +15,8 @@ import pytest
 
 from toyllm_core.lab import data
 
+pytestmark = pytest.mark.lab  # the lab's tools (make test-lab)
+
 
 def _wheel(path, files: dict[str, str]):
     with zipfile.ZipFile(path, "w") as z:

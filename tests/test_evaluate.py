@@ -20,6 +20,8 @@ from toyllm_core.lab.evaluate import (
 )
 from toyllm_core.serving.policies import make_policy as CacheConfig
 
+pytestmark = pytest.mark.lab  # the lab's tools (make test-lab)
+
 SEQS = np.random.default_rng(0).integers(0, 50257, (5, 96), dtype=np.int32)
 
 

@@ -13,6 +13,8 @@ import pytest
 from toyllm_core.lab.evaluate import copy_task
 from toyllm_core.lab.model_quality import loss_by_position, mean_over, unigram_nll
 
+pytestmark = pytest.mark.lab  # the lab's tools (make test-lab)
+
 
 def test_unigram_nll_is_add_one_smoothed_training_frequencies():
     train = np.array([0, 0, 0, 1, 2, 2], np.int32)  # counts 3, 1, 2, 0 -> +1 each: 4, 2, 3, 1 of 10

@@ -14,6 +14,8 @@ from toyllm_core.config import get_preset
 from toyllm_core.lab.train import TrainConfig, batch_loss, train
 from toyllm_core.serving.model import ToyLLM
 
+pytestmark = pytest.mark.lab  # the lab's tools (make test-lab)
+
 # A small, very learnable corpus: a repeating cycle of 50 token ids.
 TOKENS = np.tile(np.arange(1000, 1050, dtype=np.int32), 200)
 CFG = TrainConfig(preset="tiny", seq_len=32, batch_size=4, steps=30, lr=1e-2, warmup_steps=3, log_every=1,
