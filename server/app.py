@@ -106,7 +106,7 @@ def _start(state: ServerState) -> None:
         maps = memory_maps()
         if maps is not None:
             report["memory_maps"], report["max_map_count"] = maps
-            if maps[0] > maps[1] // 2:
+            if maps[0] > maps[1] * 3 // 4:
                 log.warning("the compiled programs hold %d of the %d memory maps a process may have "
                             "(vm.max_map_count); more cache classes could crash a compile: raise it "
                             "(sysctl -w vm.max_map_count=262144)", *maps)
