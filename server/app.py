@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from toyllm_core import compile_cache
 from toyllm_core.chat import ChatTemplate
-from toyllm_core.machine import memory_maps, peak_rss_bytes
+from toyllm_core.machine import memory_maps, peak_rss_bytes, reset_peak_rss
 from toyllm_core.serving.engine import Engine as CoreEngine
 from toyllm_core.serving.engine import plan_classes, warm_up
 from toyllm_core.serving.policies import make_policy, parse_policy, policy_class, policy_names
@@ -45,6 +45,7 @@ def _start(state: ServerState) -> None:
     loaded = load_model(None if s.preset else s.checkpoint, s.preset, s.dtype, s.quant)
     model, tokenizer, name, digest = loaded.model, loaded.tokenizer, loaded.name, loaded.sha256
     peak_rss = {"load": peak_rss_bytes()}
+    reset_peak_rss()  # each phase's own peak
     state.model, state.tokenizer, state.model_name, state.checkpoint_sha256 = model, tokenizer, name, digest
     source = s.chat_template.read_text() if s.chat_template is not None else None
     state.chat = ChatTemplate.of(tokenizer, source)
@@ -68,6 +69,7 @@ def _start(state: ServerState) -> None:
                                on_created=m.sessions_created.inc,
                                on_evicted=lambda reason: m.sessions_evicted.labels(reason).inc())
     core = CoreEngine(model, state.classes, steps_per_call=s.steps_per_call, batch_rows=s.max_concurrent_requests)
+    core.allocate_states()
     state.engine = Engine(core, tokenizer, state.store, m, max_running=s.max_concurrent_requests,
                           queue_size=s.queue_size, interleave_chunk=s.interleave_chunk,
                           interleave_tokens=s.interleave_tokens)
@@ -92,7 +94,7 @@ def _start(state: ServerState) -> None:
                    "queue_size": s.queue_size, "max_prompt_tokens": s.max_prompt_tokens,
                    "max_new_tokens": s.max_new_tokens, "max_body_bytes": s.max_body_bytes},
         "backend": {"platform": jax.default_backend(), "devices": [str(d) for d in jax.devices()]},
-        "peak_rss_bytes": peak_rss,  # by phase; /info adds "now" (the peak so far, serving included)
+        "peak_rss_bytes": peak_rss,  # by phase; /info adds "serving" (since ready)
         "engine": {"steps_per_call": s.steps_per_call, "max_prefill_chunk": s.max_prefill_chunk,
                    "interleave_chunk": s.interleave_chunk, "interleave_tokens": s.interleave_tokens,
                    "prefill_window": window,
@@ -114,6 +116,7 @@ def _start(state: ServerState) -> None:
         peak_rss["warm_up"] = peak_rss_bytes()
         log.info("warm-up: %d programs (%d built, %d of them read from the compile cache) in %.1f s",
                  report["programs"], report["compilations"], report["cache_hits"], report["seconds"])
+    reset_peak_rss()  # from here on, /info's "serving"
     state.engine.start()
     log.info("%s ready in %.1f s", name, time.perf_counter() - started)
 

@@ -15,6 +15,7 @@ from toyllm_core.serving.cache import KVCache, empty_cache
 from toyllm_core.serving.engine.steps import decode_rows, prefill_chunk, teacher_forced
 from toyllm_core.serving.policies import compress, make_policy
 from toyllm_core.serving.policies.expected_attention import expected_attention
+from toyllm_core.serving.signals import RecentQueries
 
 pytestmark = pytest.mark.longctx
 
@@ -51,7 +52,7 @@ def _random_cache(rng, *, n_layers=2, n_kv=2, group=2, cap=128, length=100, d=8,
         recent_pos[p % RING] = p
     cache = KVCache(k=jnp.asarray(k[:, None]), v=jnp.asarray(v[:, None]), pos=jnp.asarray(pos_all[:, None]),
                     length=jnp.array([length], jnp.int32), next_pos=jnp.array([end], jnp.int32),
-                    recent_q=jnp.asarray(recent_q[:, None]), recent_pos=jnp.asarray(recent_pos[None]),
+                    signals=(RecentQueries(jnp.asarray(recent_q[:, None]), jnp.asarray(recent_pos[None])),),
                     rope_theta=theta)
     host = {"k": k, "v": v, "pos": pos_all, "recent_q": recent_q, "recent_pos": recent_pos, "next_pos": end,
             "length": length}
@@ -387,9 +388,7 @@ def test_rows_of_a_batch_compress_independently(name):
     rng = np.random.default_rng(3)
     rows = [_random_cache(rng, n_kv=3, group=1, head_scale=[3.0, 1.0, 0.3], length=100, end=380)[0],
             _random_cache(rng, n_kv=3, group=1, head_scale=[0.3, 1.0, 3.0], length=90, end=250)[0]]
-    axes = {"k": 1, "v": 1, "pos": 1, "recent_q": 1, "length": 0, "next_pos": 0, "recent_pos": 0}
-    both = eqx.tree_at(lambda c: [getattr(c, f) for f in axes], rows[0],
-                       [jnp.concatenate([getattr(r, f) for r in rows], axis=a) for f, a in axes.items()])
+    both = KVCache.stack(rows)
     extra = {"obs_window": RING} if name == "expected" else {}
     policy = make_policy(name, budget=30, **extra)
     out = _host(compress_one(both, policy))
@@ -433,7 +432,7 @@ def test_compressed_cache_decodes_like_recomputation_over_the_kept_slots(model, 
     policy = make_policy(name, **params)
     n, more = 120, 20
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, n + 1 + more, dtype=np.int32)
-    cache = empty_cache(cfg, 1, 256, jnp.float32, False, policy.signals.recent_queries)
+    cache = empty_cache(cfg, 1, 256, jnp.float32, policy.signals)
     chunk = np.zeros((1, 128), np.int32)
     chunk[0, :n] = tokens[:n]
     full = _host(prefill_chunk(model, cache, chunk, np.array([n], np.int32))[1])

@@ -17,6 +17,7 @@ from toyllm_core.serving.engine.steps import prefill_chunk, teacher_forced
 from toyllm_core.serving.generate import generate_tokens
 from toyllm_core.serving.policies import make_policy
 from toyllm_core.serving.sampling import SamplingParams
+from toyllm_core.serving.signals import RecentQueries
 
 FULL = make_policy("full")
 
@@ -348,3 +349,53 @@ def test_the_plain_backend_forms_give_the_numbers_of_the_cpu_forms(monkeypatch, 
     live = cpu[2] >= 0
     np.testing.assert_allclose(cpu[1][live], plain[1][live], atol=1e-2)
     np.testing.assert_allclose(cpu[0], plain[0], atol=2e-2 * np.abs(cpu[0]).max())
+
+
+def test_a_row_written_by_its_prefix_equals_the_row_written_whole(model):
+    cfg = model.cfg
+    state = empty_cache(cfg, 3, 64, jnp.float32, (RecentQueries.want(4),))
+    row = prefill_chunk(model, empty_cache(cfg, 1, 96, jnp.float32, (RecentQueries.want(4),)), _tokens(20)[None],
+                        np.array([20], np.int32), span=96)[1]
+    whole = state.set_rows(1, row.resized(64))
+    part = state.set_row_prefix(1, row.prefix(1, 32))
+    for name in ("pos", "length", "next_pos", "signals"):
+        jax.tree.map(np.testing.assert_array_equal, getattr(part, name), getattr(whole, name))
+    np.testing.assert_array_equal(part.k[:, :, :, :32], whole.k[:, :, :, :32])
+    np.testing.assert_array_equal(part.v, whole.v)  # the rest of the row was empty (zeros) in both
+
+
+def _resident_pages(array) -> int:
+    """Pages of array's buffer that are resident (mincore)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    start = array.unsafe_buffer_pointer()
+    first = start // mmap.PAGESIZE * mmap.PAGESIZE
+    n = -(-(start + array.nbytes - first) // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * n)()
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    assert libc.mincore(ctypes.c_void_p(first), ctypes.c_size_t(n * mmap.PAGESIZE), vec) == 0
+    return sum(b & 1 for b in vec)
+
+
+def test_a_new_decode_state_holds_no_pages_until_rows_are_written(model):
+    """On the host backend a decode state's zeroed keys and values go back to the kernel, and a row
+    inserted by its prefix makes only those pages resident."""
+    from toyllm_core.serving.backend import release_zero_pages
+    from toyllm_core.serving.engine import steps
+
+    cfg, page = model.cfg, 4096
+    cls = CacheClass.make(FULL, 8, 64, 4096)
+    state = release_zero_pages(empty_cache(cfg, cls.slots, cls.capacity, jnp.float32))
+    assert _resident_pages(state.k) <= 2 and _resident_pages(state.v) <= 2  # at most the partial end pages
+    row = prefill_chunk(model, empty_cache(cfg, 1, cls.prefill_capacity, jnp.float32), _tokens(20)[None],
+                        np.array([20], np.int32), span=256)[1]
+    state = steps.insert_row(state, np.int32(3), row, cls=cls, span=256)
+    # 256 slots of keys per layer and KV head written (and up to a page either side of each block),
+    # where the state holds 8 rows of 4,112.
+    blocks = cfg.n_layers * cfg.n_kv_heads
+    assert 0 < _resident_pages(state.k) * page <= blocks * (256 * cfg.head_dim * 4 + 2 * page) < state.k.nbytes / 16
+    # (Read last: reading untouched pages maps the kernel's zero page, which mincore counts.)
+    np.testing.assert_array_equal(np.asarray(state.k[:, 3, :, :256]), np.asarray(row.k[:, 0, :, :256]))
+    assert not np.asarray(state.k[:, 3, :, 256:]).any() and not np.asarray(state.k[:, 4]).any()

@@ -15,6 +15,7 @@ from toyllm_core.serving.engine.steps import prefill_chunk, teacher_forced
 from toyllm_core.serving.generate import generate_tokens
 from toyllm_core.serving.policies import compress, make_policy, policy_names
 from toyllm_core.serving.sampling import SamplingParams
+from toyllm_core.serving.signals import AttentionSum, RecentQueries
 
 EVICTING = ["streaming", "snapkv", "h2o", "knorm", "random"]
 CacheConfig = make_policy  # CacheConfig(name, budget=...) reads as before
@@ -25,7 +26,7 @@ RECENT_QUERIES = 16  # SnapKV's default obs_window: the ring holds that many que
 def _filled_cache(model, n=150, seed=0, capacity=256) -> KVCache:
     """n tokens prefilled into a one-row cache that carries every policy's signals."""
     tokens = np.random.default_rng(seed).integers(0, 50257, n, dtype=np.int32)
-    cache = empty_cache(model.cfg, 1, capacity, model.dtype, True, RECENT_QUERIES)
+    cache = empty_cache(model.cfg, 1, capacity, model.dtype, (AttentionSum.want(), RecentQueries.want(RECENT_QUERIES)))
     chunk = np.zeros((1, capacity), np.int32)
     chunk[0, :n] = tokens
     return prefill_chunk(model, cache, chunk, np.array([n], np.int32))[1]
@@ -61,9 +62,9 @@ def test_policy_keeps_exactly_budget_with_sinks_and_window(model, policy, budget
             assert set(range(4)) <= set(kept), "sinks are never evicted"
             assert set(range(n - 16, n)) <= set(kept), "the recent window is never evicted"
             # Each kept slot carries the key, value and accumulated score of its original position.
-            for field in ("k", "v", "score"):
-                got = np.asarray(getattr(out, field))[layer, 0, head, :budget]
-                np.testing.assert_array_equal(got, np.asarray(getattr(cache, field))[layer, 0, head, kept])
+            for get in (lambda c: c.k, lambda c: c.v, lambda c: c.signal(AttentionSum).score):
+                got = np.asarray(get(out))[layer, 0, head, :budget]
+                np.testing.assert_array_equal(got, np.asarray(get(cache))[layer, 0, head, kept])
 
 
 def test_streaming_keeps_sinks_and_most_recent(model):
@@ -125,7 +126,7 @@ def test_snapkv_matches_numpy_reference_on_random_inputs(n_kv_heads, budget):
     pos_all = np.tile(np.concatenate([pos, np.full(cap - length, -1)]).astype(np.int32), (n_layers, n_kv_heads, 1))
     cache = KVCache(k=jnp.asarray(k[:, None]), v=jnp.asarray(k[:, None]), pos=jnp.asarray(pos_all[:, None]),
                     length=jnp.array([length], jnp.int32), next_pos=jnp.array([next_pos], jnp.int32),
-                    recent_q=jnp.asarray(recent_q[:, None]), recent_pos=jnp.asarray(recent_pos[None]))
+                    signals=(RecentQueries(jnp.asarray(recent_q[:, None]), jnp.asarray(recent_pos[None])),))
     cfg = CacheConfig("snapkv", budget=budget)
     out = compress_one(cache, cfg)
     got = np.asarray(out.pos)[:, 0, :, :budget]
@@ -211,7 +212,7 @@ def test_h2o_accumulated_attention_matches_reference_and_selects_heavy_hitters()
     model = tiny_model(2)
     cfg = model.cfg
     tokens = np.random.default_rng(3).integers(0, 50257, 70, dtype=np.int32)
-    cache = empty_cache(cfg, 1, 128, model.dtype, True, 0)
+    cache = empty_cache(cfg, 1, 128, model.dtype, (AttentionSum.want(),))
     chunk = np.zeros((1, 64), np.int32)
     chunk[0, :40] = tokens[:40]
     _, cache = prefill_chunk(model, cache, chunk, np.array([40], np.int32))
@@ -230,10 +231,10 @@ def test_h2o_accumulated_attention_matches_reference_and_selects_heavy_hitters()
         s = np.where(np.tril(np.ones((t, t))) > 0, s, -np.inf)
         p = np.exp(s - s.max(-1, keepdims=True))
         expected[h // g] += (p / p.sum(-1, keepdims=True)).sum(0)
-    np.testing.assert_allclose(np.asarray(cache.score)[0, 0, :, :t], expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(cache.signal(AttentionSum).score)[0, 0, :, :t], expected, rtol=1e-4, atol=1e-4)
 
     budget = 32
-    score = np.asarray(cache.score)[:, 0]
+    score = np.asarray(cache.signal(AttentionSum).score)[:, 0]
     out = compress_one(cache, CacheConfig("h2o", budget=budget, sink_size=4, window_size=8))
     for layer in range(cfg.n_layers):
         for h in range(cfg.n_kv_heads):

@@ -15,6 +15,7 @@ from toyllm_core.serving.engine import CacheClass, Engine
 from toyllm_core.serving.policies import compress, compress_split, make_policy
 from toyllm_core.serving.sampling import SamplingParams
 from toyllm_core.serving.session import Session
+from toyllm_core.serving.signals import RecentQueries
 from toyllm_core.serving.tiers import (
     ColdChunk,
     ColdTier,
@@ -91,8 +92,7 @@ def test_reselection_is_snapkv_over_the_union_of_the_tiers(budget):
         recent_pos[p % RECENT_QUERIES] = p
     recent_q = rng.normal(size=(n_layers, 1, heads, RECENT_QUERIES, d)).astype(np.float32) * 2
     cache = KVCache(k=jnp.asarray(k), v=jnp.asarray(k), pos=jnp.asarray(pos), length=jnp.array([len(hot_pos)]),
-                    next_pos=jnp.array([next_pos]), recent_q=jnp.asarray(recent_q),
-                    recent_pos=jnp.asarray(recent_pos[None]))
+                    next_pos=jnp.array([next_pos]), signals=(RecentQueries(jnp.asarray(recent_q), jnp.asarray(recent_pos[None])),))
     bucket = 128
     cold = ColdChunk(*(jnp.asarray(pad(x, bucket, f)) for x, f in (
         (codes, 0), (scale, 0), (codes, 0), (scale, 0), (np.tile(cold_pos.astype(np.int32), (n_layers, 1, n_kv, 1)), -1))))

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from toyllm_core.machine import peak_rss_bytes
+from toyllm_core.machine import peak_rss_bytes, rss_bytes
 
 from ..deps import State, require_api_key
 from ..errors import error_body, responses
@@ -42,8 +42,10 @@ async def ready(state: State):
 @router.get("/info", dependencies=[Depends(require_api_key)], responses=responses(401))
 async def info(state: State):
     """The served model, its checkpoint, the cache policies and the server's limits."""
-    return {**state.info, "ready": state.ready, "peak_rss_bytes": {**state.info.get("peak_rss_bytes", {}),
-                                                                    "now": peak_rss_bytes()}}
+    phases = state.info.get("peak_rss_bytes", {})
+    if state.ready:
+        phases = {**phases, "serving": peak_rss_bytes()}
+    return {**state.info, "ready": state.ready, "peak_rss_bytes": phases, "rss_bytes": rss_bytes()}
 
 
 @router.get("/metrics", response_class=Response,

@@ -14,6 +14,11 @@ Each choice answers a slow path of XLA's CPU backend, measured on this project's
 - `row_writes`: a chunk's keys and values go into the cache with one dynamic-update-slice per row;
   the equivalent scatter was slower and erratic on XLA-CPU at batch 1 (43-78 ms per decode step
   against 31-53 ms), as if it sometimes copied the cache.
+- `lazy_zero_pages`: a new cache's zeroed keys and values are handed back to the kernel as untouched
+  pages (`release_zero_pages`), which read as zeros and become resident only when a token is written
+  there. XLA fills a new buffer with zeros, so a class's decode state (1 GiB by default) was resident
+  whole from its first row on; now resident memory follows the tokens the rows hold. The cache is
+  updated in place from then on (donated), so the pages stay lazy.
 
 Other backends (GPUs) store bfloat16 as it is, multiply one row as one, and write every row with one
 scatter: the plain forms, which XLA's GPU backend compiles to in-place updates. Those forms run
@@ -22,6 +27,8 @@ on CPU too (the tests check both give the same numbers there); they are unmeasur
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 from dataclasses import dataclass
 from functools import cache
@@ -36,9 +43,10 @@ class Backend:
     bits_storage: bool
     pair_one_row: bool
     row_writes: bool
+    lazy_zero_pages: bool = False
 
 
-CPU = Backend("cpu", bits_storage=True, pair_one_row=True, row_writes=True)
+CPU = Backend("cpu", bits_storage=True, pair_one_row=True, row_writes=True, lazy_zero_pages=True)
 PLAIN = Backend("plain", bits_storage=False, pair_one_row=False, row_writes=False)
 
 # TOYLLM_BACKEND_CHOICES=plain runs the plain forms on any backend (the tests compare them on CPU).
@@ -76,3 +84,29 @@ def pair_one_row(x: jax.Array, w_dtype) -> bool:
     for n in x.shape[:-1]:
         n_rows *= n
     return current().pair_one_row and jnp.dtype(w_dtype) == jnp.bfloat16 and n_rows == 1
+
+
+_MADV_DONTNEED = 4  # Linux
+
+
+def release_zero_pages(cache):
+    """`cache` (a new, empty KV cache) with the whole pages of its zeroed keys and values
+    returned to the kernel (madvise MADV_DONTNEED: they read as zeros again, and count as resident
+    only once written). On the host backend only (`lazy_zero_pages`); elsewhere the cache as it is."""
+    if not current().lazy_zero_pages or not hasattr(os, "sysconf"):
+        return cache
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return cache
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for leaf in (cache.k, cache.v):
+        if not hasattr(leaf, "unsafe_buffer_pointer"):
+            continue
+        leaf.block_until_ready()  # the zeros are written before the pages go
+        start = leaf.unsafe_buffer_pointer()
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = (start + leaf.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            madvise(first, last - first, _MADV_DONTNEED)
+    return cache

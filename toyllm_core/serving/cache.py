@@ -8,14 +8,14 @@ so the first `length` slots of a row are its live ones.
 The layer axis comes first: the model's `lax.scan` over layers carries the whole cache and reads and
 writes one layer at a time, which is then one contiguous block.
 
-What a compression policy needs is carried only when its policy declares it (see
-`policies.Signals`); the forward records a signal exactly when the cache has room for it:
-- `score`: the attention each key has received so far, summed over queries (H2O);
-- `recent_q`, `recent_pos`: the queries of the most recent tokens, a ring buffer (SnapKV's window).
+What a compression policy needs is carried only when its policy asks for it (`Policy.signals`):
+`signals`, the signals the forward records (see the `signals` package: each declares its arrays,
+and the cache moves, gathers and resizes them without knowing them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import equinox as eqx
@@ -26,6 +26,7 @@ import numpy as np
 from ..config import ModelConfig
 from . import backend
 from .backend import from_bits, storage_dtype, to_bits
+from .signals import Signal, Want
 
 
 class KVCache(eqx.Module):
@@ -34,10 +35,20 @@ class KVCache(eqx.Module):
     pos: jax.Array  # [layers, batch, kv_heads, capacity] int32 original position, -1 = empty
     length: jax.Array  # [batch] int32 live slots
     next_pos: jax.Array  # [batch] int32 tokens seen so far = position of the next token
-    score: jax.Array | None = None  # [layers, batch, kv_heads, capacity] float32 attention received
-    recent_q: jax.Array | None = None  # [layers, batch, heads, R, head_dim] float32 ring buffer, slot = pos % R
-    recent_pos: jax.Array | None = None  # [batch, R] int32 position of each remembered query, -1 = none
+    signals: tuple[Signal, ...] = ()  # what the forward records for the policies, in `merge` order
     rope_theta: float = eqx.field(static=True, default=10000.0)  # how the keys were rotated (Expected Attention)
+
+    def signal(self, kind: type[Signal]):
+        """The signal of this kind the cache carries (None if it carries none)."""
+        return next((s for s in self.signals if isinstance(s, kind)), None)
+
+    @property
+    def wants(self) -> tuple[Want, ...]:
+        """What this cache records, as wants (the structure a cache built from them has)."""
+        return tuple(Want(type(s), s.size) for s in self.signals)
+
+    def _with(self, **changes) -> KVCache:
+        return dataclasses.replace(self, **changes)
 
     @property
     def capacity(self) -> int:
@@ -102,51 +113,27 @@ class KVCache(eqx.Module):
         return from_bits(self.k[layer]), from_bits(self.v[layer]), self.pos[layer]
 
     def observe(self, layer, q: jax.Array, weights: jax.Array, pos: jax.Array, valid: jax.Array) -> KVCache:
-        """Record this layer's policy signals from a chunk: q [B, T, heads, hd], attention weights
-        [B, kv, group, T, S], positions and validity [B, T]. Records only what the cache carries."""
-        cache = self
-        if self.score is not None:
-            # Attention each key received from the chunk's real queries, summed over the query heads
-            # of its KV group: H2O's accumulated score.
-            received = jnp.einsum("bkgts,bt->bks", weights, valid.astype(jnp.float32))
-            cache = eqx.tree_at(lambda c: c.score, cache, self.score.at[layer].add(received))
-        if self.recent_q is not None:
-            ring = _ring_slots(pos, valid, self.recent_q.shape[3])
-            rows = jnp.arange(q.shape[0])[:, None]
-            recent_q = self.recent_q.at[layer, rows, :, ring].set(q.astype(jnp.float32), mode="drop")
-            cache = eqx.tree_at(lambda c: c.recent_q, cache, recent_q)
-        return cache
+        """Record this layer's signals from a chunk: q [B, T, heads, hd], attention weights
+        [B, kv, group, T, S], positions and validity [B, T]."""
+        if not self.signals:
+            return self
+        return self._with(signals=tuple(s.observe(layer, q, weights, pos, valid) for s in self.signals))
 
     def advance(self, n_valid: jax.Array, pos: jax.Array, valid: jax.Array) -> KVCache:
-        """After every layer has run: count the chunk's real tokens in (and remember their positions
-        in the query ring)."""
-        cache = eqx.tree_at(lambda c: (c.length, c.next_pos), self,
-                            (self.length + n_valid, self.next_pos + n_valid))
-        if self.recent_pos is not None:
-            ring = _ring_slots(pos, valid, self.recent_pos.shape[1])
-            rows = jnp.arange(pos.shape[0])[:, None]
-            cache = eqx.tree_at(lambda c: c.recent_pos, cache, self.recent_pos.at[rows, ring].set(pos, mode="drop"))
-        return cache
+        """After every layer has run: count the chunk's real tokens in, and let the signals close the chunk."""
+        return self._with(length=self.length + n_valid, next_pos=self.next_pos + n_valid,
+                          signals=tuple(s.advance(pos, valid) for s in self.signals))
 
-    def with_signals(self, scores: bool = False, recent: int = 0) -> KVCache:
-        """The same slots carrying only the signals asked for: the attention scores if `scores`, and
-        the last `recent` queries (at most the ring this cache has). One prefill recorded with every
-        signal can then be compressed by several policies (the long-context evaluation)."""
-        score = self.score if scores else None
-        recent_q = recent_pos = None
-        if recent:
-            ring = self.recent_q.shape[3]
-            if recent > ring:
-                raise ValueError(f"the cache remembers {ring} queries, fewer than {recent}")
-            last = self.next_pos[:, None] - 1  # [B, 1]
-            wanted = last - ((last - jnp.arange(recent)[None, :]) % recent)  # slot j: latest position = j mod r
-            src = wanted % ring
-            rows = jnp.arange(self.batch)[:, None]
-            ok = (wanted >= 0) & (self.recent_pos[rows, src] == wanted)
-            recent_pos = jnp.where(ok, wanted, -1).astype(jnp.int32)
-            recent_q = self.recent_q[:, rows, :, src].transpose(2, 0, 3, 1, 4)  # [L, B, H, recent, hd]
-        return KVCache(self.k, self.v, self.pos, self.length, self.next_pos, score, recent_q, recent_pos,
-                       self.rope_theta)
+    def with_signals(self, wants: tuple[Want, ...] = ()) -> KVCache:
+        """The same slots carrying only the signals `wants` asks for (each at most what this cache
+        records). One prefill recorded with every signal can then be compressed by several policies."""
+        out = []
+        for want in wants:
+            have = self.signal(want.signal)
+            if have is None:
+                raise ValueError(f"the cache does not record {want.name}")
+            out.append(have.narrowed(want))
+        return self._with(signals=tuple(out))
 
     @staticmethod
     def stack(caches: list[KVCache]) -> KVCache:
@@ -160,15 +147,9 @@ class KVCache(eqx.Module):
         first."""
         gone = self.pos >= position
         pos = jnp.where(gone, -1, self.pos)
-        fields = lambda c: [c.pos, c.length, c.next_pos] + ([c.score] if c.score is not None else []) + \
-            ([c.recent_pos] if c.recent_pos is not None else [])
-        values = [pos, jnp.max(jnp.sum(pos >= 0, axis=-1), axis=(0, 2)).astype(jnp.int32),
-                  jnp.minimum(self.next_pos, position).astype(jnp.int32)]
-        if self.score is not None:
-            values.append(jnp.where(gone, 0.0, self.score))
-        if self.recent_pos is not None:
-            values.append(jnp.where(self.recent_pos >= position, -1, self.recent_pos))
-        return eqx.tree_at(fields, self, values)
+        return self._with(pos=pos, length=jnp.max(jnp.sum(pos >= 0, axis=-1), axis=(0, 2)).astype(jnp.int32),
+                          next_pos=jnp.minimum(self.next_pos, position).astype(jnp.int32),
+                          signals=tuple(s.truncated(position, gone) for s in self.signals))
 
     # ---------------------------------------------------------------------------- whole rows
     def rows(self, start, n: int = 1) -> KVCache:
@@ -182,6 +163,20 @@ class KVCache(eqx.Module):
         if rows.batch == self.batch:
             return rows
         return jax.tree.map(lambda x, y, axis: jax.lax.dynamic_update_slice_in_dim(x, y, start, axis), self, rows,
+                            _batch_axes(self))
+
+    def set_row_prefix(self, slot, row: KVCache) -> KVCache:
+        """This cache with row `slot` replaced by the one-row `row`, whose capacity may be smaller:
+        keys and values are written only over row's slots, and past them the slot keeps what it
+        had (never read: those slots' positions become -1). Pages of a decode state that no row
+        reaches are then never written (`backend.release_zero_pages`). In place when donated."""
+        if row.capacity == self.capacity:
+            return self.set_rows(slot, row)
+        # Positions -1 and scores 0 past the row's slots (small leaves, written whole); its own keys
+        # and values (the padded ones are dead code).
+        full = row.resized(self.capacity)
+        part = eqx.tree_at(lambda c: (c.k, c.v), full, (row.k, row.v))
+        return jax.tree.map(lambda x, y, axis: jax.lax.dynamic_update_slice_in_dim(x, y, slot, axis), self, part,
                             _batch_axes(self))
 
     def take_rows(self, rows: jax.Array) -> KVCache:
@@ -230,42 +225,25 @@ class KVCache(eqx.Module):
             widths[3] = (0, capacity - old)
             return jnp.pad(x, widths, constant_values=fill)
 
-        fields = lambda c: [c.k, c.v, c.pos] + ([c.score] if c.score is not None else [])
-        values = [fit(self.k, 0), fit(self.v, 0), fit(self.pos, -1)]
-        if self.score is not None:
-            values.append(fit(self.score, 0.0))
-        return eqx.tree_at(fields, self, values)
-
-
-def _ring_slots(pos: jax.Array, valid: jax.Array, ring: int) -> jax.Array:
-    """Ring-buffer slot [B, T] for each token: pos % R for the last R real tokens of each row, and
-    the out-of-range slot R (dropped by the scatter) for the rest."""
-    n_valid = valid.sum(axis=1, keepdims=True)
-    offsets = jnp.arange(pos.shape[1])[None, :]
-    remembered = valid & (offsets >= n_valid - ring)
-    return jnp.where(remembered, pos % ring, ring)
+        signals = tuple(sig.map_slotted(fit) for sig in self.signals)
+        return self._with(k=fit(self.k, 0), v=fit(self.v, 0), pos=fit(self.pos, -1), signals=signals)
 
 
 def _batch_axes(cache: KVCache) -> KVCache:
     """The batch axis of every leaf: 1 under the leading layer axis, 0 for per-row leaves."""
-    per_layer = lambda x: None if x is None else 1
-    return KVCache(k=1, v=1, pos=1, length=0, next_pos=0, score=per_layer(cache.score),
-                   recent_q=per_layer(cache.recent_q), recent_pos=None if cache.recent_pos is None else 0,
+    return KVCache(k=1, v=1, pos=1, length=0, next_pos=0, signals=tuple(s.batch_axes() for s in cache.signals),
                    rope_theta=cache.rope_theta)
 
 
 def _slot_leaves(cache: KVCache) -> KVCache:
-    """Whether each leaf has the slot axis (axis 3): the keys, values, positions and scores."""
+    """Whether each leaf has the slot axis (axis 3): the keys, values, positions and per-slot signals."""
     return KVCache(k=True, v=True, pos=True, length=False, next_pos=False,
-                   score=None if cache.score is None else True,
-                   recent_q=None if cache.recent_q is None else False,
-                   recent_pos=None if cache.recent_pos is None else False, rope_theta=cache.rope_theta)
+                   signals=tuple(s.slotted() for s in cache.signals), rope_theta=cache.rope_theta)
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
-def empty_cache(cfg: ModelConfig, batch: int, capacity: int, dtype, scores: bool = False,
-                recent: int = 0) -> KVCache:
-    """An empty cache; `scores` and `recent` (ring size) add the signals a policy declares."""
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def empty_cache(cfg: ModelConfig, batch: int, capacity: int, dtype, wants: tuple[Want, ...] = ()) -> KVCache:
+    """An empty cache recording the signals `wants` asks for (in `signals.merge` order)."""
     lead = (cfg.n_layers, batch, cfg.n_kv_heads, capacity)
     return KVCache(
         k=jnp.zeros((*lead, cfg.head_dim), storage_dtype(dtype)),
@@ -273,9 +251,7 @@ def empty_cache(cfg: ModelConfig, batch: int, capacity: int, dtype, scores: bool
         pos=jnp.full(lead, -1, jnp.int32),
         length=jnp.zeros(batch, jnp.int32),
         next_pos=jnp.zeros(batch, jnp.int32),
-        score=jnp.zeros(lead, jnp.float32) if scores else None,
-        recent_q=jnp.zeros((cfg.n_layers, batch, cfg.n_heads, recent, cfg.head_dim), jnp.float32) if recent else None,
-        recent_pos=jnp.full((batch, recent), -1, jnp.int32) if recent else None,
+        signals=tuple(w.signal.empty(cfg, batch, capacity, w.size) for w in wants),
         rope_theta=cfg.rope_theta,
     )
 

@@ -18,6 +18,7 @@ bucket so that recalling it is one program per bucket (`cold_buckets`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import equinox as eqx
@@ -92,7 +93,7 @@ def quantize_slots(k_bits: jax.Array, v_bits: jax.Array, pos: jax.Array, bits: i
 def merge(cache: KVCache, cold: ColdChunk) -> tuple[KVCache, jax.Array]:
     """Hot ∪ cold as one cache of capacity hot + cold, every (layer, row, KV head) in position order
     with its empty slots last, and which of its slots came from the cold tier [layers, batch, kv,
-    slots]. Signals are kept (a cold slot's accumulated score starts at 0)."""
+    slots]. Signals are kept (a cold slot's per-slot signals start empty, e.g. an attention sum at 0)."""
     hot_cap = cache.capacity
     big = cache.resized(hot_cap + cold.pos.shape[-1])
     dtype = cache.dtype
@@ -104,12 +105,10 @@ def merge(cache: KVCache, cold: ColdChunk) -> tuple[KVCache, jax.Array]:
     # Live slots by position, then the empty ones.
     order = jnp.argsort(jnp.where(pos >= 0, pos, jnp.iinfo(jnp.int32).max), axis=-1, stable=True)
     take = lambda x: jnp.take_along_axis(x, order if x.ndim == 4 else order[..., None], axis=3)
-    fields = lambda c: [c.k, c.v, c.pos, c.length] + ([c.score] if c.score is not None else [])
     length = jnp.max(jnp.sum(pos >= 0, axis=-1), axis=(0, 2)).astype(jnp.int32)  # [B]
-    values = [take(k), take(v), take(pos), length]
-    if big.score is not None:
-        values.append(take(big.score))
-    return eqx.tree_at(fields, big, values), take(was_cold)
+    signals = tuple(sig.map_slotted(lambda x, fill: take(x)) for sig in big.signals)
+    return dataclasses.replace(big, k=take(k), v=take(v), pos=take(pos), length=length, signals=signals), \
+        take(was_cold)
 
 
 def recall(cache: KVCache, cold: ColdChunk, capacity: int) -> tuple[KVCache, jax.Array]:

@@ -24,6 +24,10 @@ from ...serving.engine import steps
 from ...serving.model import ToyLLM
 from ...serving.policies import Policy, compress
 from ...serving.policies.snapkv import MAX_OBS_WINDOW
+from ...serving.signals import AttentionSum, RecentQueries
+
+# Every signal a policy here may ask for, recorded once per prompt.
+EVERY_SIGNAL = (AttentionSum.want(), RecentQueries.want(MAX_OBS_WINDOW))
 
 PREFILL_CHUNK = 512
 ANSWER_ROOM = 32  # decode slots past the kept ones: the answer must fit (as a policy's slack would)
@@ -41,7 +45,7 @@ def prefill(model: ToyLLM, tokens: np.ndarray) -> tuple[jax.Array, KVCache]:
     Chunk i attends over a cache of (i + 1) x PREFILL_CHUNK (+ slack) slots, grown between chunks,
     rather than over the whole prompt's: half the attention work of a long prompt (the other half is
     the causal mask). One compile per chunk index, shared by every prompt length."""
-    cache = empty_cache(model.cfg, 1, PREFILL_CHUNK + ANSWER_ROOM, model.dtype, True, MAX_OBS_WINDOW)
+    cache = empty_cache(model.cfg, 1, PREFILL_CHUNK + ANSWER_ROOM, model.dtype, EVERY_SIGNAL)
     logits = None
     for i, lo in enumerate(range(0, len(tokens), PREFILL_CHUNK)):
         piece = tokens[lo : lo + PREFILL_CHUNK]
@@ -58,8 +62,7 @@ def compressed_copy(cache: KVCache, *, policy: Policy, capacity: int, squeeze: b
     """The cache `policy` would keep after this prompt, at `capacity` slots, without signals. The
     engine compresses a prompt only when it is longer than the budget (`squeeze`)."""
     if policy.evicts and squeeze:
-        signals = policy.signals
-        cache = compress(cache.with_signals(signals.scores, signals.recent_queries), policy)
+        cache = compress(cache.with_signals(policy.signals), policy)
     return cache.with_signals().resized(capacity)
 
 

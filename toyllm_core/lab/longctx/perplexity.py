@@ -55,8 +55,7 @@ def stream_nll(model: ToyLLM, rows: np.ndarray, policy: Policy) -> np.ndarray:
     n = (t - 1) // chunk
     if n * chunk != t - 1:
         raise ValueError(f"sequences of {t} tokens: {t - 1} must be a multiple of the slack ({chunk})")
-    signals = policy.signals
-    cache = empty_cache(model.cfg, b, policy.trigger, model.dtype, signals.scores, signals.recent_queries)
+    cache = empty_cache(model.cfg, b, policy.trigger, model.dtype, policy.signals)
     split = lambda x: jnp.asarray(x.reshape(b, n, chunk).transpose(1, 0, 2))
     nll = _stream(model, cache, split(rows[:, :-1]), split(rows[:, 1:]), policy=policy)
     return np.asarray(nll, np.float64).transpose(1, 0, 2).reshape(b, -1)

@@ -68,9 +68,7 @@ class _Runner:
         """An engine for the policy's class and a session holding all but the prompt's last token."""
         cls = CacheClass.make(policy, 1, MAX_CHUNK, None if policy.evicts else self.full_tokens,
                               self.window if policy.evicts else None)
-        signals = policy.signals
-        cache = self.shared.with_signals(signals.scores, signals.recent_queries) if policy.evicts else \
-            self.shared.with_signals()
+        cache = self.shared.with_signals(policy.signals)
         return Engine(self.model, [cls]), Session(cls, cache=cache, length=len(self.prompt) - 1,
                                                   tokens=self.prompt[:-1].tolist())
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..policies import EvictingPolicy, Policy
+from ..signals import merge
 
 # Smallest prefill chunk. Every class keeps this much headroom past what its tokens need, so that
 # the last piece of a prompt can always be padded to a compiled chunk size.
@@ -66,11 +67,10 @@ def batch_chunks() -> list[int]:
     return chunk_sizes(SHORT_PROMPT)
 
 
-def batch_signals(classes) -> tuple[bool, int]:
-    """The signals a short-prompt batch records for `classes`: scores if any policy wants them, and
-    the longest query ring (a row then keeps its class's own: `KVCache.with_signals`)."""
-    signals = [c.policy.signals for c in classes]
-    return any(s.scores for s in signals), max((s.recent_queries for s in signals), default=0)
+def batch_signals(classes) -> tuple:
+    """The signals a short-prompt batch records for `classes`: every one their policies ask for, at
+    the largest size asked (a row then keeps its class's own: `KVCache.with_signals`)."""
+    return merge(w for c in classes for w in c.policy.signals)
 
 
 def chunk_sizes(max_chunk: int) -> list[int]:

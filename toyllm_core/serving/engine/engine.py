@@ -28,6 +28,8 @@ from functools import partial
 import jax
 import numpy as np
 
+from .. import backend
+from ..backend import release_zero_pages
 from ..cache import KVCache
 from ..model import ToyLLM
 from ..sampling import SamplingParams, first_token, new_key
@@ -167,7 +169,7 @@ class _CompletionWatcher:
 
 class _ClassState:
     """One class's decode state: the batched cache and who sits in each slot. The cache is allocated
-    when the class first takes a row, and kept: a class no request uses costs no memory."""
+    when the class first takes a row (or at start-up: `Engine.allocate_states`), and kept."""
 
     def __init__(self, model: ToyLLM, cls: CacheClass):
         self.model, self.cls = model, cls
@@ -179,7 +181,8 @@ class _ClassState:
     @property
     def cache(self) -> KVCache:
         if self._cache is None:
-            self._cache = steps.new_cache(self.model, self.cls, self.cls.slots, self.cls.capacity)
+            self._cache = release_zero_pages(steps.new_cache(self.model, self.cls, self.cls.slots,
+                                                             self.cls.capacity))
         return self._cache
 
     @cache.setter
@@ -211,6 +214,16 @@ class Engine:
         self._watcher = _CompletionWatcher()
         self._states = {c: _ClassState(model, c) for c in classes}
         self.batch_rows = min(batch_rows, MAX_BATCH_ROWS)  # short prompts prefilled together, at most
+
+    def allocate_states(self) -> None:
+        """Allocate every class's decode state now, where new caches' pages are lazy (the host
+        backend: `backend.release_zero_pages`). A state then costs resident memory only as its rows
+        fill, but XLA writes its zeros first: a transient of the whole state (1 GiB by default), best
+        taken at start-up, before the warm-up, when the process holds least. Elsewhere states stay
+        allocated on first use, so that a class no request uses costs no device memory."""
+        if backend.current().lazy_zero_pages:
+            for state in self._states.values():
+                state.cache  # noqa: B018 - the property allocates
 
     # ------------------------------------------------------------------------------- classes
     def free_slots(self, cls: CacheClass) -> int:
@@ -258,7 +271,7 @@ class Engine:
             cfg = self.model.cfg
             cold = ColdTier.empty(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cls.policy.cold_bits)
         if cache is None:
-            cache = None if short else steps.new_cache(self.model, cls, 1, cls.prefill_capacity)
+            cache = None if short else release_zero_pages(steps.new_cache(self.model, cls, 1, cls.prefill_capacity))
         elif cache.capacity != cls.prefill_capacity:
             cache = steps.resize(cache, capacity=cls.prefill_capacity)
         if rewind_to is not None and cls.tiered:
@@ -289,7 +302,7 @@ class Engine:
         in view, and the first generated token sees it too."""
         cls = job.cls
         if job.cache is None:  # a short prompt prefilled on its own after all
-            job.cache = steps.new_cache(self.model, cls, 1, cls.prefill_capacity)
+            job.cache = release_zero_pages(steps.new_cache(self.model, cls, 1, cls.prefill_capacity))
         limit = limit or cls.max_chunk
         head = len(job.tokens) - job.tail
         if job.done < head:
@@ -381,7 +394,8 @@ class Engine:
                 row = steps.batch_take(job.batch[0], np.int32(job.batch[1]))
                 state.cache = steps.insert_batch_row(state.cache, np.int32(seq.slot), row, cls=cls)
             else:
-                state.cache = steps.insert_row(state.cache, np.int32(seq.slot), job.cache, cls=cls)
+                state.cache = steps.insert_row(state.cache, np.int32(seq.slot), job.cache, cls=cls,
+                                               span=span_for(cls.capacity, job.length))
         elif job.batch is not None:
             seq.idle_cache = steps.batch_row(steps.batch_take(job.batch[0], np.int32(job.batch[1])), cls=cls)
         else:
@@ -409,8 +423,7 @@ class Engine:
         for i, job in enumerate(jobs):
             tokens[i, : len(job.tokens)] = job.tokens
             n_valid[i] = len(job.tokens)
-        scores, recent = self.batch_signals
-        batch = steps.new_batch_cache(self.model, rows, scores, recent)
+        batch = steps.new_batch_cache(self.model, rows, self.batch_signals)
         logits, batch = steps.prefill_batch(self.model, batch, tokens, n_valid, span=SHORT_PROMPT)
         logits = np.asarray(logits)  # rows on the host: slicing on the device would compile
         for i, job in enumerate(jobs):
@@ -418,7 +431,7 @@ class Engine:
             job.done = job.length = len(job.tokens)
 
     @property
-    def batch_signals(self) -> tuple[bool, int]:
+    def batch_signals(self) -> tuple:
         """What a short-prompt batch records: every class's signals (scores, the longest query ring)."""
         return batch_signals(self.classes)
 
@@ -557,7 +570,8 @@ class Engine:
         cache = steps.extract_row(state.cache, np.int32(seq.slot))
         last = state.rows.pop()
         if last is not seq:
-            state.cache = steps.move_row(state.cache, np.int32(last.slot), np.int32(seq.slot))
+            state.cache = steps.move_row(state.cache, np.int32(last.slot), np.int32(seq.slot),
+                                         span=span_for(seq.cls.capacity, last.length))
             last.slot = seq.slot
             state.rows[seq.slot] = last
         seq.slot = -1

@@ -25,13 +25,12 @@ from .classes import SHORT_PROMPT, CacheClass
 
 def new_cache(model: ToyLLM, cls: CacheClass, batch: int, capacity: int) -> KVCache:
     """An empty cache for rows of this class (with the signals its policy declares)."""
-    signals = cls.policy.signals
-    return empty_cache(model.cfg, batch, capacity, model.dtype, signals.scores, signals.recent_queries)
+    return empty_cache(model.cfg, batch, capacity, model.dtype, cls.policy.signals)
 
 
-def new_batch_cache(model: ToyLLM, rows: int, scores: bool, recent: int) -> KVCache:
+def new_batch_cache(model: ToyLLM, rows: int, wants: tuple) -> KVCache:
     """An empty short-prompt batch cache (`classes.SHORT_PROMPT` slots per row)."""
-    return empty_cache(model.cfg, rows, SHORT_PROMPT, model.dtype, scores, recent)
+    return empty_cache(model.cfg, rows, SHORT_PROMPT, model.dtype, wants)
 
 
 @partial(jax.jit, static_argnames=("capacity",))
@@ -68,16 +67,18 @@ def batch_take(batch: KVCache, i) -> KVCache:
     return batch.rows(i)
 
 
-def _class_row(row: KVCache, cls: CacheClass) -> KVCache:
-    """A one-row batch prefill cache as a row of class `cls` (its signals, its capacity)."""
-    signals = cls.policy.signals
-    return row.with_signals(signals.scores, signals.recent_queries).resized(cls.capacity)
+def _class_row(row: KVCache, cls: CacheClass, grow: bool = True) -> KVCache:
+    """A one-row batch prefill cache as a row of class `cls`: its signals, and its capacity (or, if
+    not `grow`, at most its capacity)."""
+    row = row.with_signals(cls.policy.signals)
+    return row.resized(cls.capacity if grow else min(cls.capacity, row.capacity))
 
 
 @partial(jax.jit, static_argnames=("cls",), donate_argnames=("state",))
 def insert_batch_row(state: KVCache, slot, row: KVCache, *, cls: CacheClass) -> KVCache:
-    """A row taken from a batch prefill cache (`batch_take`) into decode slot `slot`."""
-    return state.set_rows(slot, _class_row(row, cls))
+    """A row taken from a batch prefill cache (`batch_take`) into decode slot `slot` (its keys and
+    values written over the batch cache's slots only: `KVCache.set_row_prefix`)."""
+    return state.set_row_prefix(slot, _class_row(row, cls, grow=False))
 
 
 @partial(jax.jit, static_argnames=("cls",))
@@ -121,10 +122,11 @@ def reselect(cache: KVCache, was_cold, *, cls: CacheClass):
     return tiers.reselect(cache, was_cold, cls.policy, cls.prefill_capacity)
 
 
-@partial(jax.jit, static_argnames=("cls",), donate_argnames=("state",))
-def insert_row(state: KVCache, slot, row: KVCache, *, cls: CacheClass) -> KVCache:
-    """A one-row cache (at its prefill capacity) into decode slot `slot`."""
-    return state.set_rows(slot, row.resized(cls.capacity))
+@partial(jax.jit, static_argnames=("cls", "span"), donate_argnames=("state",))
+def insert_row(state: KVCache, slot, row: KVCache, *, cls: CacheClass, span: int) -> KVCache:
+    """A one-row cache (at its prefill capacity) into decode slot `slot`: its first `span` slots
+    (a compiled span that holds its live ones; see `KVCache.set_row_prefix`)."""
+    return state.set_row_prefix(slot, row.prefix(1, span))
 
 
 @jax.jit
@@ -133,10 +135,11 @@ def extract_row(state: KVCache, slot) -> KVCache:
     return state.rows(slot)
 
 
-@partial(jax.jit, donate_argnames=("state",))
-def move_row(state: KVCache, src, dst) -> KVCache:
-    """Copy slot src into slot dst (keeps the occupied rows packed at the front)."""
-    return state.set_rows(dst, state.rows(src))
+@partial(jax.jit, static_argnames=("span",), donate_argnames=("state",))
+def move_row(state: KVCache, src, dst, *, span: int) -> KVCache:
+    """Copy slot src into slot dst (keeps the occupied rows packed at the front): the first `span`
+    slots of src, a compiled span that holds its live ones."""
+    return state.set_row_prefix(dst, state.rows(src).prefix(1, span))
 
 
 @partial(jax.jit, static_argnames=("cls",), donate_argnames=("state",))

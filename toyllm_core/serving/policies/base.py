@@ -25,14 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from ..cache import KVCache
-
-
-@dataclass(frozen=True)
-class Signals:
-    """What the forward records in the cache for a policy."""
-
-    scores: bool = False  # attention each key has received so far (summed over queries)
-    recent_queries: int = 0  # how many of the most recent queries to remember (0 = none)
+from ..signals import Want
 
 
 @dataclass(frozen=True)
@@ -43,8 +36,9 @@ class Policy:
     evicts: ClassVar[bool] = True
 
     @property
-    def signals(self) -> Signals:
-        return Signals()
+    def signals(self) -> tuple[Want, ...]:
+        """The signals the forward must record for this policy (see the `signals` package)."""
+        return ()
 
     @property
     def params(self) -> dict:
@@ -165,12 +159,10 @@ def _compress(cache: KVCache, policy: EvictingPolicy, split: bool):
 
     new_length = jnp.minimum(cache.length, k_max)
     in_use = jnp.pad(kept, [(0, 0)] * 3 + [(0, pad)])
-    fields = lambda c: [c.k, c.v, c.pos, c.length] + ([c.score] if c.score is not None else [])
-    values = [gather(cache.k, keep, 0, pad), gather(cache.v, keep, 0, pad),
-              jnp.where(in_use, gather(cache.pos, keep, -1, pad), -1), new_length]
-    if cache.score is not None:
-        values.append(gather(cache.score, keep, 0.0, pad))
-    out = eqx.tree_at(fields, cache, values)
+    out = dataclasses.replace(
+        cache, k=gather(cache.k, keep, 0, pad), v=gather(cache.v, keep, 0, pad),
+        pos=jnp.where(in_use, gather(cache.pos, keep, -1, pad), -1), length=new_length,
+        signals=tuple(sig.map_slotted(lambda x, fill: gather(x, keep, fill, pad)) for sig in cache.signals))
     if not split:
         return out, None, None
     # The kept mask over the input's slots, then the evicted (live, not kept) slots in slot order.

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 
 from ..cache import KVCache
 from ..model import rope
-from .base import EvictingPolicy, Signals, protected_slots
+from ..signals import RecentQueries, Want
+from .base import EvictingPolicy, protected_slots
 from .registry import register
 from .snapkv import MAX_OBS_WINDOW
 
@@ -53,8 +54,8 @@ class ExpectedAttention(EvictingPolicy):
         return self
 
     @property
-    def signals(self) -> Signals:
-        return Signals(recent_queries=self.obs_window)
+    def signals(self) -> tuple[Want, ...]:
+        return (RecentQueries.want(self.obs_window),)
 
     def score(self, cache: KVCache) -> jax.Array:
         return expected_attention(cache, self.n_future, cache.rope_theta, protected_slots(cache, self)[0])
@@ -62,14 +63,15 @@ class ExpectedAttention(EvictingPolicy):
 
 def expected_attention(cache: KVCache, n_future: int, theta: float, live: jax.Array) -> jax.Array:
     """The policy's scores [layers, batch, kv, capacity] (see the module docstring)."""
-    n_layers, batch, n_heads, _, hd = cache.recent_q.shape
+    recent = cache.signal(RecentQueries)
+    n_layers, batch, n_heads, _, hd = recent.q.shape
     n_kv = cache.k.shape[2]
-    observing = (cache.recent_pos >= 0).astype(jnp.float32)  # [B, R]
+    observing = (recent.pos >= 0).astype(jnp.float32)  # [B, R]
     count = jnp.maximum(observing.sum(-1), 1.0)[:, None, None]  # [B, 1, 1]
     # Queries back to their unrotated form: RoPE at minus their position.
-    q_pos = jnp.where(cache.recent_pos >= 0, cache.recent_pos, 0)
+    q_pos = jnp.where(recent.pos >= 0, recent.pos, 0)
     unrotate = jax.vmap(lambda q: rope(q.transpose(0, 2, 1, 3), -q_pos, theta).transpose(0, 2, 1, 3))
-    q = unrotate(cache.recent_q) * observing[None, :, None, :, None]  # [L, B, H, R, hd]
+    q = unrotate(recent.q) * observing[None, :, None, :, None]  # [L, B, H, R, hd]
     mean = q.sum(3) / count  # [L, B, H, hd]
     centred = (q - mean[:, :, :, None]) * observing[None, :, None, :, None]
     cov = jnp.einsum("lbhrd,lbhre->lbhde", centred, centred) / count[None, ..., None]

@@ -2,7 +2,7 @@
 the most attention so far (accumulated over every query since they were cached, summed over the
 query heads of their KV group), plus the sinks and the recent window.
 
-Declares the `scores` signal: the forward accumulates `cache.score` as it runs, so scoring is a read.
+Asks for the `AttentionSum` signal: the forward accumulates it as it runs, so scoring is a read.
 Parameters: `budget`, `sink_size`, `window_size`, `slack` (see `EvictingPolicy`)."""
 
 from dataclasses import dataclass
@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import jax
 
 from ..cache import KVCache
-from .base import EvictingPolicy, Signals
+from ..signals import AttentionSum, Want
+from .base import EvictingPolicy
 from .registry import register
 
 
@@ -20,8 +21,8 @@ class H2O(EvictingPolicy):
     name = "h2o"
 
     @property
-    def signals(self) -> Signals:
-        return Signals(scores=True)
+    def signals(self) -> tuple[Want, ...]:
+        return (AttentionSum.want(),)
 
     def score(self, cache: KVCache) -> jax.Array:
-        return cache.score
+        return cache.signal(AttentionSum).score

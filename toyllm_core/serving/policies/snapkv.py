@@ -19,7 +19,8 @@ import jax.numpy as jnp
 
 from ..cache import KVCache
 from ..model import attention_weights
-from .base import EvictingPolicy, Signals, protected_slots
+from ..signals import RecentQueries, Want
+from .base import EvictingPolicy, protected_slots
 from .registry import register
 
 MAX_OBS_WINDOW = 128
@@ -44,16 +45,17 @@ class SnapKV(EvictingPolicy):
         return self
 
     @property
-    def signals(self) -> Signals:
-        return Signals(recent_queries=self.obs_window)
+    def signals(self) -> tuple[Want, ...]:
+        return (RecentQueries.want(self.obs_window),)
 
     def score(self, cache: KVCache) -> jax.Array:
-        n_layers, batch, n_heads, ring, head_dim = cache.recent_q.shape
+        recent = cache.signal(RecentQueries)
+        n_layers, batch, n_heads, ring, head_dim = recent.q.shape
         n_kv = cache.k.shape[2]
-        observing = cache.recent_pos >= 0  # [B, R]: the ring holds exactly the last obs_window queries
+        observing = recent.pos >= 0  # [B, R]: the ring holds exactly the last obs_window queries
         # Unused ring slots get position 0 (so their softmax is well defined) and zero weight.
-        q_pos = jnp.where(observing, cache.recent_pos, 0)
-        q = cache.recent_q.reshape(n_layers, batch, n_kv, n_heads // n_kv, ring, head_dim)
+        q_pos = jnp.where(observing, recent.pos, 0)
+        q = recent.q.reshape(n_layers, batch, n_kv, n_heads // n_kv, ring, head_dim)
         weights = jax.vmap(attention_weights, in_axes=(0, 0, None, 0))(q, cache.keys(), q_pos, cache.pos)
         votes = jnp.einsum("lbkgrs,br->lbks", weights, observing.astype(jnp.float32))  # [L, B, kv, capacity]
 
