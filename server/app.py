@@ -21,6 +21,7 @@ from toyllm_core.machine import memory_maps, peak_rss_bytes, reset_peak_rss
 from toyllm_core.serving.engine import Engine as CoreEngine
 from toyllm_core.serving.engine import plan_classes, warm_up
 from toyllm_core.serving.policies import make_policy, parse_policy, policy_class, policy_names
+from toyllm_core.serving.policies.kvzip import repeat_prompt_ids
 from toyllm_core.weights import load_model
 
 from .engine import Engine
@@ -68,7 +69,8 @@ def _start(state: ServerState) -> None:
     state.store = SessionStore(s.max_sessions, s.session_ttl_s, s.max_cache_bytes, model.kv_bytes_per_token,
                                on_created=m.sessions_created.inc,
                                on_evicted=lambda reason: m.sessions_evicted.labels(reason).inc())
-    core = CoreEngine(model, state.classes, steps_per_call=s.steps_per_call, batch_rows=s.max_concurrent_requests)
+    core = CoreEngine(model, state.classes, steps_per_call=s.steps_per_call, batch_rows=s.max_concurrent_requests,
+                      repeat_prompt=repeat_prompt_ids(tokenizer, state.chat))
     core.allocate_states()
     state.engine = Engine(core, tokenizer, state.store, m, max_running=s.max_concurrent_requests,
                           queue_size=s.queue_size, interleave_chunk=s.interleave_chunk,

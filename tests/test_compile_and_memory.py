@@ -54,8 +54,9 @@ def test_prefill_pieces_compress_at_the_same_tokens_whatever_the_chunk_limit():
 
 
 def test_no_compile_after_warm_up_for_any_class_prompt_length_or_session():
+    classes = TEST_CLASSES + ["kvzip:budget=24"]  # and a class whose prompts are reconstructed (KVzip)
     with ready_client(warmup=True, max_concurrent_requests=2, max_prompt_tokens=300, max_prefill_chunk=64,
-                      interleave_chunk=16) as c:
+                      interleave_chunk=16, cache_classes=classes) as c:
         wait_ready(c, timeout=600)
         state = c.app.state.toyllm
         assert state.info["warmup"]["programs"] == len(programs(state.classes, state.engine.core.batch_rows))
@@ -67,7 +68,7 @@ def test_no_compile_after_warm_up_for_any_class_prompt_length_or_session():
         def prompt(n):  # ~n tokens
             return " ".join(rng.choice(words, n).tolist())
 
-        caches = [None] + [{"policy": "full"}] + [dict(_spec(text)) for text in TEST_CLASSES[1:]]
+        caches = [None] + [{"policy": "full"}] + [dict(_spec(text)) for text in classes[1:]]
         for cache in caches:
             for n in (1, 17, 64, 130, 290):
                 body = {"prompt": prompt(n), "max_new_tokens": 20, "temperature": 0.7, "top_k": 5}

@@ -373,6 +373,8 @@ def eval_(
     corpus: Annotated[str, typer.Option(help="niah, session-qa: the prose (a data SPEC; its held-out split).")] =
         "offline:data/offline",
     facts: Annotated[int, typer.Option(min=1, max=10, help="session-qa: planted facts = turns.")] = 5,
+    session_protocol: Annotated[str, typer.Option(help="session-qa: multi-turn, once (kvpress's protocol), "
+                                                  "or both.")] = "both",
     dtype: DtypeOpt = "float32",
     quant: QuantOpt = "none",
     seq_len: Annotated[int, typer.Option(help="Sequence length (streaming; prefill: context + continuation).")] = 1024,
@@ -398,7 +400,8 @@ def eval_(
     from .lab.plots import perplexity_vs_budget
 
     if protocol in LONG_PROTOCOLS:
-        return _eval_long(protocol, data, policies, budgets, lengths, depths, samples, seed, corpus, facts, max_sequences,
+        return _eval_long(protocol, data, policies, budgets, lengths, depths, samples, seed, corpus, facts,
+                          session_protocol, max_sequences,
                           checkpoint, preset, dtype, quant, json_out, plot)
     try:
         model, tokenizer, name = _load(checkpoint, preset, dtype=dtype, quant=quant)
@@ -465,7 +468,8 @@ def _eval_quality(model, tokenizer, name, data, train_data, seq_len, max_sequenc
                                "machine": machine(), **result})
 
 
-def _eval_long(protocol, data, policies, budgets, lengths, depths, samples, seed, corpus, facts, max_sequences,
+def _eval_long(protocol, data, policies, budgets, lengths, depths, samples, seed, corpus, facts, session_protocol,
+               max_sequences,
                checkpoint, preset, dtype, quant, json_out, plot) -> None:
     """The long-context protocols (see `toyllm_core.lab.longctx`)."""
     import time
@@ -495,8 +499,11 @@ def _eval_long(protocol, data, policies, budgets, lengths, depths, samples, seed
             records, rows = lc.run_niah(model, tokenizer, chat, load_text(corpus, "heldout"), configs, sizes, samples,
                                         seed, log)
         elif protocol == "session-qa":
+            chosen = {"both": ("multi-turn", "once"), "multi-turn": ("multi-turn",), "once": ("once",)}
+            if session_protocol not in chosen:
+                raise ValueError(f"--session-protocol must be one of {', '.join(chosen)}")
             records, rows = lc.run_session_qa(model, tokenizer, chat, load_text(corpus, "heldout"), configs, sizes[0],
-                                              facts, samples, seed, log)
+                                              facts, samples, seed, log, protocols=chosen[session_protocol])
             keys = ("protocol", "policy", "budget", "cold_bits")
         else:
             if data is None:

@@ -124,6 +124,10 @@ class KVCache(eqx.Module):
         return self._with(length=self.length + n_valid, next_pos=self.next_pos + n_valid,
                           signals=tuple(s.advance(pos, valid) for s in self.signals))
 
+    def cleared_signals(self) -> KVCache:
+        """The same slots with every signal as if nothing had been observed yet (`Signal.cleared`)."""
+        return self._with(signals=tuple(s.cleared() for s in self.signals))
+
     def with_signals(self, wants: tuple[Want, ...] = ()) -> KVCache:
         """The same slots carrying only the signals `wants` asks for (each at most what this cache
         records). One prefill recorded with every signal can then be compressed by several policies."""

@@ -90,8 +90,9 @@ class Session:
         cls = cls or self.cls
         rewind = self.rewind_to(cls)
         feed = self.feed(prompt_ids) if rewind is None else self.tokens[rewind:] + list(prompt_ids)
+        before = rewind if rewind is not None else len(self.tokens) - (self.pending is not None)
         job = engine.begin(feed, cls, sampling, self.cache, self.length, user=user, cold=self.cold,
-                           rewind_to=rewind)
+                           rewind_to=rewind, history=self.tokens[:before] if cls.policy.reconstructs else None)
         self.cache, self.cold, self.cls = None, None, cls
         return job
 

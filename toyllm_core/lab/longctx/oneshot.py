@@ -24,10 +24,10 @@ from ...serving.engine import steps
 from ...serving.model import ToyLLM
 from ...serving.policies import Policy, compress
 from ...serving.policies.snapkv import MAX_OBS_WINDOW
-from ...serving.signals import AttentionSum, RecentQueries
+from ...serving.signals import AttentionPeak, AttentionSum, RecentQueries
 
 # Every signal a policy here may ask for, recorded once per prompt.
-EVERY_SIGNAL = (AttentionSum.want(), RecentQueries.want(MAX_OBS_WINDOW))
+EVERY_SIGNAL = (AttentionPeak.want(), AttentionSum.want(), RecentQueries.want(MAX_OBS_WINDOW))
 
 PREFILL_CHUNK = 512
 ANSWER_ROOM = 32  # decode slots past the kept ones: the answer must fit (as a policy's slack would)

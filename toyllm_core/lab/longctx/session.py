@@ -26,6 +26,7 @@ import numpy as np
 from ...serving.engine import CacheClass, Engine
 from ...serving.model import ToyLLM
 from ...serving.policies import Policy
+from ...serving.policies.kvzip import repeat_prompt_ids
 from ...serving.sampling import SamplingParams
 from ...serving.session import Session
 from .oneshot import first_number, prefill
@@ -69,7 +70,8 @@ class _Runner:
         cls = CacheClass.make(policy, 1, MAX_CHUNK, None if policy.evicts else self.full_tokens,
                               self.window if policy.evicts else None)
         cache = self.shared.with_signals(policy.signals)
-        return Engine(self.model, [cls]), Session(cls, cache=cache, length=len(self.prompt) - 1,
+        repeat = repeat_prompt_ids(self.tokenizer, self.chat)
+        return Engine(self.model, [cls], repeat_prompt=repeat), Session(cls, cache=cache, length=len(self.prompt) - 1,
                                                   tokens=self.prompt[:-1].tolist())
 
     def ask(self, engine: Engine, session: Session, prompt_ids: list[int]) -> str:

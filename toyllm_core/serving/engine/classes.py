@@ -35,18 +35,19 @@ MIN_SPAN = 256
 SPAN_GROWTH = 4
 
 
-def spans(capacity: int) -> list[int]:
+def spans(capacity: int, growth: int = SPAN_GROWTH) -> list[int]:
     """The compiled attention spans of rows of `capacity` slots."""
     sizes, n = [], MIN_SPAN
-    while 2 * n <= capacity:
+    while n * growth <= 2 * capacity and n < capacity:  # at 4x: spans of at most half the capacity
         sizes.append(n)
-        n *= SPAN_GROWTH
+        n *= growth
     return sizes + [capacity]
 
 
-def span_for(capacity: int, needed: int) -> int:
+def span_for(capacity: int, needed: int, growth: int = SPAN_GROWTH) -> int:
     """The smallest compiled span that holds `needed` slots (at most the capacity)."""
-    return next(s for s in spans(capacity) if s >= needed)
+    return next(s for s in spans(capacity, growth) if s >= needed)
+
 
 
 # Short new prompts prefill together (`Engine.prefill_short`): up to MAX_BATCH_ROWS prompts of at
@@ -130,7 +131,9 @@ class CacheClass:
             window = max_chunk if prefill_window is None else prefill_window
             if window < max_chunk:
                 raise ValueError(f"the prefill window ({window}) must not be shorter than the chunk ({max_chunk})")
-            return CacheClass(policy, slots, policy.trigger, policy.kept_slots + window + MIN_CHUNK, max_chunk,
+            # A reconstructing policy's prefill cache has room for one reconstruction piece past the prompt.
+            scratch = max_chunk if policy.reconstructs else 0
+            return CacheClass(policy, slots, policy.trigger, policy.kept_slots + window + MIN_CHUNK + scratch, max_chunk,
                               prefill_window=window, prefill_rows=prefill_rows,
                               cold_tokens=cold_tokens if policy.cold_bits else 0)
         if tokens is None or tokens < 1:
@@ -158,6 +161,25 @@ class CacheClass:
         from ..tiers import cold_buckets
 
         return self.prefill_capacity + cold_buckets(self.cold_tokens)[-1] + RECALL_TAIL if self.tiered else 0
+
+    @property
+    def prefill_spans(self) -> list[int]:
+        """The compiled attention spans of the prefill cache."""
+        return spans(self.prefill_capacity)
+
+    def prefill_span(self, needed: int) -> int:
+        """The smallest compiled prefill span that holds `needed` slots."""
+        return next(s for s in self.prefill_spans if s >= needed)
+
+    @property
+    def reconstruct_spans(self) -> list[int]:
+        """A reconstructing class's spans for its reconstruction pieces (`max_chunk` tokens each):
+        every multiple of `max_chunk`, and the capacity. Each piece's queries attend over the whole
+        context, so the 4x spans of a prompt chunk would waste up to 4x of its attention (a
+        4,096-token context read 7,712 slots) where these waste at most one piece."""
+        if not self.policy.reconstructs:
+            return []
+        return list(range(self.max_chunk, self.prefill_capacity, self.max_chunk)) + [self.prefill_capacity]
 
     def takes_short(self, n_tokens: int) -> bool:
         """Whether a new prompt of n_tokens (no session cache) may prefill in a short-prompt batch:

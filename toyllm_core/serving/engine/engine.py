@@ -79,6 +79,8 @@ class Prefill:
     # in row `batch[1]` of the batch cache `batch[0]` until it starts.
     short: bool = False
     batch: tuple[KVCache, int] | None = None
+    # The session's tokens before `tokens` (what a reconstruction pass repeats, with the prompt).
+    history: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
 
     @property
     def finished(self) -> bool:
@@ -201,9 +203,18 @@ class _ClassState:
 
 class Engine:
     def __init__(self, model: ToyLLM, classes: list[CacheClass], steps_per_call: int = 4,
-                 on_compress: Callable[[CacheClass, int, float], None] | None = None, batch_rows: int = MAX_BATCH_ROWS):
+                 on_compress: Callable[[CacheClass, int, float], None] | None = None, batch_rows: int = MAX_BATCH_ROWS,
+                 repeat_prompt: list[int] | None = None):
         if len({c.name for c in classes}) != len(classes):
             raise ValueError("cache classes must be distinct")
+        # The instruction a reconstruction pass puts before the context it repeats (KVzip): the
+        # token ids of "Repeat the previous context exactly." as the model's chat renders a user
+        # turn (the server passes them); none: the context alone.
+        self.repeat_prompt = np.asarray(repeat_prompt or [], np.int32)
+        for c in classes:
+            if c.policy.reconstructs and len(self.repeat_prompt) > c.max_chunk // 2:
+                raise ValueError(f"the repeat prompt ({len(self.repeat_prompt)} tokens) must fit half a "
+                                 f"prefill chunk ({c.max_chunk})")
         self.model = model
         self.eos = model.cfg.eos_token_id  # the token that ends a sequence (unless it ignores EOS)
         self.classes = list(classes)
@@ -251,11 +262,12 @@ class Engine:
     # ------------------------------------------------------------------------------- prefill
     def begin(self, tokens, cls: CacheClass, sampling: SamplingParams, cache: KVCache | None = None,
               length: int = 0, user: object = None, cold: ColdTier | None = None,
-              rewind_to: int | None = None) -> Prefill:
+              rewind_to: int | None = None, history=None) -> Prefill:
         """Start prefilling `tokens` for a sequence of class `cls` (reserving a decode slot and a
         prefill row), on a session's idle cache (one row, at the capacity of this class or of a
         smaller full class) and cold tier, or on new ones. `rewind_to` (a tiered class): first drop
-        every position from there on from both tiers (`tokens` then start at that position)."""
+        every position from there on from both tiers (`tokens` then start at that position).
+        `history`: the session's tokens before `tokens`, for a class whose policy reconstructs."""
         tokens = np.asarray(tokens, np.int32)
         if len(tokens) == 0:
             raise ValueError("a prompt needs at least one token")
@@ -283,6 +295,8 @@ class Engine:
         eos = -1 if sampling.ignore_eos else (self.eos if sampling.eos_id is None else sampling.eos_id)
         job = Prefill(cls, tokens, sampling, cache, length, eos, user=user, cold=cold if cls.tiered else None,
                       short=short)
+        if cls.policy.reconstructs and history is not None:
+            job.history = np.asarray(history, np.int32)
         if cls.tiered:
             # Recall when there is a cold tier, or when the prompt will be compressed before it is
             # whole (it does not fit the prefill window): either way, what the turn's question
@@ -329,7 +343,7 @@ class Engine:
         chunk[0, :real] = job.tokens[job.done : job.done + real]
         # A recalled cache (hot ∪ cold) is read whole; a prefill cache up to what the chunk fills.
         span = job.cls.recall_capacity if job.was_cold is not None else \
-            span_for(job.cls.prefill_capacity, job.length + padded)
+            job.cls.prefill_span(job.length + padded)
         job.logits, job.cache = steps.prefill_chunk(self.model, job.cache, chunk, np.array([real], np.int32),
                                                     span=span)
         job.length += real
@@ -338,12 +352,38 @@ class Engine:
     def _compress_prefill(self, job: Prefill) -> None:
         """Compress the prefill cache (a tiered class keeps what it evicts, to go cold)."""
         cls, policy = job.cls, job.cls.policy
+        if policy.reconstructs:
+            self._reconstruct(job)
         job.cache, chunk = steps.compress_cache(job.cache, cls=cls)
         if chunk is not None and job.cold is not None:
             job.spill.append((chunk, 0))
         job.evicted += _evicted(policy, job.length, job.compressions)
         job.compressions += 1
         job.length = min(job.length, policy.kept_slots)
+
+    def _reconstruct(self, job: Prefill) -> None:
+        """KVzip's scoring pass over the prefill cache: the signals cleared, then the context (the
+        session's tokens and the prompt so far, as much as a prefill cache holds) repeated in
+        pieces, each the repeat prompt and the next part of the context, run against the cache as
+        a prompt chunk of `max_chunk` and cut off again. What stays is what the pieces' queries
+        recorded (`AttentionPeak`)."""
+        cls = job.cls
+        context = np.concatenate([job.history, job.tokens[: job.done]])
+        context = context[-(cls.policy.kept_slots + cls.prefill_window):]
+        step = cls.max_chunk - len(self.repeat_prompt)
+        span = next(s for s in cls.reconstruct_spans if s >= job.length + cls.max_chunk)
+        job.cache = steps.clear_signals(job.cache)
+        end = np.int32(np.asarray(job.cache.next_pos)[0])  # (indexing on the device would compile)
+        for lo in range(0, len(context), step):
+            piece = np.concatenate([self.repeat_prompt, context[lo : lo + step]])
+            padded = max(MIN_CHUNK, 1 << (len(piece) - 1).bit_length())
+            # A full piece over the reconstruction span; a short last one as a prompt chunk of its size.
+            at = span if padded == cls.max_chunk else cls.prefill_span(job.length + padded)
+            chunk = np.zeros((1, padded), np.int32)
+            chunk[0, : len(piece)] = piece
+            _, job.cache = steps.prefill_chunk(self.model, job.cache, chunk, np.array([len(piece)], np.int32),
+                                               span=at)
+            job.cache = steps.truncate(job.cache, end)
 
     def _recall(self, job: Prefill) -> None:
         """Hot ∪ cold as one cache at the class's recall capacity (the cold tier uploaded)."""

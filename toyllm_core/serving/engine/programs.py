@@ -67,14 +67,19 @@ def programs(classes: list[CacheClass], batch_rows: int = MAX_BATCH_ROWS) -> lis
     full = sorted((c for c in classes if not c.evicts), key=lambda c: c.capacity)
     for cls in classes:
         out += [Program("new-state", cls), Program("new-prefill", cls)]
-        out += [Program("chunk", cls, n, span) for span in spans(cls.prefill_capacity)
+        out += [Program("chunk", cls, n, span) for span in cls.prefill_spans
                 for n in chunk_sizes(cls.max_chunk) if n <= span]
+        out += [Program("chunk", cls, cls.max_chunk, span) for span in cls.reconstruct_spans
+                if span not in cls.prefill_spans]
         if cls.evicts:
             out += [Program("compress-rows", cls, n) for n in row_buckets(cls.slots)]
             out += [Program("compress", cls), Program("fit", cls),
                     Program("grow", cls, cls.capacity)]
+            if cls.policy.reconstructs:  # a reconstruction pass: signals cleared, chunks run and cut off
+                out.append(Program("clear", cls))
+            if cls.tiered or cls.policy.reconstructs:
+                out.append(Program("truncate", cls))  # the last reply rewound; a reconstruction cut off
             if cls.tiered:  # a new turn over hot ∪ cold: recalled per cold-length bucket
-                out.append(Program("truncate", cls))  # the last reply rewound
                 out += [Program("recall", cls, n) for n in cold_buckets(cls.cold_tokens)]
                 out += [Program("recall-chunk", cls, n) for n in chunk_sizes(cls.tail_chunk)]
                 out.append(Program("reselect", cls))
@@ -141,6 +146,8 @@ def compile_program(model: ToyLLM, p: Program, steps_per_call: int, classes: lis
         build(steps.extract_row, state(), np.int32(0))
     elif p.kind == "move":
         build(steps.move_row, state(), np.int32(1 % cls.slots), np.int32(0), span=p.span)
+    elif p.kind == "clear":
+        build(steps.clear_signals, prefill())
     elif p.kind == "truncate":
         build(steps.truncate, prefill(), np.int32(0))
     elif p.kind == "recall":

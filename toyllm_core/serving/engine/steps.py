@@ -122,6 +122,12 @@ def reselect(cache: KVCache, was_cold, *, cls: CacheClass):
     return tiers.reselect(cache, was_cold, cls.policy, cls.prefill_capacity)
 
 
+@partial(jax.jit, donate_argnames=("cache",))
+def clear_signals(cache: KVCache) -> KVCache:
+    """The cache with its signals as if nothing had been observed (before a reconstruction pass)."""
+    return cache.cleared_signals()
+
+
 @partial(jax.jit, static_argnames=("cls", "span"), donate_argnames=("state",))
 def insert_row(state: KVCache, slot, row: KVCache, *, cls: CacheClass, span: int) -> KVCache:
     """A one-row cache (at its prefill capacity) into decode slot `slot`: its first `span` slots

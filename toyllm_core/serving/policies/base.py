@@ -34,6 +34,9 @@ class Policy:
 
     name: ClassVar[str]
     evicts: ClassVar[bool] = True
+    # Whether the engine runs a reconstruction pass over the context before each compression of a
+    # prompt (KVzip; see `Engine._reconstruct`).
+    reconstructs: ClassVar[bool] = False
 
     @property
     def signals(self) -> tuple[Want, ...]:

@@ -69,6 +69,10 @@ class Signal(eqx.Module):
         marks the slots emptied. Per-slot arrays are reset to their fill there."""
         return self.map_slotted(lambda x, fill: jnp.where(_expand(gone, x), fill, x))
 
+    def cleared(self) -> Signal:
+        """As if nothing had been observed: per-slot arrays at their fill (the rest as they are)."""
+        return self.map_slotted(lambda x, fill: jnp.full_like(x, fill))
+
     @property
     def size(self) -> int:
         return 0
