@@ -38,7 +38,8 @@ def _host(cache: KVCache) -> KVCache:
 
 
 def test_registry_lists_the_policies():
-    assert policy_names() == ["adakv", "expected", "full", "h2o", "knorm", "pyramidkv", "random", "snapkv", "streaming"]
+    assert policy_names() == ["adakv", "expected", "full", "h2o", "knorm", "kvzip", "pyramidkv", "random", "snapkv",
+                              "streaming"]
 
 
 @pytest.mark.parametrize("policy", EVICTING)
