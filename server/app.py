@@ -28,6 +28,7 @@ from .engine import Engine
 from .errors import install
 from .metrics import Metrics
 from .middleware import RequestGuard
+from .pressure import PressureRelief
 from .routes import generate, health, openai, sessions
 from .schemas import SEED_LIMIT
 from .sessions import SessionStore
@@ -69,6 +70,8 @@ def _start(state: ServerState) -> None:
     state.store = SessionStore(s.max_sessions, s.session_ttl_s, s.max_cache_bytes, model.kv_bytes_per_token,
                                on_created=m.sessions_created.inc,
                                on_evicted=lambda reason: m.sessions_evicted.labels(reason).inc())
+    state.pressure = PressureRelief(state.store, on_step=m.pressure_step)
+    state.store.on_pressure = state.pressure.wake
     core = CoreEngine(model, state.classes, steps_per_call=s.steps_per_call, batch_rows=s.max_concurrent_requests,
                       repeat_prompt=repeat_prompt_ids(tokenizer, state.chat))
     core.allocate_states()
@@ -119,6 +122,7 @@ def _start(state: ServerState) -> None:
         log.info("warm-up: %d programs (%d built, %d of them read from the compile cache) in %.1f s",
                  report["programs"], report["compilations"], report["cache_hits"], report["seconds"])
     reset_peak_rss()  # from here on, /info's "serving"
+    state.pressure.start()
     state.engine.start()
     log.info("%s ready in %.1f s", name, time.perf_counter() - started)
 
@@ -190,6 +194,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await loading
             if state.engine is not None:
                 await run_in_threadpool(state.engine.stop)
+            if state.pressure is not None:
+                state.pressure.stop()
 
     # Swagger UI and ReDoc from assets packaged on PyPI (fastapi-offline): /docs works offline.
     app = FastAPIOffline(title="ToyLLM Serve", version="0.1.0", lifespan=lifespan,

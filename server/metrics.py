@@ -99,6 +99,15 @@ class Metrics:
         self.sessions_created = Counter("toyllm_sessions_created", "Sessions created.", registry=r)
         self.sessions_evicted = Counter("toyllm_sessions_evicted", "Sessions removed by the server, by reason.",
                                         ["reason"], registry=r)
+        self.pressure_steps = Counter("toyllm_session_pressure_steps", "Memory-pressure steps taken on idle "
+                                      "sessions: compressed, demoted, dropped (server/pressure.py).", ["step"],
+                                      registry=r)
+        self.pressure_freed = Counter("toyllm_session_pressure_freed_bytes", "Bytes of session tiers freed by "
+                                      "memory-pressure steps.", ["step"], registry=r)
+
+    def pressure_step(self, step: str, freed: int) -> None:
+        self.pressure_steps.labels(step).inc()
+        self.pressure_freed.labels(step).inc(freed)
 
     def count_request(self, endpoint: str, code: int | str) -> None:
         """Count one finished HTTP request: in toyllm_requests_total, or toyllm_probe_requests_total for
@@ -116,6 +125,9 @@ class Metrics:
             self.finished.labels(reason)
         for reason in ("ttl", "memory", "max_sessions"):
             self.sessions_evicted.labels(reason)
+        for step in ("compressed", "demoted", "dropped"):
+            self.pressure_steps.labels(step)
+            self.pressure_freed.labels(step)
         for policy in policies:
             self.compressions.labels(policy)
             self.evicted.labels(policy)

@@ -104,6 +104,14 @@ class GenerateDone(BaseModel):
     timings: Timings
 
 
+class SessionMemory(BaseModel):
+    """Where an idle session stands on the memory-pressure ladder (docs/sessions.md)."""
+
+    state: Literal["resident", "compressed", "demoted"]
+    hot_bits: int | None  # its hot tier's keys and values: 16 (as the cache stores them), 8 or 4
+    cold_bits: int | None  # its cold tier's (None: no cold tier)
+
+
 class SessionInfo(BaseModel):
     session_id: str
     created_at: float
@@ -112,6 +120,7 @@ class SessionInfo(BaseModel):
     turns: int
     cache: CacheStats
     cache_config: dict
+    memory: SessionMemory
 
 
 class KeptSlot(BaseModel):

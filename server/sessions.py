@@ -2,8 +2,10 @@
 cold tiers) with an id, a busy flag and its times, and the store that holds them.
 
 While a request runs, the session's tiers live in the engine and the session is busy. Idle sessions
-expire after a TTL and are evicted least-recently-used when there are more than `max_sessions` or
-their tiers together hold more than `max_cache_bytes`.
+expire after a TTL and are evicted least-recently-used when there are more than `max_sessions`. When
+their tiers together hold more than `max_cache_bytes`, they move down the memory-pressure ladder
+(`server.pressure`: compressed, demoted, and dropped only last); the store picks each step's
+session and commits its result.
 """
 
 from __future__ import annotations
@@ -24,6 +26,18 @@ from toyllm_core.serving.session import Session as CoreSession
 _ID = re.compile(r"[A-Za-z0-9_-]{22,64}")
 
 
+@dataclass(frozen=True, eq=False)
+class Rung:
+    """What an idle session holds at a rung of the memory-pressure ladder (its tiers by identity)."""
+
+    rung: int
+    cache: object
+    cold: object
+
+    def __eq__(self, other) -> bool:
+        return self.rung == other.rung and self.cache is other.cache and self.cold is other.cold
+
+
 class SessionNotFound(KeyError):
     pass
 
@@ -40,6 +54,7 @@ class Session(CoreSession):
     last_used_at: float = field(default_factory=time.time)
     busy: bool = False
     capacity: int = 0  # allocated slots of the idle hot cache
+    rung: int = 0  # memory pressure: 0 as its last turn left it, 1 compressed, 2 demoted (`server.pressure`)
 
     @property
     def bytes(self) -> int:
@@ -59,18 +74,27 @@ class Session(CoreSession):
                 "tokens_cold": self.cold_tokens, "hot_bytes": tiers["hot"], "cold_bytes": tiers["cold"],
                 "reselections": self.reselections, "tokens_recalled": round(self.tokens_recalled, 2)}
 
+    def memory(self) -> dict:
+        """Where the session stands on the memory-pressure ladder."""
+        return {"state": ("resident", "compressed", "demoted")[self.rung],
+                "hot_bits": (self.cache.bits or 16) if self.cache is not None else None,
+                "cold_bits": self.cold.bits if self.cold is not None else None}
+
 
 class SessionStore:
     """Thread-safe: routes create and acquire sessions, the engine thread releases them."""
 
     def __init__(self, max_sessions: int, ttl_s: float, max_cache_bytes: int, bytes_per_token: int,
-                 on_created=lambda: None, on_evicted=lambda reason: None):
+                 on_created=lambda: None, on_evicted=lambda reason: None, on_pressure=None):
         self.max_sessions = max_sessions
         self.ttl_s = ttl_s
         self.max_cache_bytes = max_cache_bytes
         self.bytes_per_token = bytes_per_token
         self._on_created = on_created
         self._on_evicted = on_evicted
+        # Called (from the releasing thread) when the idle tiers pass max_cache_bytes: wakes the
+        # memory-pressure worker. None: evict least recently used sessions at once instead.
+        self.on_pressure = on_pressure
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
 
@@ -132,9 +156,53 @@ class SessionStore:
             session.busy = False
             session.last_used_at = time.time()
             session.capacity = 0 if session.cache is None else session.cache.capacity
-            if session.id in self._sessions:
-                self._sessions.move_to_end(session.id)
+            session.rung = 0
+            if session.id not in self._sessions:
+                return
+            self._sessions.move_to_end(session.id)
+            over = self._total_bytes() > self.max_cache_bytes
+            if over and self.on_pressure is None:
                 self._evict_idle(lambda: self._total_bytes() > self.max_cache_bytes, "memory")
+        if over and self.on_pressure is not None:
+            self.on_pressure()
+
+    # ------------------------------------------------------------------ the memory-pressure ladder
+    def over_budget(self) -> bool:
+        with self._lock:
+            return self._total_bytes() > self.max_cache_bytes
+
+    def next_down(self) -> tuple[Session, Rung] | None:
+        """The idle session the next ladder step takes, the least recently used at the lowest rung
+        that still has one to go, with what it holds now (None: every idle session is at the last)."""
+        with self._lock:
+            idle = [s for s in self._sessions.values() if not s.busy and s.cache is not None]
+            for rung in range(2):
+                for session in idle:  # least recently used first
+                    if session.rung == rung:
+                        return session, Rung(rung, session.cache, session.cold)
+        return None
+
+    def step_down(self, session: Session, was: Rung, cache, cold) -> bool:
+        """Commit a ladder step's tiers, computed from what the session held (`was`); False (nothing
+        changed) if a request took it, or it changed or went, meanwhile."""
+        with self._lock:
+            if session.busy or self._sessions.get(session.id) is not session or \
+                    Rung(session.rung, session.cache, session.cold) != was:
+                return False
+            session.cache, session.cold, session.rung = cache, cold, was.rung + 1
+            session.capacity = 0 if cache is None else cache.capacity
+            return True
+
+    def drop_idle(self) -> int | None:
+        """Drop the least recently used idle session (the ladder's last step) -> its bytes, or None
+        when every session is busy."""
+        with self._lock:
+            for session in self._sessions.values():
+                if not session.busy:
+                    del self._sessions[session.id]
+                    self._on_evicted("memory")
+                    return session.bytes
+        return None
 
     def delete(self, session_id: str) -> None:
         with self._lock:

@@ -12,6 +12,7 @@ from toyllm_core.serving.policies import Policy, policy_names
 
 from .engine import Engine
 from .metrics import Metrics
+from .pressure import PressureRelief
 from .sessions import SessionStore
 from .settings import Settings
 
@@ -27,6 +28,7 @@ class ServerState:
     chat: ChatTemplate | None = None  # None: the model has no chat template, /v1/chat/completions refuses
     end_of_turn: int | None = None  # the token chat generation stops at
     engine: Engine | None = None
+    pressure: PressureRelief | None = None
     store: SessionStore | None = None
     default_policy: Policy | None = None
     classes: list[CacheClass] = field(default_factory=list)  # warmed: the only ones requests may use

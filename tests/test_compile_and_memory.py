@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 from server_utils import TEST_CLASSES, background_stream, metric, ready_client, wait_ready
 
+from server.pressure import step_down
+from server.sessions import Rung
 from toyllm_core import jit_stats
 from toyllm_core.serving.engine import CacheClass, Engine, next_piece, programs
 from toyllm_core.serving.policies import make_policy
@@ -69,6 +71,7 @@ def test_no_compile_after_warm_up_for_any_class_prompt_length_or_session():
             return " ".join(rng.choice(words, n).tolist())
 
         caches = [None] + [{"policy": "full"}] + [dict(_spec(text)) for text in classes[1:]]
+        sids = []
         for cache in caches:
             for n in (1, 17, 64, 130, 290):
                 body = {"prompt": prompt(n), "max_new_tokens": 20, "temperature": 0.7, "top_k": 5}
@@ -77,10 +80,20 @@ def test_no_compile_after_warm_up_for_any_class_prompt_length_or_session():
                 r = c.post("/generate", json={**body, "stream": False})
                 assert r.status_code == 200, r.text
                 sid = r.json()["session_id"]
+                sids.append(sid)
                 for m in (3, 70, 200):  # continued sessions (a full one moves up to a larger class)
                     r = c.post("/generate", json={"prompt": prompt(m), "session_id": sid, "max_new_tokens": 9,
                                                   "temperature": 0, "stream": False})
                     assert r.status_code in (200, 400), r.text  # 400: a full session past its context
+        # Sessions taken down the memory-pressure ladder (compressed; compressed and demoted) go on.
+        for i, sid in enumerate(sids):
+            session = state.store.get(sid)
+            for _ in range(1 + i % 2):
+                was = Rung(session.rung, session.cache, session.cold)
+                assert state.store.step_down(session, was, *step_down(session, was))
+            r = c.post("/generate", json={"prompt": prompt(40), "session_id": sid, "max_new_tokens": 5,
+                                          "stream": False})
+            assert r.status_code in (200, 400), r.text
         assert metric(c.get("/metrics").text, "toyllm_jit_compilations_total") == compiled
 
 

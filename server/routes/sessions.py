@@ -43,7 +43,7 @@ async def get_session(session_id: str, state: ReadyState):
     """A session's statistics."""
     s = _get(state, session_id)
     return SessionInfo(session_id=s.id, created_at=s.created_at, last_used_at=s.last_used_at, busy=s.busy,
-                       turns=s.turns, cache=s.stats(), cache_config=s.policy.describe())
+                       turns=s.turns, cache=s.stats(), cache_config=s.policy.describe(), memory=s.memory())
 
 
 @router.get("/{session_id}/cache", response_model=SessionCache, responses=responses(404, 409, *READY))

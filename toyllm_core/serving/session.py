@@ -4,8 +4,9 @@ the command line share.
 It holds the token at every position seen (so kept positions can be shown as text), the last
 generated token (sampled, not in the cache yet: the next turn feeds it first, so a conversation is
 exactly the concatenation of its turns), the chat messages so far, and between turns both cache
-tiers: the hot cache that decoding attends to and, for a tiered class, the cold tier of what the
-hot cache evicted (`tiers.ColdTier`). While a turn runs, the engine holds the tiers.
+tiers, in host memory: the hot cache that decoding attends to (parked with its live slots only:
+`parking`) and, for a tiered class, the cold tier of what the hot cache evicted (`tiers.ColdTier`).
+While a turn runs, the engine holds the tiers.
 
 A turn through an `Engine`:
 
@@ -22,8 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .cache import KVCache
 from .engine import RECALL_TAIL, CacheClass, Engine, Prefill, Sequence
+from .parking import ParkedRow, park, unpark
 from .sampling import SamplingParams
 from .tiers import ColdTier
 
@@ -35,7 +36,7 @@ class NotAChat(ValueError):
 @dataclass(eq=False)
 class Session:
     cls: CacheClass  # a full-cache session moves up to larger classes as it grows
-    cache: KVCache | None = None  # the hot tier, one row; None before the first turn and while one runs
+    cache: ParkedRow | None = None  # the hot tier between turns, on the host; None before the first turn and while one runs
     length: int = 0  # live hot slots
     cold: ColdTier | None = None  # what the hot tier evicted (a tiered class), on the host
     tokens: list[int] = field(default_factory=list)  # token id at every original position seen
@@ -64,8 +65,9 @@ class Session:
         return self.cold.entries if self.cold is not None else 0
 
     def tier_bytes(self, bytes_per_token: int) -> dict[str, int]:
-        """Bytes of each tier: the hot cache's live slots, the cold tier's arrays."""
-        return {"hot": self.length * bytes_per_token, "cold": self.cold.nbytes if self.cold is not None else 0}
+        """Bytes of each tier: the hot cache's keys and values, the cold tier's arrays."""
+        hot = self.cache.kv_nbytes if self.cache is not None else self.length * bytes_per_token
+        return {"hot": hot, "cold": self.cold.nbytes if self.cold is not None else 0}
 
     # ------------------------------------------------------------------------------- a turn
     def feed(self, prompt_ids: list[int]) -> list[int]:
@@ -91,7 +93,11 @@ class Session:
         rewind = self.rewind_to(cls)
         feed = self.feed(prompt_ids) if rewind is None else self.tokens[rewind:] + list(prompt_ids)
         before = rewind if rewind is not None else len(self.tokens) - (self.pending is not None)
-        job = engine.begin(feed, cls, sampling, self.cache, self.length, user=user, cold=self.cold,
+        cache = unpark(self.cache, cls.prefill_capacity) if self.cache is not None else None
+        cold = self.cold
+        if cold is not None and cls.tiered and cold.bits != cls.policy.cold_bits:  # demoted under memory pressure
+            cold = cold.requantized(cls.policy.cold_bits)
+        job = engine.begin(feed, cls, sampling, cache, self.length, user=user, cold=cold,
                            rewind_to=rewind, history=self.tokens[:before] if cls.policy.reconstructs else None)
         self.cache, self.cold, self.cls = None, None, cls
         return job
@@ -119,7 +125,7 @@ class Session:
         self.tokens_recalled += seq.recalled
         self.cold_dropped += seq.dropped
         if keep:
-            self.cache, self.cold = cache, seq.cold_tier()
+            self.cache, self.cold = park(cache), seq.cold_tier()
 
     def discard(self) -> None:
         """Forget the tiers (a failed turn: they cannot be trusted)."""

@@ -64,23 +64,42 @@ class ColdChunk(eqx.Module):
     pos: jax.Array
 
 
-def quantize(x: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
-    """x [..., head_dim] (any float dtype) -> (codes int8, scales float16 [..., head_dim / group])."""
+def quantize(x, bits: int, xp=jnp):
+    """x [..., head_dim] (any float dtype) -> (codes int8, scales float16 [..., head_dim / group]).
+    `xp`: jax.numpy inside a jitted step, numpy on the host (`parking`)."""
     qmax = (1 << (bits - 1)) - 1
     hd = x.shape[-1]
     g = group_size(bits, hd)
-    xs = x.astype(jnp.float32).reshape(*x.shape[:-1], hd // g, g)
-    scale = (jnp.max(jnp.abs(xs), axis=-1) / qmax).astype(jnp.float16)
-    safe = jnp.where(scale > 0, scale.astype(jnp.float32), 1.0)
-    codes = jnp.clip(jnp.round(xs / safe[..., None]), -qmax, qmax).astype(jnp.int8)
+    xs = x.astype(xp.float32).reshape(*x.shape[:-1], hd // g, g)
+    scale = (xp.max(xp.abs(xs), axis=-1) / qmax).astype(xp.float16)
+    safe = xp.where(scale > 0, scale.astype(xp.float32), 1.0)
+    codes = xp.clip(xp.round(xs / safe[..., None]), -qmax, qmax).astype(xp.int8)
     return codes.reshape(x.shape), scale
 
 
-def dequantize(codes: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+def dequantize(codes, scale, dtype, xp=jnp):
     hd = codes.shape[-1]
     g = hd // scale.shape[-1]
-    xs = codes.astype(jnp.float32).reshape(*codes.shape[:-1], hd // g, g) * scale.astype(jnp.float32)[..., None]
+    xs = codes.astype(xp.float32).reshape(*codes.shape[:-1], hd // g, g) * scale.astype(xp.float32)[..., None]
     return xs.reshape(codes.shape).astype(dtype)
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Host codes as kept: int8 as they are, int4 two per byte."""
+    if bits == 8:
+        return codes
+    c = (codes.astype(np.int16) & 0xF).astype(np.uint8)
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 8:
+        return packed
+    lo, hi = (packed & 0xF).astype(np.int8), (packed >> 4).astype(np.int8)
+    lo, hi = np.where(lo > 7, lo - 16, lo), np.where(hi > 7, hi - 16, hi)
+    out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), np.int8)
+    out[..., 0::2], out[..., 1::2] = lo, hi
+    return out
 
 
 def quantize_slots(k_bits: jax.Array, v_bits: jax.Array, pos: jax.Array, bits: int) -> ColdChunk:
@@ -170,19 +189,23 @@ class ColdTier:
         return sum(a.nbytes for a in (self.k, self.k_scale, self.v, self.v_scale, self.pos))
 
     def _pack(self, codes: np.ndarray) -> np.ndarray:
-        if self.bits == 8:
-            return codes
-        c = (codes.astype(np.int16) & 0xF).astype(np.uint8)
-        return c[..., 0::2] | (c[..., 1::2] << 4)
+        return pack(codes, self.bits)
 
     def _unpack(self, packed: np.ndarray) -> np.ndarray:
-        if self.bits == 8:
-            return packed
-        lo, hi = (packed & 0xF).astype(np.int8), (packed >> 4).astype(np.int8)
-        lo, hi = np.where(lo > 7, lo - 16, lo), np.where(hi > 7, hi - 16, hi)
-        out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), np.int8)
-        out[..., 0::2], out[..., 1::2] = lo, hi
-        return out
+        return unpack(packed, self.bits)
+
+    def requantized(self, bits: int) -> ColdTier:
+        """The same entries at `bits` (memory pressure demotes a tier to 4 bits; a new turn brings it
+        back to its class's bits, the shapes its programs were compiled for)."""
+        if bits == self.bits:
+            return self
+        out = [self.pos]
+        for codes, scale in ((self.k, self.k_scale), (self.v, self.v_scale)):
+            x = dequantize(self._unpack(codes), scale, np.float32, xp=np)
+            c, s = quantize(x, bits, xp=np)
+            out += [pack(c, bits), s]
+        pos, k, ks, v, vs = out
+        return ColdTier(bits, self.head_dim, k, ks, v, vs, pos)
 
     def replace(self, chunk: ColdChunk) -> ColdTier:
         """A new tier holding exactly the entries of `chunk` (one row; a re-selection's result)."""

@@ -19,12 +19,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ...serving.engine import CacheClass, Engine
 from ...serving.model import ToyLLM
+from ...serving.parking import park
 from ...serving.policies import Policy
 from ...serving.policies.kvzip import repeat_prompt_ids
 from ...serving.sampling import SamplingParams
@@ -69,7 +68,7 @@ class _Runner:
         """An engine for the policy's class and a session holding all but the prompt's last token."""
         cls = CacheClass.make(policy, 1, MAX_CHUNK, None if policy.evicts else self.full_tokens,
                               self.window if policy.evicts else None)
-        cache = self.shared.with_signals(policy.signals)
+        cache = park(self.shared.with_signals(policy.signals))
         repeat = repeat_prompt_ids(self.tokenizer, self.chat)
         return Engine(self.model, [cls], repeat_prompt=repeat), Session(cls, cache=cache, length=len(self.prompt) - 1,
                                                   tokens=self.prompt[:-1].tolist())
@@ -104,9 +103,9 @@ def run_sessions(model: ToyLLM, tokenizer, chat, doc: SessionDocument, policies:
 
 
 def _copy(session: Session) -> Session:
-    """A session to ask one question from: its own copy of the hot cache (the engine donates it)."""
-    cache = jax.tree.map(jnp.copy, session.cache)
-    return dataclasses.replace(session, cache=cache, tokens=list(session.tokens))
+    """A session to ask one question from (its parked hot cache is never changed in place: each turn
+    uploads a copy)."""
+    return dataclasses.replace(session, tokens=list(session.tokens))
 
 
 def run_once(model: ToyLLM, tokenizer, chat, doc: SessionDocument, policies: list[Policy],
