@@ -26,8 +26,9 @@ RUN groupadd --system --gid 10001 toyllm \
 COPY --from=build /opt/toyllm /opt/toyllm
 COPY --chown=10001:10001 weights /app/weights
 COPY --from=build --chown=10001:10001 /opt/weights/smollm2-135m-instruct /app/weights/smollm2-135m-instruct
-# Compiled programs, kept across restarts when a volume is mounted here (docker-compose.yml does).
-RUN install -d -o 10001 -g 10001 /var/cache/toyllm
+# Compiled programs and stored sessions, kept across restarts when volumes are mounted here
+# (docker-compose.yml does).
+RUN install -d -o 10001 -g 10001 /var/cache/toyllm /var/lib/toyllm/sessions
 WORKDIR /app
 USER 10001:10001
 ENV PATH=/opt/toyllm/bin:$PATH \
@@ -36,6 +37,7 @@ ENV PATH=/opt/toyllm/bin:$PATH \
     TOYLLM_WEIGHTS_DIR=/app/weights \
     TOYLLM_CHECKPOINT=/app/weights/smollm2-135m-instruct \
     TOYLLM_COMPILE_CACHE_DIR=/var/cache/toyllm/xla \
+    TOYLLM_SESSION_DIR=/var/lib/toyllm/sessions \
     TOYLLM_HOST=0.0.0.0 \
     TOYLLM_PORT=8000
 EXPOSE 8000

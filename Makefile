@@ -95,7 +95,7 @@ train-base: $(VENV)/.installed-dev
 	    --batch-size 8 --steps 400 --lr 1e-3 --warmup-steps 50 --induction-share 0.375
 
 # Debian tools the deployment tests drive (root; the package registries are reachable).
-DEB_DEPLOY := prometheus nginx-light
+DEB_DEPLOY := prometheus nginx-light redis-server
 DEB_IMAGE := podman buildah debootstrap runc fuse-overlayfs slirp4netns uidmap curl
 
 define apt_ensure

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
+import socket
 import time
 from contextlib import asynccontextmanager, suppress
 from functools import partial
+from pathlib import Path
 
 import jax
 from fastapi import FastAPI
@@ -28,6 +32,7 @@ from .engine import Engine
 from .errors import install
 from .metrics import Metrics
 from .middleware import RequestGuard
+from .persistence import Persistence, open_backend
 from .pressure import PressureRelief
 from .routes import generate, health, openai, sessions
 from .schemas import SEED_LIMIT
@@ -70,6 +75,14 @@ def _start(state: ServerState) -> None:
     state.store = SessionStore(s.max_sessions, s.session_ttl_s, s.max_cache_bytes, model.kv_bytes_per_token,
                                on_created=m.sessions_created.inc,
                                on_evicted=lambda reason: m.sessions_evicted.labels(reason).inc())
+    backend_url = s.session_store or (str(Path(s.session_dir).expanduser()) if s.session_dir else None)
+    if backend_url:
+        holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        state.store.persistence = Persistence(open_backend(backend_url, s.session_ttl_s), state.classes,
+                                              model.kv_bytes_per_token, holder, f"{name}/{digest}/{s.dtype}/{s.quant}",
+                                              s.session_lease_s, on_saved=m.sessions_saved.inc)
+        state.store.on_loaded = m.sessions_loaded.inc
+        state.store.persistence.start()
     state.pressure = PressureRelief(state.store, on_step=m.pressure_step)
     state.store.on_pressure = state.pressure.wake
     core = CoreEngine(model, state.classes, steps_per_call=s.steps_per_call, batch_rows=s.max_concurrent_requests,
@@ -196,6 +209,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await run_in_threadpool(state.engine.stop)
             if state.pressure is not None:
                 state.pressure.stop()
+            if state.store is not None and state.store.persistence is not None:
+                await run_in_threadpool(state.store.persistence.stop)  # every finished turn written
 
     # Swagger UI and ReDoc from assets packaged on PyPI (fastapi-offline): /docs works offline.
     app = FastAPIOffline(title="ToyLLM Serve", version="0.1.0", lifespan=lifespan,

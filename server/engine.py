@@ -428,7 +428,7 @@ class Engine:
             self.metrics.recalled.labels(session.policy.name).inc(row.recalled)
         if request.chat is not None:
             session.replied(request.chat, request.text.text)
-        self.store.release(session)
+        self.store.release(session, turned=True)  # written to the session backend behind
         now = time.perf_counter()
         total = now - request.arrived
         self.metrics.finished.labels(reason).inc()

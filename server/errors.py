@@ -93,9 +93,25 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 
 def install(app: FastAPI) -> None:
+    from .persistence import SessionLost
+    from .sessions import SessionBusy, SessionNotFound
+
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(error_body(exc.type, exc.message), exc.status, headers=exc.headers)
+
+    # A session's lookup, mapped once for every route: absent, held by another request, or lost.
+    @app.exception_handler(SessionNotFound)
+    async def _no_session(_: Request, exc: SessionNotFound) -> JSONResponse:
+        return JSONResponse(error_body("not_found", str(exc.args[0])), 404)
+
+    @app.exception_handler(SessionBusy)
+    async def _busy_session(_: Request, exc: SessionBusy) -> JSONResponse:
+        return JSONResponse(error_body("session_busy", str(exc)), 409)
+
+    @app.exception_handler(SessionLost)
+    async def _lost_session(_: Request, exc: SessionLost) -> JSONResponse:
+        return JSONResponse(error_body("session_lost", str(exc)), 410)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

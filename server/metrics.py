@@ -105,6 +105,12 @@ class Metrics:
         self.pressure_freed = Counter("toyllm_session_pressure_freed_bytes", "Bytes of session tiers freed by "
                                       "memory-pressure steps.", ["step"], registry=r)
 
+        self.sessions_saved = Counter("toyllm_sessions_saved", "Session blobs written to the session backend.",
+                                      registry=r)
+        self.sessions_loaded = Counter("toyllm_sessions_loaded", "Sessions read from the session backend (a "
+                                       "restart, another replica's session, or one spilled under pressure).",
+                                       registry=r)
+
     def pressure_step(self, step: str, freed: int) -> None:
         self.pressure_steps.labels(step).inc()
         self.pressure_freed.labels(step).inc(freed)
@@ -125,7 +131,7 @@ class Metrics:
             self.finished.labels(reason)
         for reason in ("ttl", "memory", "max_sessions"):
             self.sessions_evicted.labels(reason)
-        for step in ("compressed", "demoted", "dropped"):
+        for step in ("compressed", "demoted", "spilled", "dropped"):
             self.pressure_steps.labels(step)
             self.pressure_freed.labels(step)
         for policy in policies:

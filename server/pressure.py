@@ -5,7 +5,8 @@ least recently used first, and a session is dropped only when no idle session ca
 |---|---|---|---|
 | compressed | its hot tier, but the sinks and recent window, moves into the cold tier (int8) | its parked hot tier quantised to int8 | about half |
 | demoted | its cold tier re-quantised to int4 | its hot tier to int4 | about a quarter |
-| dropped | the session is removed (404 from then on) | | none |
+| spilled | where sessions are stored (server.persistence): written, and freed here; the next request loads it | | none here |
+| dropped | otherwise: the session is removed (404 from then on) | | none |
 
 Every idle session is compressed before any is demoted, and every one demoted before any is
 dropped. Nothing a step keeps is lost but precision: a session's next turn takes its tiers back
@@ -82,10 +83,10 @@ class PressureRelief:
         while not self._stopping and self.store.over_budget():
             found = self.store.next_down()
             if found is None:
-                freed = self.store.drop_idle()
-                if freed is None:
+                dropped = self.store.drop_idle()
+                if dropped is None:
                     return steps  # every session is busy: the next release wakes us
-                self._on_step("dropped", freed)
+                self._on_step(*dropped)
             else:
                 session, was = found
                 before = session.bytes

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from toyllm_core.serving.engine import CacheClass
 from toyllm_core.serving.session import Session as CoreSession
 
+from .persistence import Persistence
+
 # A proposed id must look like one of ours: URL-safe, at least 128 bits' worth of characters.
 _ID = re.compile(r"[A-Za-z0-9_-]{22,64}")
 
@@ -54,6 +56,9 @@ class Session(CoreSession):
     last_used_at: float = field(default_factory=time.time)
     busy: bool = False
     capacity: int = 0  # allocated slots of the idle hot cache
+    generation: int = 0  # finished turns written to the session backend (replicas compare it)
+    owner: str | None = None  # the client that made it
+    leased: bool = False  # this replica holds the backend's lease for the running request
     rung: int = 0  # memory pressure: 0 as its last turn left it, 1 compressed, 2 demoted (`server.pressure`)
 
     @property
@@ -85,7 +90,8 @@ class SessionStore:
     """Thread-safe: routes create and acquire sessions, the engine thread releases them."""
 
     def __init__(self, max_sessions: int, ttl_s: float, max_cache_bytes: int, bytes_per_token: int,
-                 on_created=lambda: None, on_evicted=lambda reason: None, on_pressure=None):
+                 on_created=lambda: None, on_evicted=lambda reason: None, on_pressure=None,
+                 persistence: Persistence | None = None, on_loaded=lambda: None):
         self.max_sessions = max_sessions
         self.ttl_s = ttl_s
         self.max_cache_bytes = max_cache_bytes
@@ -95,6 +101,9 @@ class SessionStore:
         # Called (from the releasing thread) when the idle tiers pass max_cache_bytes: wakes the
         # memory-pressure worker. None: evict least recently used sessions at once instead.
         self.on_pressure = on_pressure
+        # Sessions outlive the process (server.persistence): written after each turn, loaded on a miss.
+        self.persistence = persistence
+        self.on_loaded = on_loaded
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
 
@@ -114,33 +123,70 @@ class SessionStore:
         return session
 
     def get(self, session_id: str) -> Session:
+        """A session, loaded from the backend if this process does not hold it (or holds an older
+        copy than another replica wrote). SessionNotFound; SessionLost if its blob does not verify."""
         with self._lock:
-            return self._get(session_id)
+            session = self._sessions.get(session_id)
+        if session is not None and self.persistence is not None and not session.busy:
+            stored = self.persistence.generation(session_id)
+            if stored is not None and stored > session.generation:  # another replica went on with it
+                session = self._load(session_id) or session
+        elif session is None:
+            session = self._load(session_id)
+        if session is None:
+            raise SessionNotFound(f"session {session_id!r} does not exist (never created, deleted or expired)")
+        return session
 
-    def _get(self, session_id: str) -> Session:
-        try:
-            return self._sessions[session_id]
-        except KeyError:
-            raise SessionNotFound(f"session {session_id!r} does not exist (never created, deleted or expired)") \
-                from None
+    def _load(self, session_id: str) -> Session | None:
+        """The stored session put in the table (the newest copy wins); None if none is stored."""
+        if self.persistence is None:
+            return None
+        found = self.persistence.load(session_id)  # off the lock: disk or network
+        if found is None:
+            return None
+        fields, extra = found
+        loaded = Session(**fields, id=session_id, bytes_per_token=self.bytes_per_token,
+                         created_at=extra.get("created_at", time.time()),
+                         last_used_at=extra.get("last_used_at", time.time()), generation=extra.get("generation", 0),
+                         owner=extra.get("owner"))
+        loaded.capacity = 0 if loaded.cache is None else loaded.cache.capacity
+        with self._lock:
+            held = self._sessions.get(session_id)
+            if held is not None and (held.busy or held.generation >= loaded.generation):
+                return held
+            if held is None:
+                self._evict_idle(lambda: len(self._sessions) >= self.max_sessions, "max_sessions")
+            self._sessions[session_id] = loaded
+        self.on_loaded()
+        return loaded
 
     def acquire(self, session_id: str) -> Session:
-        """Mark a session busy for one request; SessionBusy if another request has it."""
+        """Mark a session busy for one request (loading it if need be); SessionBusy if another
+        request has it, here or, with a shared backend, on another replica."""
+        session = self.get(session_id)
         with self._lock:
-            session = self._get(session_id)
+            if self._sessions.get(session_id) is not session:
+                raise SessionNotFound(f"session {session_id!r} does not exist (deleted or expired just now)")
             if session.busy:
                 raise SessionBusy(f"session {session_id!r} is busy with another request; retry when it finishes")
             session.busy = True
             session.last_used_at = time.time()
             self._sessions.move_to_end(session_id)
-            return session
+        if self.persistence is not None:
+            if not self.persistence.lease(session_id):
+                with self._lock:
+                    session.busy = False
+                raise SessionBusy(f"session {session_id!r} is busy with a request on another replica; retry "
+                                  "when it finishes")
+            session.leased = True
+        return session
 
     @contextmanager
     def holding(self, session_id: str) -> Iterator[Session]:
         """Hold a session while reading its cache (SessionBusy if a request has it), so that no
         request takes the cache meanwhile; unlike `acquire`, it does not count as use."""
+        session = self.get(session_id)
         with self._lock:
-            session = self._get(session_id)
             if session.busy:
                 raise SessionBusy(f"session {session_id!r} is busy with a request; its cache is in use")
             session.busy = True
@@ -150,19 +196,27 @@ class SessionStore:
             with self._lock:
                 session.busy = False
 
-    def release(self, session: Session) -> None:
-        """The request using the session is over (its cache is back in the session)."""
+    def release(self, session: Session, turned: bool = False) -> None:
+        """The request using the session is over (its cache is back in the session); `turned`: it
+        finished a turn, which is written to the backend behind (server.persistence)."""
         with self._lock:
             session.busy = False
             session.last_used_at = time.time()
             session.capacity = 0 if session.cache is None else session.cache.capacity
             session.rung = 0
-            if session.id not in self._sessions:
-                return
-            self._sessions.move_to_end(session.id)
-            over = self._total_bytes() > self.max_cache_bytes
-            if over and self.on_pressure is None:
-                self._evict_idle(lambda: self._total_bytes() > self.max_cache_bytes, "memory")
+            held = self._sessions.get(session.id) is session
+            over = False
+            if held:
+                self._sessions.move_to_end(session.id)
+                if turned and self.persistence is not None:
+                    session.generation += 1
+                    self.persistence.save_later(session)  # a snapshot, taken under the lock
+                over = self._total_bytes() > self.max_cache_bytes
+                if over and self.on_pressure is None:
+                    self._evict_idle(lambda: self._total_bytes() > self.max_cache_bytes, "memory")
+        if session.leased:
+            session.leased = False
+            self.persistence.release(session.id)
         if over and self.on_pressure is not None:
             self.on_pressure()
 
@@ -193,23 +247,35 @@ class SessionStore:
             session.capacity = 0 if cache is None else cache.capacity
             return True
 
-    def drop_idle(self) -> int | None:
-        """Drop the least recently used idle session (the ladder's last step) -> its bytes, or None
-        when every session is busy."""
+    def drop_idle(self) -> tuple[str, int] | None:
+        """The ladder's last step on the least recently used idle session -> ("spilled", its bytes)
+        where sessions are stored (it is written, and freed here: the next request loads it), or
+        ("dropped", its bytes); None when every session is busy."""
         with self._lock:
-            for session in self._sessions.values():
-                if not session.busy:
-                    del self._sessions[session.id]
-                    self._on_evicted("memory")
-                    return session.bytes
-        return None
+            session = next((s for s in self._sessions.values() if not s.busy), None)
+            if session is None:
+                return None
+            if self.persistence is None:
+                del self._sessions[session.id]
+                self._on_evicted("memory")
+                return "dropped", session.bytes
+            was, snap = Rung(session.rung, session.cache, session.cold), self.persistence.snapshot(session)
+        self.persistence.save_now(snap)  # off the lock: disk or network
+        with self._lock:
+            if session.busy or self._sessions.get(session.id) is not session or \
+                    Rung(session.rung, session.cache, session.cold) != was:
+                return "spilled", 0  # taken meanwhile: kept (its next turn writes it again)
+            del self._sessions[session.id]
+        return "spilled", session.bytes
 
     def delete(self, session_id: str) -> None:
+        session = self.get(session_id)
         with self._lock:
-            session = self._get(session_id)
             if session.busy:
                 raise SessionBusy(f"session {session_id!r} is busy with a request; delete it when that finishes")
-            del self._sessions[session_id]
+            self._sessions.pop(session_id, None)
+        if self.persistence is not None:
+            self.persistence.forget(session_id)
 
     def discard(self, session: Session) -> None:
         """Drop a session that a failed request leaves unusable (no eviction counted)."""
@@ -224,6 +290,9 @@ class SessionStore:
             for s in old:
                 del self._sessions[s.id]
                 self._on_evicted("ttl")
+        if self.persistence is not None:
+            for s in old:
+                self.persistence.expire(s.id)
         return len(old)
 
     def _evict_idle(self, too_many, reason: str) -> None:
@@ -233,6 +302,8 @@ class SessionStore:
             if not session.busy:
                 del self._sessions[session.id]
                 self._on_evicted(reason)
+                if self.persistence is not None:
+                    self.persistence.forget(session.id)
 
     def _total_bytes(self) -> int:
         return sum(s.bytes for s in self._sessions.values())

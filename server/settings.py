@@ -54,6 +54,17 @@ class Settings(BaseSettings):
     max_cache_bytes: int = Field(2 * 2**30, ge=1, description="Idle sessions are evicted, least recently "
                                  "used first, when their tiers (hot and cold) together pass this.")
 
+    # Where sessions outlive the process (written after each turn, read when a request names a session
+    # this process does not hold). A directory keeps one server's sessions across restarts; a Redis
+    # URL lets replicas share them.
+    session_dir: str = Field("~/.local/state/toyllm/sessions", description="Directory of stored sessions "
+                             "(used unless session_store is set); empty: sessions live in memory only.")
+    session_store: str | None = Field(None, description="redis://host:port/db: store sessions in Redis, "
+                                      "shared by replicas (instead of session_dir).")
+    session_lease_s: float = Field(30.0, gt=0, description="With Redis: how long a replica's hold on a "
+                                   "session lasts unless renewed (renewed while its request runs; a dead "
+                                   "replica's sessions are free again after it).")
+
     # Admission: at most max_concurrent_requests decode together; queue_size more may wait.
     max_concurrent_requests: int = Field(32, ge=1)
     queue_size: int = Field(64, ge=0)

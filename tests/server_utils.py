@@ -20,6 +20,7 @@ def tiny_settings(**changes) -> Settings:
     # A small cold-tier bound: two re-selection buckets per compressing class to warm, not six.
     return Settings(**{"preset": "tiny", "warmup": False, "max_concurrent_requests": 4, "dtype": "float32",
                        "cache_classes": TEST_CLASSES, "cold_tokens": 512, "compile_cache_dir": "",
+                       "session_dir": "",  # in memory only, unless a test stores sessions
                        **changes})
 
 
@@ -96,6 +97,7 @@ def live_server(env: dict, log_path, timeout: float = 300.0):
     """A `toyllm serve` subprocess on a free port with `env` added; yields its URL once /ready is 200."""
     from server.subprocess_server import serve
 
+    env = {"TOYLLM_SESSION_DIR": "", **env}  # sessions in memory only, unless the test stores them
     with serve(env, log_path, timeout) as (url, proc):
         live_server.process = proc  # for tests that signal it
         yield url

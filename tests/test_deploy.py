@@ -38,7 +38,7 @@ def _run(*args, **kw) -> subprocess.CompletedProcess:
 
 def _start_server(port: int, log: Path, **env) -> subprocess.Popen:
     full = {**os.environ, "TOYLLM_PRESET": "tiny", "TOYLLM_WARMUP": "false", "TOYLLM_MAX_CONCURRENT_REQUESTS": "4",
-            **{k: str(v) for k, v in env.items()}}
+            "TOYLLM_SESSION_DIR": str(log.parent / f"sessions-{port}"), **{k: str(v) for k, v in env.items()}}
     with log.open("w") as out:
         return subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port)], env=full,
                                 stdout=out, stderr=subprocess.STDOUT)

@@ -13,10 +13,9 @@ from starlette.concurrency import run_in_threadpool
 
 from ..deps import ProxySessionId, ReadyState, require_api_key
 from ..engine import Failed, Finished, TokenOut
-from ..errors import POSTED, bad_request, busy, error_body, not_found, queue_full, responses
+from ..errors import POSTED, bad_request, error_body, queue_full, responses
 from ..generation import EventStream, cache_policy, request_class, sampling_params, token_text, tokenize
 from ..schemas import GenerateDone, GenerateRequest
-from ..sessions import SessionBusy, SessionNotFound
 
 router = APIRouter(tags=["generate"], dependencies=[Depends(require_api_key)])
 
@@ -75,12 +74,7 @@ async def generate(body: GenerateRequest, request: Request, state: ReadyState,
     if body.session_id and x_session_id and body.session_id != x_session_id:
         raise bad_request("session_id in the body and the X-Session-ID header differ")
     if session_id is not None:
-        try:
-            session = store.acquire(session_id)
-        except SessionNotFound as e:
-            raise not_found(str(e.args[0])) from None
-        except SessionBusy as e:
-            raise busy(str(e)) from None
+        session = await run_in_threadpool(store.acquire, session_id)  # may load it: disk or network
         created = False
     else:
         policy = cache_policy(state, body.cache)

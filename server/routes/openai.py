@@ -29,7 +29,7 @@ from toyllm_core.serving.session import NotAChat
 
 from ..deps import ReadyState, State, require_api_key
 from ..engine import Failed, Finished, TokenOut
-from ..errors import POSTED, bad_request, busy, error_body, not_found, responses
+from ..errors import POSTED, bad_request, error_body, not_found, responses
 from ..generation import (
     EventStream,
     cache_policy,
@@ -40,7 +40,7 @@ from ..generation import (
     tokenize,
 )
 from ..schemas import ChatCompletionRequest, CompletionRequest
-from ..sessions import Session, SessionBusy, SessionNotFound
+from ..sessions import Session
 from ..state import ServerState
 from .generate import SESSION_HEADER, wait_unless_disconnected
 
@@ -224,12 +224,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     if session_id is None:
         session = _ephemeral_session(state, policy)
     else:
-        try:
-            session = state.store.acquire(session_id)
-        except SessionNotFound as e:
-            raise not_found(str(e.args[0])) from None
-        except SessionBusy as e:
-            raise busy(str(e)) from None
+        session = await run_in_threadpool(state.store.acquire, session_id)  # may load it: disk or network
     try:
         if body.cache is not None and session_id is not None and policy != session.policy:
             raise bad_request("a session's cache configuration is fixed when it is created; leave `cache` out "

@@ -8,20 +8,18 @@ from starlette.concurrency import run_in_threadpool
 from toyllm_core.serving.cache import kept_positions
 
 from ..deps import ProxySessionId, ReadyState, require_api_key
-from ..errors import POSTED, READY, busy, not_found, responses
+from ..errors import POSTED, READY, responses
 from ..generation import cache_policy
 from ..schemas import CreateSessionRequest, SessionCache, SessionCreated, SessionInfo
-from ..sessions import Session, SessionBusy, SessionNotFound
+from ..sessions import Session
 from ..state import ServerState
 
 router = APIRouter(prefix="/sessions", tags=["sessions"], dependencies=[Depends(require_api_key)])
 
 
-def _get(state: ServerState, session_id: str) -> Session:
-    try:
-        return state.store.get(session_id)
-    except SessionNotFound as e:
-        raise not_found(str(e.args[0])) from None
+async def _get(state: ServerState, session_id: str) -> Session:
+    """The session (loaded from the session backend if need be: off the event loop)."""
+    return await run_in_threadpool(state.store.get, session_id)
 
 
 _CREATED = {"X-Session-ID": {"description": "The new session's id.", "schema": {"type": "string"}}}
@@ -41,7 +39,7 @@ async def create_session(state: ReadyState, body: CreateSessionRequest | None = 
 @router.get("/{session_id}", response_model=SessionInfo, responses=responses(404, *READY))
 async def get_session(session_id: str, state: ReadyState):
     """A session's statistics."""
-    s = _get(state, session_id)
+    s = await _get(state, session_id)
     return SessionInfo(session_id=s.id, created_at=s.created_at, last_used_at=s.last_used_at, busy=s.busy,
                        turns=s.turns, cache=s.stats(), cache_config=s.policy.describe(), memory=s.memory())
 
@@ -50,17 +48,13 @@ async def get_session(session_id: str, state: ReadyState):
 async def get_session_cache(session_id: str, state: ReadyState):
     """The original positions the hot cache keeps, per layer and KV head, with their token texts, and
     those the cold tier holds (409 while a request uses the session: its tiers are in the engine then)."""
-    try:
-        with state.store.holding(session_id) as s:  # no request can take the cache while it is read
-            heads = await run_in_threadpool(_kept_heads, state, s) if s.cache is not None else []
-            tiers = s.tier_bytes(s.bytes_per_token)
-            return SessionCache(session_id=s.id, policy=s.policy.name, tokens_seen=s.tokens_in_cache,
-                                tokens_kept=s.length, tokens_cold=s.cold_tokens, hot_bytes=tiers["hot"],
-                                cold_bytes=tiers["cold"], heads=heads)
-    except SessionNotFound as e:
-        raise not_found(str(e.args[0])) from None
-    except SessionBusy as e:
-        raise busy(str(e)) from None
+    await _get(state, session_id)
+    with state.store.holding(session_id) as s:  # no request can take the cache while it is read
+        heads = await run_in_threadpool(_kept_heads, state, s) if s.cache is not None else []
+        tiers = s.tier_bytes(s.bytes_per_token)
+        return SessionCache(session_id=s.id, policy=s.policy.name, tokens_seen=s.tokens_in_cache,
+                            tokens_kept=s.length, tokens_cold=s.cold_tokens, hot_bytes=tiers["hot"],
+                            cold_bytes=tiers["cold"], heads=heads)
 
 
 def _kept_heads(state: ServerState, s: Session) -> list[dict]:
@@ -83,10 +77,5 @@ def _kept_heads(state: ServerState, s: Session) -> list[dict]:
 @router.delete("/{session_id}", status_code=204, responses=responses(404, 409, *READY))
 async def delete_session(session_id: str, state: ReadyState):
     """Delete a session and free its cache."""
-    try:
-        state.store.delete(session_id)
-    except SessionNotFound as e:
-        raise not_found(str(e.args[0])) from None
-    except SessionBusy as e:
-        raise busy(str(e)) from None
+    await run_in_threadpool(state.store.delete, session_id)
     return Response(status_code=204)
