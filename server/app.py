@@ -74,7 +74,9 @@ def _start(state: ServerState) -> None:
     m = state.metrics
     state.store = SessionStore(s.max_sessions, s.session_ttl_s, s.max_cache_bytes, model.kv_bytes_per_token,
                                on_created=m.sessions_created.inc,
-                               on_evicted=lambda reason: m.sessions_evicted.labels(reason).inc())
+                               on_evicted=lambda reason: m.sessions_evicted.labels(reason).inc(),
+                               client_max_sessions=s.client_max_sessions,
+                               client_max_cache_bytes=s.client_max_cache_bytes)
     backend_url = s.session_store or (str(Path(s.session_dir).expanduser()) if s.session_dir else None)
     if backend_url:
         holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"

@@ -16,18 +16,17 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from .deps import State
-
 
 class QuotaExceeded(RuntimeError):
     """A client at its share of sessions with none of its own idle to make room (429)."""
 
 
-def client_id(request: Request, state: State) -> str:
+def client_id(request: Request) -> str:
+    settings = request.app.state.toyllm.settings
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and token.strip() and state.settings.keys:
+    if scheme.lower() == "bearer" and token.strip() and settings.keys:
         return "key:" + hashlib.sha256(token.strip().encode()).hexdigest()[:16]
-    if state.settings.trusted_proxy and request.headers.get("x-client-id"):
+    if settings.trusted_proxy and request.headers.get("x-client-id"):
         return "proxy:" + request.headers["x-client-id"][:128]
     return "addr:" + (request.client.host if request.client else "unknown")
 

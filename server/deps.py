@@ -29,11 +29,13 @@ ProxySessionId = Annotated[str | None, Depends(proxy_session_id)]
 
 
 def require_api_key(request: Request, state: State) -> None:
-    key = state.settings.api_key
-    if not key:
+    keys = state.settings.keys
+    if not keys:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), key):
+    # Compared with every key (no early exit: the time does not say which one nearly matched).
+    matches = [secrets.compare_digest(token.strip().encode(), k.encode()) for k in sorted(keys)]
+    if scheme.lower() != "bearer" or not any(matches):
         raise ApiError(401, "unauthorized", "missing or wrong API key: send `Authorization: Bearer <key>`",
                        {"WWW-Authenticate": "Bearer"})
 

@@ -93,6 +93,7 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 
 def install(app: FastAPI) -> None:
+    from .clients import QuotaExceeded
     from .persistence import SessionLost
     from .sessions import SessionBusy, SessionNotFound
 
@@ -108,6 +109,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(SessionBusy)
     async def _busy_session(_: Request, exc: SessionBusy) -> JSONResponse:
         return JSONResponse(error_body("session_busy", str(exc)), 409)
+
+    @app.exception_handler(QuotaExceeded)
+    async def _quota(_: Request, exc: QuotaExceeded) -> JSONResponse:
+        return JSONResponse(error_body("quota_exceeded", str(exc)), 429, headers={"Retry-After": "1"})
 
     @app.exception_handler(SessionLost)
     async def _lost_session(_: Request, exc: SessionLost) -> JSONResponse:

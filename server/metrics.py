@@ -129,7 +129,7 @@ class Metrics:
         rather than no data before the first event."""
         for reason in ("length", "stop", "eos", "cancelled"):
             self.finished.labels(reason)
-        for reason in ("ttl", "memory", "max_sessions"):
+        for reason in ("ttl", "memory", "max_sessions", "quota"):
             self.sessions_evicted.labels(reason)
         for step in ("compressed", "demoted", "spilled", "dropped"):
             self.pressure_steps.labels(step)

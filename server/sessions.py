@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from toyllm_core.serving.engine import CacheClass
 from toyllm_core.serving.session import Session as CoreSession
 
+from .clients import QuotaExceeded
 from .persistence import Persistence
 
 # A proposed id must look like one of ours: URL-safe, at least 128 bits' worth of characters.
@@ -91,8 +92,11 @@ class SessionStore:
 
     def __init__(self, max_sessions: int, ttl_s: float, max_cache_bytes: int, bytes_per_token: int,
                  on_created=lambda: None, on_evicted=lambda reason: None, on_pressure=None,
-                 persistence: Persistence | None = None, on_loaded=lambda: None):
+                 persistence: Persistence | None = None, on_loaded=lambda: None,
+                 client_max_sessions: int | None = None, client_max_cache_bytes: int | None = None):
         self.max_sessions = max_sessions
+        self.client_max_sessions = client_max_sessions  # each client's share (server/clients.py)
+        self.client_max_cache_bytes = client_max_cache_bytes
         self.ttl_s = ttl_s
         self.max_cache_bytes = max_cache_bytes
         self.bytes_per_token = bytes_per_token
@@ -107,7 +111,8 @@ class SessionStore:
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
 
-    def create(self, cls: CacheClass, busy: bool = False, proposed_id: str | None = None) -> Session:
+    def create(self, cls: CacheClass, busy: bool = False, proposed_id: str | None = None,
+               owner: str | None = None) -> Session:
         """A new session (busy at once when a request is about to use it).
 
         `proposed_id` is an id a routing proxy minted (see deploy/nginx): used when it is well
@@ -116,15 +121,22 @@ class SessionStore:
         with self._lock:
             usable = proposed_id is not None and _ID.fullmatch(proposed_id) and proposed_id not in self._sessions
             session = Session(cls, id=proposed_id if usable else secrets.token_urlsafe(16),
-                              bytes_per_token=self.bytes_per_token, busy=busy)
+                              bytes_per_token=self.bytes_per_token, busy=busy, owner=owner)
+            if owner is not None and self.client_max_sessions is not None:
+                mine = lambda: sum(s.owner == owner for s in self._sessions.values())
+                self._evict_idle(lambda: mine() >= self.client_max_sessions, "quota", owner)
+                if mine() >= self.client_max_sessions:
+                    raise QuotaExceeded(f"this client holds {mine()} sessions, its share, and every one is "
+                                        "busy; retry when one finishes, or delete one")
             self._evict_idle(lambda: len(self._sessions) >= self.max_sessions, "max_sessions")
             self._sessions[session.id] = session
         self._on_created()
         return session
 
-    def get(self, session_id: str) -> Session:
+    def get(self, session_id: str, owner: str | None = None) -> Session:
         """A session, loaded from the backend if this process does not hold it (or holds an older
-        copy than another replica wrote). SessionNotFound; SessionLost if its blob does not verify."""
+        copy than another replica wrote). SessionNotFound (also when `owner` is given and the
+        session is another client's); SessionLost if its blob does not verify."""
         with self._lock:
             session = self._sessions.get(session_id)
         if session is not None and self.persistence is not None and not session.busy:
@@ -133,7 +145,7 @@ class SessionStore:
                 session = self._load(session_id) or session
         elif session is None:
             session = self._load(session_id)
-        if session is None:
+        if session is None or (owner is not None and session.owner != owner):
             raise SessionNotFound(f"session {session_id!r} does not exist (never created, deleted or expired)")
         return session
 
@@ -160,10 +172,10 @@ class SessionStore:
         self.on_loaded()
         return loaded
 
-    def acquire(self, session_id: str) -> Session:
+    def acquire(self, session_id: str, owner: str | None = None) -> Session:
         """Mark a session busy for one request (loading it if need be); SessionBusy if another
         request has it, here or, with a shared backend, on another replica."""
-        session = self.get(session_id)
+        session = self.get(session_id, owner)
         with self._lock:
             if self._sessions.get(session_id) is not session:
                 raise SessionNotFound(f"session {session_id!r} does not exist (deleted or expired just now)")
@@ -182,10 +194,10 @@ class SessionStore:
         return session
 
     @contextmanager
-    def holding(self, session_id: str) -> Iterator[Session]:
+    def holding(self, session_id: str, owner: str | None = None) -> Iterator[Session]:
         """Hold a session while reading its cache (SessionBusy if a request has it), so that no
         request takes the cache meanwhile; unlike `acquire`, it does not count as use."""
-        session = self.get(session_id)
+        session = self.get(session_id, owner)
         with self._lock:
             if session.busy:
                 raise SessionBusy(f"session {session_id!r} is busy with a request; its cache is in use")
@@ -211,6 +223,10 @@ class SessionStore:
                 if turned and self.persistence is not None:
                     session.generation += 1
                     self.persistence.save_later(session)  # a snapshot, taken under the lock
+                if session.owner is not None and self.client_max_cache_bytes is not None:
+                    owner = session.owner
+                    mine = lambda: sum(s.bytes for s in self._sessions.values() if s.owner == owner)
+                    self._evict_idle(lambda: mine() > self.client_max_cache_bytes, "quota", owner, keep=session)
                 over = self._total_bytes() > self.max_cache_bytes
                 if over and self.on_pressure is None:
                     self._evict_idle(lambda: self._total_bytes() > self.max_cache_bytes, "memory")
@@ -268,8 +284,8 @@ class SessionStore:
             del self._sessions[session.id]
         return "spilled", session.bytes
 
-    def delete(self, session_id: str) -> None:
-        session = self.get(session_id)
+    def delete(self, session_id: str, owner: str | None = None) -> None:
+        session = self.get(session_id, owner)
         with self._lock:
             if session.busy:
                 raise SessionBusy(f"session {session_id!r} is busy with a request; delete it when that finishes")
@@ -295,10 +311,14 @@ class SessionStore:
                 self.persistence.expire(s.id)
         return len(old)
 
-    def _evict_idle(self, too_many, reason: str) -> None:
+    def _evict_idle(self, too_many, reason: str, owner: str | None = None, keep: Session | None = None) -> None:
+        """Evict idle sessions, least recently used first (only `owner`'s when given; never `keep`),
+        while `too_many()`."""
         for session in list(self._sessions.values()):  # least recently used first
             if not too_many():
                 return
+            if owner is not None and session.owner != owner or session is keep:
+                continue
             if not session.busy:
                 del self._sessions[session.id]
                 self._on_evicted(reason)

@@ -65,6 +65,17 @@ class Settings(BaseSettings):
                                    "session lasts unless renewed (renewed while its request runs; a dead "
                                    "replica's sessions are free again after it).")
 
+    # Each client's share (its API key, the proxy's X-Client-ID, or its address: server/clients.py):
+    # past it, its own least recently used idle sessions go, never another client's.
+    client_max_sessions: int = Field(256, ge=1, description="Sessions one client may hold.")
+    client_max_cache_bytes: int = Field(512 * 2**20, ge=1, description="Bytes of session tiers one client "
+                                        "may hold (idle sessions).")
+
+    @property
+    def keys(self) -> set[str]:
+        """Every API key the server accepts (none: no key is asked for)."""
+        return {k for k in [self.api_key, *self.api_keys] if k}
+
     # Admission: at most max_concurrent_requests decode together; queue_size more may wait.
     max_concurrent_requests: int = Field(32, ge=1)
     queue_size: int = Field(64, ge=0)
@@ -72,6 +83,8 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(2048, ge=1, le=2048)
     max_body_bytes: int = Field(1_000_000, ge=1, description="Larger bodies get 413 (chunked uploads too).")
     api_key: str | None = None
+    api_keys: list[str] = Field(default_factory=list, description="More API keys (JSON list), one per client: "
+                                "each key's sessions are its own.")
     drain_s: float = Field(30.0, ge=0, description="On SIGTERM: how long requests already in may go on "
                                                    "before they end with 'the server is shutting down'.")
     cors_origins: list[str] = Field(default_factory=list, description="Origins browsers may call the API "

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
+from ..clients import ClientId
 from ..deps import ProxySessionId, ReadyState, require_api_key
 from ..engine import Failed, Finished, TokenOut
 from ..errors import POSTED, bad_request, error_body, queue_full, responses
@@ -62,7 +63,7 @@ def token_payload(state, event: TokenOut) -> dict:
 @router.post("/generate", response_model=GenerateDone,
              responses={200: {"content": _SSE, "headers": SESSION_HEADER},
                         **responses(400, 404, 409, 429, 499, 500, *POSTED)})
-async def generate(body: GenerateRequest, request: Request, state: ReadyState,
+async def generate(body: GenerateRequest, request: Request, state: ReadyState, client: ClientId,
                    x_session_id: Annotated[str | None, Header(max_length=64)] = None,
                    proposed_id: ProxySessionId = None):
     """Generate from a prompt, continuing `session_id` when given (a new session otherwise)."""
@@ -74,13 +75,13 @@ async def generate(body: GenerateRequest, request: Request, state: ReadyState,
     if body.session_id and x_session_id and body.session_id != x_session_id:
         raise bad_request("session_id in the body and the X-Session-ID header differ")
     if session_id is not None:
-        session = await run_in_threadpool(store.acquire, session_id)  # may load it: disk or network
+        session = await run_in_threadpool(store.acquire, session_id, client)  # may load it: disk or network
         created = False
     else:
         policy = cache_policy(state, body.cache)
         if not state.engine_has_room():
             raise queue_full("the server is at capacity; retry later")
-        session = store.create(state.classes_of(policy)[0], busy=True, proposed_id=proposed_id)
+        session = store.create(state.classes_of(policy)[0], busy=True, proposed_id=proposed_id, owner=client)
         created = True
     try:
         if body.cache is not None and not created and cache_policy(state, body.cache) != session.policy:

@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from toyllm_core.chat import ChatTemplateError
 from toyllm_core.serving.session import NotAChat
 
+from ..clients import ClientId
 from ..deps import ReadyState, State, require_api_key
 from ..engine import Failed, Finished, TokenOut
 from ..errors import POSTED, bad_request, error_body, not_found, responses
@@ -207,7 +208,7 @@ def _chat_prompt(state: ServerState, session: Session, messages: list[dict]) -> 
 @router.post("/chat/completions", responses={200: {"content": _SSE, "headers": SESSION_HEADER},
                                             **responses(409), **_ANSWERS})
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: ReadyState,
-                           x_session_id: Annotated[str | None, Header(max_length=64)] = None):
+                           client: ClientId, x_session_id: Annotated[str | None, Header(max_length=64)] = None):
     """A chat reply, the prompt rendered with the model's chat template; stops at its end of turn."""
     _check_model(state, body.model)
     if state.chat is None:
@@ -224,7 +225,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     if session_id is None:
         session = _ephemeral_session(state, policy)
     else:
-        session = await run_in_threadpool(state.store.acquire, session_id)  # may load it: disk or network
+        session = await run_in_threadpool(state.store.acquire, session_id, client)  # may load it
     try:
         if body.cache is not None and session_id is not None and policy != session.policy:
             raise bad_request("a session's cache configuration is fixed when it is created; leave `cache` out "

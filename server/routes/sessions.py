@@ -7,6 +7,7 @@ from starlette.concurrency import run_in_threadpool
 
 from toyllm_core.serving.cache import kept_positions
 
+from ..clients import ClientId
 from ..deps import ProxySessionId, ReadyState, require_api_key
 from ..errors import POSTED, READY, responses
 from ..generation import cache_policy
@@ -17,9 +18,9 @@ from ..state import ServerState
 router = APIRouter(prefix="/sessions", tags=["sessions"], dependencies=[Depends(require_api_key)])
 
 
-async def _get(state: ServerState, session_id: str) -> Session:
-    """The session (loaded from the session backend if need be: off the event loop)."""
-    return await run_in_threadpool(state.store.get, session_id)
+async def _get(state: ServerState, session_id: str, client: str) -> Session:
+    """The client's session (loaded from the session backend if need be: off the event loop)."""
+    return await run_in_threadpool(state.store.get, session_id, client)
 
 
 _CREATED = {"X-Session-ID": {"description": "The new session's id.", "schema": {"type": "string"}}}
@@ -27,29 +28,29 @@ _CREATED = {"X-Session-ID": {"description": "The new session's id.", "schema": {
 
 @router.post("", response_model=SessionCreated, status_code=201,
              responses={201: {"headers": _CREATED}, **responses(*POSTED)})
-async def create_session(state: ReadyState, body: CreateSessionRequest | None = None,
+async def create_session(state: ReadyState, client: ClientId, body: CreateSessionRequest | None = None,
                          proposed_id: ProxySessionId = None):
     """Create an empty session with its cache configuration (the server's default when left out)."""
     policy = cache_policy(state, body.cache if body else None)
-    session = state.store.create(state.classes_of(policy)[0], proposed_id=proposed_id)
+    session = state.store.create(state.classes_of(policy)[0], proposed_id=proposed_id, owner=client)
     return Response(SessionCreated(session_id=session.id).model_dump_json(), 201,
                     media_type="application/json", headers={"X-Session-ID": session.id})
 
 
 @router.get("/{session_id}", response_model=SessionInfo, responses=responses(404, *READY))
-async def get_session(session_id: str, state: ReadyState):
+async def get_session(session_id: str, state: ReadyState, client: ClientId):
     """A session's statistics."""
-    s = await _get(state, session_id)
+    s = await _get(state, session_id, client)
     return SessionInfo(session_id=s.id, created_at=s.created_at, last_used_at=s.last_used_at, busy=s.busy,
                        turns=s.turns, cache=s.stats(), cache_config=s.policy.describe(), memory=s.memory())
 
 
 @router.get("/{session_id}/cache", response_model=SessionCache, responses=responses(404, 409, *READY))
-async def get_session_cache(session_id: str, state: ReadyState):
+async def get_session_cache(session_id: str, state: ReadyState, client: ClientId):
     """The original positions the hot cache keeps, per layer and KV head, with their token texts, and
     those the cold tier holds (409 while a request uses the session: its tiers are in the engine then)."""
-    await _get(state, session_id)
-    with state.store.holding(session_id) as s:  # no request can take the cache while it is read
+    await _get(state, session_id, client)
+    with state.store.holding(session_id, client) as s:  # no request can take the cache while it is read
         heads = await run_in_threadpool(_kept_heads, state, s) if s.cache is not None else []
         tiers = s.tier_bytes(s.bytes_per_token)
         return SessionCache(session_id=s.id, policy=s.policy.name, tokens_seen=s.tokens_in_cache,
@@ -75,7 +76,7 @@ def _kept_heads(state: ServerState, s: Session) -> list[dict]:
 
 
 @router.delete("/{session_id}", status_code=204, responses=responses(404, 409, *READY))
-async def delete_session(session_id: str, state: ReadyState):
+async def delete_session(session_id: str, state: ReadyState, client: ClientId):
     """Delete a session and free its cache."""
-    await run_in_threadpool(state.store.delete, session_id)
+    await run_in_threadpool(state.store.delete, session_id, client)
     return Response(status_code=204)
