@@ -72,6 +72,12 @@ class Finished:
     timings: dict
     tail: str = ""  # the end of generated_text that no TokenOut carried (held back until the end of text)
 
+    @property
+    def usage(self) -> dict:
+        """OpenAI's usage object (every route reports it the same way)."""
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
 
 @dataclass
 class Failed:

@@ -35,6 +35,14 @@ def cache_policy(state: ServerState, spec: CacheSpec | None) -> Policy:
     return policy
 
 
+def named_session(in_body: str | None, in_header: str | None) -> str | None:
+    """The session a request names, in its body or in the X-Session-ID header (a routing proxy's
+    clients send the header); 400 when they differ."""
+    if in_body and in_header and in_body != in_header:
+        raise bad_request("session_id in the body and the X-Session-ID header differ")
+    return in_body or in_header
+
+
 def tokenize(state: ServerState, text: str, add_special_tokens: bool = True) -> list[int]:
     return check_prompt(state, state.tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"])
 

@@ -2,38 +2,43 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from toyllm_core.serving.policies import policy_names
-from toyllm_core.serving.policies.snapkv import MAX_OBS_WINDOW
+from toyllm_core.serving.policies import policy_class, policy_names
 from toyllm_core.serving.sampling import TOP_LOGPROBS
 
 SEED_LIMIT = 2**64  # seeds are 64-bit: [0, 2^64)
 
 
-class CacheSpec(BaseModel):
-    """A session's cache configuration; fields left out take the server's defaults."""
+def _cache_spec() -> type[BaseModel]:
+    """A session's cache configuration, generated from the registered policies' parameters (`param`
+    in toyllm_core/serving/policies/base.py): each parameter once, optional (left out: the server's
+    default), within the bounds its policy declares (the widest where policies share a name). Only
+    the server's warmed cache classes are accepted in the end (422 otherwise)."""
+    params: dict[str, dict] = {}
+    for name in policy_names():
+        for f in dataclasses.fields(policy_class(name)):
+            if not f.init or "doc" not in f.metadata:
+                continue
+            m, seen = f.metadata, params.get(f.name)
+            if seen is None:
+                params[f.name] = dict(m)
+            else:  # the widest bounds of the policies that share it
+                seen["ge"] = None if None in (seen["ge"], m["ge"]) else min(seen["ge"], m["ge"])
+                seen["le"] = None if None in (seen["le"], m["le"]) else max(seen["le"], m["le"])
+    fields = {"policy": (Literal[tuple(policy_names())] | None, None)}
+    for name, m in params.items():
+        kind = Literal[m["choices"]] if m["choices"] else int
+        fields[name] = (kind | None, Field(None, ge=m["ge"], le=m["le"], description=m["doc"]))
+    return create_model("CacheSpec", __config__=ConfigDict(extra="forbid"),
+                        __doc__="A session's cache configuration; fields left out take the server's defaults.",
+                        **fields)
 
-    model_config = ConfigDict(extra="forbid")
 
-    # Bounds keep numbers sane; only the server's warmed cache classes are accepted (422 otherwise).
-    policy: Literal[tuple(policy_names())] | None = None  # the registered policies
-    budget: int | None = Field(None, ge=1, le=65536)
-    sink_size: int | None = Field(None, ge=0, le=65536)
-    window_size: int | None = Field(None, ge=0, le=65536)
-    slack: int | None = Field(None, ge=1, le=4096)
-    obs_window: int | None = Field(None, ge=1, le=MAX_OBS_WINDOW)
-    pool_kernel: int | None = Field(None, ge=1, le=65536)
-    seed: int | None = Field(None, ge=0, lt=2**32, description="random: the seed of its choice.")
-    floor_pct: int | None = Field(None, ge=0, le=100, description="adakv: the least share of the budget a head keeps (%).")
-    max_factor: int | None = Field(None, ge=1, le=16, description="adakv: the most a head keeps, in budgets.")
-    beta: int | None = Field(None, ge=1, le=1024, description="pyramidkv: the last layer keeps budget / beta.")
-    n_future: int | None = Field(None, ge=1, le=65536, description="expected: future positions averaged over.")
-    cold_bits: Literal[0, 4, 8] | None = Field(None, description="Compressing policies: the cold tier a session "
-                                               "keeps what its hot cache evicts in (8 or 4 bits; 0: none, evicted "
-                                               "tokens are dropped).")
+CacheSpec = _cache_spec()
 
 
 class GenerateRequest(BaseModel):

@@ -23,7 +23,7 @@ from toyllm_core.serving.engine import CacheClass
 from toyllm_core.serving.session import Session as CoreSession
 
 from .clients import QuotaExceeded
-from .persistence import Persistence
+from .persistence import Persistence, SessionLost
 
 # A proposed id must look like one of ours: URL-safe, at least 128 bits' worth of characters.
 _ID = re.compile(r"[A-Za-z0-9_-]{22,64}")
@@ -285,7 +285,11 @@ class SessionStore:
         return "spilled", session.bytes
 
     def delete(self, session_id: str, owner: str | None = None) -> None:
-        session = self.get(session_id, owner)
+        try:
+            session = self.get(session_id, owner)
+        except SessionLost:  # a stored blob that does not verify: deleting it is all that is left to do
+            self.persistence.forget(session_id)
+            return
         with self._lock:
             if session.busy:
                 raise SessionBusy(f"session {session_id!r} is busy with a request; delete it when that finishes")

@@ -127,6 +127,8 @@ def test_a_corrupted_stored_session_is_lost_with_a_clear_error_and_harms_nothing
         assert c.app.state.toyllm.store.snapshot()["sessions"] == 0  # nothing of it was loaded
         _turns(c, ["go on"], [other])  # the server and the other session are unharmed
         assert c.get("/health").status_code == 200
+        assert c.delete(f"/sessions/{sid}").status_code == 204  # a lost session can still be deleted
+        assert not blob.exists() and c.get(f"/sessions/{sid}").status_code == 404
 
 
 def test_memory_pressure_spills_idle_sessions_and_the_next_request_loads_them(tmp_path):

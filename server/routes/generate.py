@@ -15,17 +15,23 @@ from ..clients import ClientId
 from ..deps import ProxySessionId, ReadyState, require_api_key
 from ..engine import Failed, Finished, TokenOut
 from ..errors import POSTED, bad_request, error_body, queue_full, responses
-from ..generation import EventStream, cache_policy, request_class, sampling_params, token_text, tokenize
+from ..generation import (
+    EventStream,
+    cache_policy,
+    named_session,
+    request_class,
+    sampling_params,
+    token_text,
+    tokenize,
+)
 from ..schemas import GenerateDone, GenerateRequest
 
 router = APIRouter(tags=["generate"], dependencies=[Depends(require_api_key)])
 
 
 def done_payload(session_id: str | None, done: Finished) -> dict:
-    usage = {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-             "total_tokens": done.prompt_tokens + done.completion_tokens}
     return GenerateDone(session_id=session_id, generated_text=done.generated_text, finish_reason=done.finish_reason,
-                        usage=usage, cache=done.cache, timings=done.timings).model_dump()
+                        usage=done.usage, cache=done.cache, timings=done.timings).model_dump()
 
 
 async def wait_unless_disconnected(request: Request, stream: EventStream, tokens: list | None = None):
@@ -62,7 +68,7 @@ def token_payload(state, event: TokenOut) -> dict:
 
 @router.post("/generate", response_model=GenerateDone,
              responses={200: {"content": _SSE, "headers": SESSION_HEADER},
-                        **responses(400, 404, 409, 429, 499, 500, *POSTED)})
+                        **responses(400, 404, 409, 410, 429, 499, 500, *POSTED)})
 async def generate(body: GenerateRequest, request: Request, state: ReadyState, client: ClientId,
                    x_session_id: Annotated[str | None, Header(max_length=64)] = None,
                    proposed_id: ProxySessionId = None):
@@ -71,9 +77,7 @@ async def generate(body: GenerateRequest, request: Request, state: ReadyState, c
     sampling = sampling_params(body.max_new_tokens, body.temperature, body.top_k, body.top_p, body.seed, body.stop,
                                body.ignore_eos, top_logprobs=body.top_logprobs)
     # Behind a routing proxy clients name the session in the X-Session-ID header (see deploy/nginx).
-    session_id = body.session_id or x_session_id
-    if body.session_id and x_session_id and body.session_id != x_session_id:
-        raise bad_request("session_id in the body and the X-Session-ID header differ")
+    session_id = named_session(body.session_id, x_session_id)
     if session_id is not None:
         session = await run_in_threadpool(store.acquire, session_id, client)  # may load it: disk or network
         created = False

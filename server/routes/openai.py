@@ -35,6 +35,7 @@ from ..generation import (
     EventStream,
     cache_policy,
     check_prompt,
+    named_session,
     request_class,
     sampling_params,
     token_text,
@@ -67,11 +68,6 @@ async def list_models(state: State):
 def _check_model(state: ServerState, model: str) -> None:
     if model != state.model_name:
         raise not_found(f"model {model!r} is not served here; GET /v1/models lists {state.model_name!r}")
-
-
-def _usage(event: Finished) -> dict:
-    return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
-            "total_tokens": event.prompt_tokens + event.completion_tokens}
 
 
 def _ephemeral_session(state: ServerState, policy=None) -> Session:
@@ -112,7 +108,7 @@ async def _respond(request: Request, stream: EventStream,
                 elif isinstance(event, Finished):
                     yield sent(chunk(None, _FINISH[event.finish_reason], event.tail))
                     if include_usage:
-                        yield sent({**chunk(None, None, ""), "choices": [], "usage": _usage(event)})
+                        yield sent({**chunk(None, None, ""), "choices": [], "usage": event.usage})
                     yield {"data": "[DONE]"}
                 else:
                     yield {"data": json.dumps(error_body("generation_failed", event.message))}
@@ -190,7 +186,7 @@ async def completions(body: CompletionRequest, request: Request, state: ReadySta
 
     def whole(event: Finished, tokens: list[TokenOut]) -> dict:
         return {**choice(echo + event.generated_text, logprobs.of(tokens) if logprobs is not None else None,
-                         _FINISH[event.finish_reason]), "usage": _usage(event)}
+                         _FINISH[event.finish_reason]), "usage": event.usage}
 
     return await _respond(request, stream, chunk, whole, body.stream, body.include_usage)
 
@@ -206,7 +202,7 @@ def _chat_prompt(state: ServerState, session: Session, messages: list[dict]) -> 
 
 
 @router.post("/chat/completions", responses={200: {"content": _SSE, "headers": SESSION_HEADER},
-                                            **responses(409), **_ANSWERS})
+                                            **responses(409, 410), **_ANSWERS})
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: ReadyState,
                            client: ClientId, x_session_id: Annotated[str | None, Header(max_length=64)] = None):
     """A chat reply, the prompt rendered with the model's chat template; stops at its end of turn."""
@@ -214,9 +210,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     if state.chat is None:
         raise bad_request(f"{state.model_name} has no chat template; use /v1/completions, or start the server "
                           "with TOYLLM_CHAT_TEMPLATE=FILE")
-    if body.session_id and x_session_id and body.session_id != x_session_id:
-        raise bad_request("session_id in the body and the X-Session-ID header differ")
-    session_id = body.session_id or x_session_id
+    session_id = named_session(body.session_id, x_session_id)
     top = body.top_logprobs or 0
     sampling = sampling_params(body.max_new_tokens, body.temperature, body.top_k_value, body.top_p, body.seed,
                                body.stop_list, ignore_eos=body.ignore_eos, eos_id=state.end_of_turn,
@@ -261,7 +255,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
                "choices": [{"index": 0, "message": {"role": "assistant", "content": event.generated_text},
                             "logprobs": _chat_logprobs(state, tokens) if body.wants_logprobs else None,
                             "finish_reason": _FINISH[event.finish_reason]}],
-               "usage": _usage(event)}
+               "usage": event.usage}
         if session_id is not None:
             out["session_id"] = session_id
         return out

@@ -27,7 +27,7 @@ _CREATED = {"X-Session-ID": {"description": "The new session's id.", "schema": {
 
 
 @router.post("", response_model=SessionCreated, status_code=201,
-             responses={201: {"headers": _CREATED}, **responses(*POSTED)})
+             responses={201: {"headers": _CREATED}, **responses(429, *POSTED)})
 async def create_session(state: ReadyState, client: ClientId, body: CreateSessionRequest | None = None,
                          proposed_id: ProxySessionId = None):
     """Create an empty session with its cache configuration (the server's default when left out)."""
@@ -37,7 +37,7 @@ async def create_session(state: ReadyState, client: ClientId, body: CreateSessio
                     media_type="application/json", headers={"X-Session-ID": session.id})
 
 
-@router.get("/{session_id}", response_model=SessionInfo, responses=responses(404, *READY))
+@router.get("/{session_id}", response_model=SessionInfo, responses=responses(404, 410, *READY))
 async def get_session(session_id: str, state: ReadyState, client: ClientId):
     """A session's statistics."""
     s = await _get(state, session_id, client)
@@ -45,7 +45,7 @@ async def get_session(session_id: str, state: ReadyState, client: ClientId):
                        turns=s.turns, cache=s.stats(), cache_config=s.policy.describe(), memory=s.memory())
 
 
-@router.get("/{session_id}/cache", response_model=SessionCache, responses=responses(404, 409, *READY))
+@router.get("/{session_id}/cache", response_model=SessionCache, responses=responses(404, 409, 410, *READY))
 async def get_session_cache(session_id: str, state: ReadyState, client: ClientId):
     """The original positions the hot cache keeps, per layer and KV head, with their token texts, and
     those the cold tier holds (409 while a request uses the session: its tiers are in the engine then)."""
@@ -75,7 +75,7 @@ def _kept_heads(state: ServerState, s: Session) -> list[dict]:
     return heads
 
 
-@router.delete("/{session_id}", status_code=204, responses=responses(404, 409, *READY))
+@router.delete("/{session_id}", status_code=204, responses=responses(404, 409, 410, *READY))
 async def delete_session(session_id: str, state: ReadyState, client: ClientId):
     """Delete a session and free its cache."""
     await run_in_threadpool(state.store.delete, session_id, client)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from .base import param
 from .registry import register
 from .snapkv import SnapKV
 
@@ -24,8 +25,8 @@ from .snapkv import SnapKV
 @dataclass(frozen=True)
 class AdaKV(SnapKV):
     name = "adakv"
-    floor_pct: int = 20  # each head keeps at least this percentage of the budget
-    max_factor: int = 2  # and at most this many times the budget
+    floor_pct: int = param(20, "The least share of the budget a head keeps (%).", ge=0, le=100)
+    max_factor: int = param(2, "The most a head keeps, in budgets.", ge=1, le=16)
 
     def validate(self) -> "AdaKV":
         super().validate()

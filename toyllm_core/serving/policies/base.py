@@ -28,6 +28,12 @@ from ..cache import KVCache
 from ..signals import Want
 
 
+def param(default, doc: str, *, ge: int | None = None, le: int | None = None, choices: tuple | None = None):
+    """A policy parameter: its default, what it means, and the values a request may give it (the
+    server's request schema is generated from these: server/schemas.py `CacheSpec`)."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "ge": ge, "le": le, "choices": choices})
+
+
 @dataclass(frozen=True)
 class Policy:
     """A cache policy. Subclasses set `name`, and compressing ones implement `score`."""
@@ -65,13 +71,14 @@ class Policy:
 class EvictingPolicy(Policy):
     """A policy that keeps `budget` slots per layer and KV head: sinks + its choice + recent window."""
 
-    budget: int = 64  # slots kept per layer and KV head after a compression
-    sink_size: int = 4  # first tokens never evicted (attention sinks)
-    window_size: int = 16  # most recent tokens never evicted
-    slack: int = 16  # decoding compresses when the cache reaches budget + slack
+    budget: int = param(64, "Slots kept per layer and KV head after a compression.", ge=1, le=65536)
+    sink_size: int = param(4, "First tokens never evicted (attention sinks).", ge=0, le=65536)
+    window_size: int = param(16, "Most recent tokens never evicted.", ge=0, le=65536)
+    slack: int = param(16, "Decoding compresses when the cache reaches budget + slack.", ge=1, le=4096)
     # A session keeps what its hot cache evicts in a cold tier quantised to this many bits (8 or 4;
     # 0: evicted tokens are dropped), and re-selects its hot set from both at every new turn.
-    cold_bits: int = 8
+    cold_bits: int = param(8, "The cold tier a session keeps what its hot cache evicts in (8 or 4 bits; 0: "
+                           "none, evicted tokens are dropped).", choices=(0, 4, 8))
 
     def validate(self) -> EvictingPolicy:
         if self.budget < 1 or self.sink_size < 0 or self.window_size < 0 or self.slack < 1:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from ..cache import KVCache
 from ..model import rope
 from ..signals import RecentQueries, Want
-from .base import EvictingPolicy, protected_slots
+from .base import EvictingPolicy, param, protected_slots
 from .registry import register
 from .snapkv import MAX_OBS_WINDOW
 
@@ -42,8 +42,9 @@ def average_rotation(x: jax.Array, start: jax.Array, n: int, theta: float) -> ja
 @dataclass(frozen=True)
 class ExpectedAttention(EvictingPolicy):
     name = "expected"
-    obs_window: int = 64  # recent queries whose statistics model the future ones
-    n_future: int = 512  # future positions the RoPE rotation is averaged over
+    obs_window: int = param(64, "Recent queries whose statistics model the future ones.", ge=2,
+                            le=MAX_OBS_WINDOW)
+    n_future: int = param(512, "Future positions the RoPE rotation is averaged over.", ge=1, le=65536)
 
     def validate(self) -> "ExpectedAttention":
         super().validate()

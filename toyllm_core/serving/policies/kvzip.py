@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from ..cache import KVCache
 from ..signals import AttentionPeak, Want
-from .base import EvictingPolicy
+from .base import EvictingPolicy, param
 from .registry import register
 
 # What the reconstruction pass asks the model (the paper's wording).
@@ -38,8 +38,8 @@ REPEAT_PROMPT = "Repeat the previous context exactly."
 class KVzip(EvictingPolicy):
     name = "kvzip"
     reconstructs: ClassVar[bool] = True
-    floor_pct: int = 20  # each head keeps at least this percentage of the budget
-    max_factor: int = 2  # and at most this many times the budget
+    floor_pct: int = param(20, "The least share of the budget a head keeps (%).", ge=0, le=100)
+    max_factor: int = param(2, "The most a head keeps, in budgets.", ge=1, le=16)
 
     def validate(self) -> "KVzip":
         super().validate()

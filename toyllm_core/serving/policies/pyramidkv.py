@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 import numpy as np
 
+from .base import param
 from .registry import register
 from .snapkv import SnapKV
 
@@ -23,7 +24,7 @@ from .snapkv import SnapKV
 @dataclass(frozen=True)
 class PyramidKV(SnapKV):
     name = "pyramidkv"
-    beta: int = 20  # the last layer keeps budget / beta
+    beta: int = param(20, "The last layer keeps budget / beta.", ge=1, le=1024)
 
     def validate(self) -> "PyramidKV":
         super().validate()

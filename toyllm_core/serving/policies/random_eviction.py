@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from ..cache import KVCache
-from .base import EvictingPolicy
+from .base import EvictingPolicy, param
 from .registry import register
 
 
@@ -32,7 +32,7 @@ def position_hash(seed: int, layer, head, pos) -> jax.Array:
 @dataclass(frozen=True)
 class RandomEviction(EvictingPolicy):
     name = "random"
-    seed: int = 0
+    seed: int = param(0, "The seed of its choice.", ge=0, le=2**32 - 1)
 
     def validate(self) -> "RandomEviction":
         if not 0 <= self.seed < 2**32:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from ..cache import KVCache
 from ..model import attention_weights
 from ..signals import RecentQueries, Want
-from .base import EvictingPolicy, protected_slots
+from .base import EvictingPolicy, param, protected_slots
 from .registry import register
 
 MAX_OBS_WINDOW = 128
@@ -30,11 +30,11 @@ MAX_OBS_WINDOW = 128
 @dataclass(frozen=True)
 class SnapKV(EvictingPolicy):
     name = "snapkv"
-    obs_window: int = 16  # recent queries that vote
+    obs_window: int = param(16, "Recent queries that vote.", ge=1, le=MAX_OBS_WINDOW)
     # Max-pooling kernel over the votes. The paper's 7 kept a 4k-token passkey in 1 of 3 prompts on
     # SmolLM2-135M at budget 512, 15 in 3 of 3: the digits sit a few tokens from the words that
     # draw the votes, and 15 keeps the whole sentence (docs/compression.md).
-    pool_kernel: int = 15
+    pool_kernel: int = param(15, "Max-pooling kernel over the votes.", ge=1, le=65536)
 
     def validate(self) -> "SnapKV":
         super().validate()
