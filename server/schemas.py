@@ -84,6 +84,8 @@ class CacheStats(BaseModel):
     cold_bytes: int = 0
     reselections: int = 0  # turns that chose the hot set again over hot and cold
     tokens_recalled: float = 0.0  # brought back from cold to hot, per layer and KV head, over every turn
+    compressions: int = 0  # of the session's hot cache, over every turn
+    tokens_evicted: int = 0  # from the hot cache, per layer and KV head, over every compression
 
 
 class Usage(BaseModel):
@@ -151,6 +153,24 @@ class SessionCache(BaseModel):
     hot_bytes: int = 0
     cold_bytes: int = 0
     heads: list[KeptHead]
+
+
+class SessionRetention(BaseModel):
+    """What a session's cache keeps of each token, compact (the playground reads it after each turn).
+    Arrays are base64 of little-endian unsigned integers of `count_bytes` bytes (1 or 2)."""
+
+    session_id: str
+    tokens: int  # positions 0 .. tokens - 1
+    layers: int
+    kv_heads: int
+    count_bytes: int = Field(description="Bytes per count in `hot` and `cold`: 1, or 2 past 255 (layer, KV head) pairs.")
+    hot: str = Field(description="Per token: how many (layer, KV head) pairs keep it in the hot tier.")
+    cold: str = Field(description="Per token: how many (layer, KV head) pairs hold it in the cold tier.")
+    map: str = Field(description="[layers, map_columns] bytes, row-major: the share (0..255) of the KV heads, "
+                     "and of the positions binned into the column, that keep it hot.")
+    map_columns: int
+    texts_from: int
+    texts: list[str] = Field(description="Each token's text, from position texts_from on.")
 
 
 # ------------------------------------------------------------------- OpenAI-compatible subset

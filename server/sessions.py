@@ -78,7 +78,8 @@ class Session(CoreSession):
                 "tokens_seen": self.tokens_in_cache, "tokens_kept": self.length, "bytes": total,
                 "full_bytes": full, "compression_ratio": full / total if total else 1.0,
                 "tokens_cold": self.cold_tokens, "hot_bytes": tiers["hot"], "cold_bytes": tiers["cold"],
-                "reselections": self.reselections, "tokens_recalled": round(self.tokens_recalled, 2)}
+                "reselections": self.reselections, "tokens_recalled": round(self.tokens_recalled, 2),
+                "compressions": self.compressions, "tokens_evicted": self.tokens_evicted}
 
     def memory(self) -> dict:
         """Where the session stands on the memory-pressure ladder."""

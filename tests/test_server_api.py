@@ -35,6 +35,7 @@ def test_sse_stream_framing_and_done_payload(client):
     assert done["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}
     assert set(done["cache"]) == {"policy", "budget", "tokens_seen", "tokens_kept", "bytes", "full_bytes",
                                   "compression_ratio", "tokens_cold", "hot_bytes", "cold_bytes", "reselections",
+                                  "compressions", "tokens_evicted",
                                   "tokens_recalled"}
     assert done["cache"]["tokens_seen"] == 3 + 5  # the last token is not in the cache yet
     assert set(done["timings"]) == {"queue_s", "prefill_s", "ttft_s", "total_s", "tokens_per_s"}

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Response
+import base64
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Response
 from starlette.concurrency import run_in_threadpool
 
 from toyllm_core.serving.cache import kept_positions
+from toyllm_core.serving.session import retention
 
 from ..clients import ClientId
 from ..deps import ProxySessionId, ReadyState, require_api_key
 from ..errors import POSTED, READY, responses
-from ..generation import cache_policy
-from ..schemas import CreateSessionRequest, SessionCache, SessionCreated, SessionInfo
+from ..generation import cache_policy, token_text
+from ..schemas import CreateSessionRequest, SessionCache, SessionCreated, SessionInfo, SessionRetention
 from ..sessions import Session
 from ..state import ServerState
 
@@ -73,6 +78,35 @@ def _kept_heads(state: ServerState, s: Session) -> list[dict]:
             cold = s.cold.pos[layer, head] if s.cold is not None else []
             heads.append({"layer": layer, "kv_head": head, "kept": slots, "cold": sorted(int(p) for p in cold if p >= 0)})
     return heads
+
+
+@router.get("/{session_id}/retention", response_model=SessionRetention,
+            responses=responses(404, 409, 410, *READY))
+async def get_session_retention(session_id: str, state: ReadyState, client: ClientId,
+                                texts_from: Annotated[int, Query(ge=0, description="Send token texts from this "
+                                                                 "position on (a reader that has the earlier "
+                                                                 "ones asks for the new ones only).")] = 0):
+    """What the cache keeps of each token, in counts: per token, how many (layer, KV head) pairs hold it
+    hot and cold, and a layers x positions map (binned past 256 columns); bounded in size (409 while
+    a request uses the session, as the cache introspection)."""
+    await _get(state, session_id, client)
+    with state.store.holding(session_id, client) as s:
+        return await run_in_threadpool(_retention, state, s, texts_from)
+
+
+def _retention(state: ServerState, s: Session, texts_from: int) -> SessionRetention:
+    kept = retention(s)
+    counts = np.concatenate([kept["hot"], kept["cold"]])
+    width = 1 if counts.size == 0 or counts.max() < 256 else 2
+    pack = lambda a, dtype: base64.b64encode(np.ascontiguousarray(a, dtype).tobytes()).decode()
+    dtype = np.uint8 if width == 1 else np.dtype("<u2")
+    layers, columns = kept["map"].shape
+    n = s.tokens_in_cache
+    return SessionRetention(session_id=s.id, tokens=n, layers=layers,
+                            kv_heads=s.cache.pos.shape[2] if s.cache is not None else 0, count_bytes=width,
+                            hot=pack(kept["hot"], dtype), cold=pack(kept["cold"], dtype), map=pack(kept["map"], np.uint8),
+                            map_columns=columns, texts_from=min(texts_from, n),
+                            texts=[token_text(state, t) for t in s.tokens[texts_from:n]])
 
 
 @router.delete("/{session_id}", status_code=204, responses=responses(404, 409, 410, *READY))

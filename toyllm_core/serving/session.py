@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .engine import RECALL_TAIL, CacheClass, Engine, Prefill, Sequence
 from .parking import ParkedRow, park, unpark
 from .sampling import SamplingParams
@@ -172,3 +174,31 @@ class Session:
     def replied(self, messages: list[dict], reply: str) -> None:
         """Keep a chat turn's messages and the reply to them."""
         self.chat = messages + [{"role": "assistant", "content": reply}]
+
+
+# ------------------------------------------------------------------------------- what the cache keeps
+MAP_COLUMNS = 256  # the retention map's width at most: positions are binned past it (bounds the route's size)
+
+
+def retention(session: Session, columns: int = MAP_COLUMNS) -> dict[str, np.ndarray]:
+    """What a session's tiers keep of each token, in counts (for the playground's views):
+    `hot` [tokens] and `cold` [tokens]: how many (layer, KV head) pairs hold the token in each tier;
+    `map` [layers, min(tokens, columns)] uint8: the share of KV heads (and of the positions binned
+    into a column) that keep it hot, 0..255."""
+    n = session.tokens_in_cache
+    layers, kv = (session.cache.pos.shape[0], session.cache.pos.shape[2]) if session.cache is not None else (0, 0)
+    hot_map = np.zeros((layers, n), np.int32)
+    if session.cache is not None:
+        pos = session.cache.pos[:, 0]  # [layers, kv, slots]
+        for layer in range(layers):
+            live = pos[layer][(pos[layer] >= 0) & (pos[layer] < n)]
+            hot_map[layer] = np.bincount(live, minlength=n)[:n]
+    cold = np.zeros(n, np.int32)
+    if session.cold is not None and session.cold.length:
+        live = session.cold.pos[(session.cold.pos >= 0) & (session.cold.pos < n)]
+        cold = np.bincount(live, minlength=n)[:n].astype(np.int32)
+    width = min(n, columns)
+    edges = np.linspace(0, n, width + 1).astype(np.int64) if width else np.zeros(1, np.int64)
+    sums = np.add.reduceat(hot_map, edges[:-1], axis=1) if width else np.zeros((layers, 0), np.int64)
+    share = sums / np.maximum(1, kv * np.diff(edges))[None, :]
+    return {"hot": hot_map.sum(axis=0), "cold": cold, "map": np.round(255 * share).astype(np.uint8)}

@@ -206,7 +206,8 @@ class CacheClass:
         out = {"name": self.name, **self.policy.describe(), "slots": self.slots, "capacity": self.capacity,
                "max_tokens": self.tokens, "prefill_capacity": self.prefill_capacity,
                "prefill_window": self.prefill_window if self.evicts else None, "prefill_rows": self.prefill_rows,
-               "cold_tokens": self.cold_tokens}
+               "cold_tokens": self.cold_tokens,
+               "cache": self.policy.describe()}  # what a request names to run in this class
         if bytes_per_token is not None:
             out.update(self.memory(bytes_per_token))
         return out
