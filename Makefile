@@ -55,8 +55,9 @@ test: $(VENV)/.installed-dev
 test-lab: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m lab
 
-# The long-context protocols (generators, runners against direct scoring and the engine) and the
-# policies whose budget varies over heads or layers, against NumPy references (tiny models).
+# The long-context protocols (generators, runners against direct scoring and the engine), the
+# policies whose budget varies over heads or layers against NumPy references (tiny models), and
+# what compression keeps on the trained model (weights/toyllm-base: copying, two tiers, pressure).
 test-longctx: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m longctx
 

@@ -112,7 +112,7 @@ class GenerateDone(BaseModel):
 
 
 class SessionMemory(BaseModel):
-    """Where an idle session stands on the memory-pressure ladder (docs/sessions.md)."""
+    """Where an idle session stands on the memory-pressure ladder (server/pressure.py)."""
 
     state: Literal["resident", "compressed", "demoted"]
     hot_bits: int | None  # its hot tier's keys and values: 16 (as the cache stores them), 8 or 4

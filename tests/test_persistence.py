@@ -1,7 +1,8 @@
 """Sessions that outlive the process: a session as a blob and back (token for token the same next
 turn), blobs that do not verify refused whole, and through the server: 32 sessions continue after a
 restart exactly as on a server that never restarted; a corrupted blob is a clear 410 and harms
-nothing; memory pressure spills idle sessions to the directory and the next request loads them."""
+nothing; memory pressure spills idle sessions to the directory and the next request loads them.
+(SIGTERM writes every pending session: tests/test_shutdown.py.)"""
 
 from __future__ import annotations
 
@@ -146,21 +147,3 @@ def test_memory_pressure_spills_idle_sessions_and_the_next_request_loads_them(tm
         _, texts = _turns(c, ["and then"] * 4, sids)  # every one goes on: loaded from the directory
         assert len(texts) == 4 and metric(c.get("/metrics").text, "toyllm_sessions_loaded_total") >= 3
 
-
-def test_sigterm_writes_every_session_before_the_process_exits(tmp_path):
-    import signal
-
-    import httpx
-
-    from server.subprocess_server import serve
-
-    env = {"TOYLLM_PRESET": "tiny", "TOYLLM_WARMUP": "false", "TOYLLM_DTYPE": "float32",
-           "TOYLLM_SESSION_DIR": str(tmp_path / "sessions"), "TOYLLM_COMPILE_CACHE_DIR": ""}
-    with serve(env, tmp_path / "server.log") as (url, proc):
-        for i in range(6):
-            r = httpx.post(url + "/generate", json={"prompt": f"turn {i} of the river", "max_new_tokens": 4,
-                                                    "stream": False}, timeout=120)
-            assert r.status_code == 200, r.text
-        proc.send_signal(signal.SIGTERM)  # at once: some writes may still be pending
-        assert proc.wait(60) == 0
-    assert len(list((tmp_path / "sessions").glob("*.session"))) == 6

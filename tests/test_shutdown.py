@@ -36,7 +36,7 @@ def _stream(url: str, body: dict, out: dict, first: threading.Event) -> None:
 def test_sigterm_drains_then_exits_zero(tmp_path):
     env = {"TOYLLM_PRESET": "tiny", "TOYLLM_DTYPE": "float32", "TOYLLM_WARMUP": "false", "TOYLLM_DRAIN_S": "2",
            "TOYLLM_CACHE_BUDGET": "32", "TOYLLM_CACHE_WINDOW_SIZE": "8", "TOYLLM_CACHE_SLACK": "8",
-           "TOYLLM_MAX_CONCURRENT_REQUESTS": "4"}
+           "TOYLLM_MAX_CONCURRENT_REQUESTS": "4", "TOYLLM_SESSION_DIR": str(tmp_path / "sessions")}
     log = tmp_path / "server.log"
     with live_server(env, log) as url:
         proc = live_server.process
@@ -75,6 +75,9 @@ def test_sigterm_drains_then_exits_zero(tmp_path):
     assert "shutting down" in long_["events"][-1][1]["error"]["message"]
     assert 2 <= took < 15
     assert "ASGI callable returned without completing response" not in log.read_text()
+    # Every finished turn was written before the process exited (the two warm-ups and the short
+    # stream, finished during the drain; the long one was cut, and its session with it).
+    assert len(list((tmp_path / "sessions").glob("*.session"))) == 3
 
 
 def test_a_checkpoint_that_fails_to_load_exits_nonzero(tmp_path):

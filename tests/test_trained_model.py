@@ -24,6 +24,9 @@ from toyllm_core.serving.session import Session
 
 BASE = Path(__file__).resolve().parents[1] / "weights" / "toyllm-base"
 
+# What compression keeps on a model that reads its context (make test-longctx, with the protocols).
+pytestmark = pytest.mark.longctx
+
 
 @pytest.fixture(scope="module")
 def base():
