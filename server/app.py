@@ -160,7 +160,7 @@ async def _expire_sessions(state: ServerState) -> None:
     while True:
         await asyncio.sleep(min(30.0, state.settings.session_ttl_s / 4))
         if state.store is not None:
-            state.store.expire()
+            await run_in_threadpool(state.store.expire)  # may sweep the session store: disk or network
 
 
 def _exact_openapi(app: FastAPI) -> dict:

@@ -314,6 +314,10 @@ class SessionStore:
         if self.persistence is not None:
             for s in old:
                 self.persistence.expire(s.id)
+            with self._lock:
+                held = set(self._sessions)
+            # Stored sessions this process does not hold (spilled, or from before a restart) expire too.
+            self.persistence.backend.sweep(self.ttl_s, held)
         return len(old)
 
     def _evict_idle(self, too_many, reason: str, owner: str | None = None, keep: Session | None = None) -> None:

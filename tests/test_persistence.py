@@ -147,3 +147,20 @@ def test_memory_pressure_spills_idle_sessions_and_the_next_request_loads_them(tm
         _, texts = _turns(c, ["and then"] * 4, sids)  # every one goes on: loaded from the directory
         assert len(texts) == 4 and metric(c.get("/metrics").text, "toyllm_sessions_loaded_total") >= 3
 
+
+
+def test_stored_sessions_nobody_holds_expire_with_the_ttl(tmp_path):
+    import os
+
+    with ready_client(session_dir=str(tmp_path), session_ttl_s=60) as c:
+        wait_ready(c)
+        (old, kept), _ = _turns(c, ["one two three", "four five six"])
+        store = c.app.state.toyllm.store
+        store.persistence.flush()
+        with store._lock:
+            del store._sessions[old]  # as if spilled, or left by an earlier process
+        stale = time.time() - 120
+        os.utime(tmp_path / f"{old}.session", (stale, stale))
+        os.utime(tmp_path / f"{kept}.session", (stale, stale))  # held in memory: its TTL is the store's
+        store.expire()
+        assert not (tmp_path / f"{old}.session").exists() and (tmp_path / f"{kept}.session").exists()

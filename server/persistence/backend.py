@@ -22,6 +22,10 @@ class Backend(Protocol):
     def list(self) -> list[str]:
         """Every session id the backend holds."""
 
+    def sweep(self, ttl_s: float, keep: set[str]) -> int:
+        """Forget sessions not written for `ttl_s` seconds (their TTL), but those in `keep` (held in
+        memory: the store expires them itself); returns how many."""
+
     def lease(self, session_id: str, holder: str, ttl_s: float) -> bool:
         """Take the session for `holder` (one request on one replica) until `release` or `ttl_s`
         seconds; False if another holder has it."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # session ids are URL-safe: no path can be named
@@ -48,6 +49,19 @@ class DirectoryBackend:
 
     def list(self) -> list[str]:
         return sorted(p.stem for p in self.path.glob("*.session"))
+
+    def sweep(self, ttl_s: float, keep: set[str]) -> int:
+        """Delete the blobs not written for `ttl_s` seconds (sessions spilled or left by an earlier
+        process that nobody used since), but those in `keep`; returns how many."""
+        cutoff, gone = time.time() - ttl_s, 0
+        for path in self.path.glob("*.session"):
+            try:
+                if path.stem not in keep and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    gone += 1
+            except FileNotFoundError:
+                pass
+        return gone
 
     def lease(self, session_id: str, holder: str, ttl_s: float) -> bool:
         return True

@@ -43,6 +43,18 @@ class RedisBackend:
     def list(self) -> list[str]:
         return sorted(x.decode() for x in self.client.smembers(_INDEX))
 
+    def sweep(self, ttl_s: float, keep: set[str]) -> int:
+        """Blobs expire in Redis by themselves; the index forgets the ids whose blob has gone."""
+        ids = self.list()
+        with self.client.pipeline() as p:
+            for session_id in ids:
+                p.exists(_BLOB + session_id)
+            there = p.execute()
+        gone = [i for i, ok in zip(ids, there, strict=True) if not ok]
+        if gone:
+            self.client.srem(_INDEX, *gone)
+        return len(gone)
+
     def lease(self, session_id: str, holder: str, ttl_s: float) -> bool:
         return bool(self.client.set(_LEASE + session_id, holder, nx=True, px=max(1, int(ttl_s * 1000))))
 
