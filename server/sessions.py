@@ -261,6 +261,8 @@ class SessionStore:
                     Rung(session.rung, session.cache, session.cold) != was:
                 return False
             session.cache, session.cold, session.rung = cache, cold, was.rung + 1
+            if cache is not None:  # the hot tier may hold fewer slots now (moved cold)
+                session.length = int(cache.length[0])
             session.capacity = 0 if cache is None else cache.capacity
             return True
 

@@ -41,6 +41,7 @@ def test_a_session_blob_comes_back_whole_and_its_next_turn_is_the_same(which, pr
     session.chat = [{"role": "user", "content": "hi \u00e9"}, {"role": "assistant", "content": "hello"}]
     for rung in range(pressure):  # blobs of sessions down the memory-pressure ladder too
         session.cache, session.cold = step_down(session, Rung(rung, session.cache, session.cold))
+        session.length = int(session.cache.length[0])
     fields, extra = loads(dumps(session, {"id": "x"}), classes)
     assert extra == {"id": "x"}
     back = Session(**fields)
@@ -164,3 +165,14 @@ def test_stored_sessions_nobody_holds_expire_with_the_ttl(tmp_path):
         os.utime(tmp_path / f"{kept}.session", (stale, stale))  # held in memory: its TTL is the store's
         store.expire()
         assert not (tmp_path / f"{old}.session").exists() and (tmp_path / f"{kept}.session").exists()
+
+
+def test_ids_that_no_session_has_are_404_with_a_store(tmp_path):
+    # (Found by the API fuzzer: an id with characters a file name must not carry gave 500.)
+    with ready_client(session_dir=str(tmp_path)) as c:
+        wait_ready(c)
+        for sid in ("%F0%B0%8D%A0", "..%2Fx", "a%20b"):
+            assert c.get(f"/sessions/{sid}").status_code == 404
+            assert c.delete(f"/sessions/{sid}").status_code == 404
+        r = c.post("/generate", json={"prompt": "0"}, headers={"X-Session-ID": ""})
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"

@@ -141,10 +141,32 @@ def test_the_ladder_compresses_everyone_before_it_demotes_anyone_and_drops_last(
             assert s.memory()["state"] == want and s.bytes < before
     tiered_s, full_s = held
     assert tiered_s.memory() == {"state": "demoted", "hot_bits": 16, "cold_bits": 4}
-    assert tiered_s.cache.slots == SNAP["sink_size"] + SNAP["window_size"]
+    assert tiered_s.cache.slots == tiered_s.length == SNAP["sink_size"] + SNAP["window_size"]
+    assert tiered_s.stats()["tokens_kept"] == tiered_s.length
     assert full_s.memory() == {"state": "demoted", "hot_bits": 4, "cold_bits": None}
     assert full_s.bytes < 0.3 * sizes[1]  # float32 keys and values at int4 (head_dim 8: a scale per 8)
     assert store.next_down() is None  # everyone at the last rung: the next step drops
+
+
+@pytest.mark.parametrize("rewind", [True, False])
+def test_a_compressed_tiered_session_goes_on_and_loses_no_position(rewind):
+    model = tiny_model()
+    cls = CacheClass.make(make_policy("snapkv", **SNAP), 1, 64, prefill_window=128, cold_tokens=512)
+    engine = Engine(model, [cls])
+    rng = np.random.default_rng(1)
+    session = CoreSession(cls)
+    for turn in range(3):
+        _turn(engine, session, 70, rng)
+        for rung in range(2):  # compressed and demoted between turns
+            session.cache, session.cold = step_down(session, Rung(rung, session.cache, session.cold))
+            session.length = int(session.cache.length[0])
+        if not rewind:
+            session.reply_start = None  # the next turn prefills on the hot tier as it is
+        hot, cold = session.cache.pos[:, 0], session.cold.pos
+        for layer in range(hot.shape[0]):
+            for head in range(hot.shape[1]):
+                held = [p for p in hot[layer, head].tolist() + cold[layer, head].tolist() if p >= 0]
+                assert sorted(held) == list(range(session.tokens_in_cache))
 
 
 def test_a_step_computed_while_a_request_took_the_session_is_thrown_away():

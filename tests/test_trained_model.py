@@ -73,6 +73,7 @@ def _recall_session(base, policy, sessions: int = 32, cue: int = 8, span: int = 
         for i in rng.permutation(3):
             for rung in range(pressure):
                 session.cache, session.cold = step_down(session, Rung(rung, session.cache, session.cold))
+                session.length = int(session.cache.length[0])
             session.pending = None  # each turn is its cue alone (the sampled token is not fed)
             out = session.run_turn(engine, cues[i].tolist(), sampling)
             right.append(np.mean(np.array(out) == spans[i][:answer]))

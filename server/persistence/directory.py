@@ -39,13 +39,16 @@ class DirectoryBackend:
             raise
 
     def load(self, session_id: str) -> bytes | None:
+        if not _ID.fullmatch(session_id):  # no session of ours has such an id
+            return None
         try:
             return self._file(session_id).read_bytes()
         except FileNotFoundError:
             return None
 
     def delete(self, session_id: str) -> None:
-        self._file(session_id).unlink(missing_ok=True)
+        if _ID.fullmatch(session_id):
+            self._file(session_id).unlink(missing_ok=True)
 
     def list(self) -> list[str]:
         return sorted(p.stem for p in self.path.glob("*.session"))
