@@ -76,7 +76,7 @@ def _turns(c, prompts, sids=None, chat=False):
     """One greedy turn per prompt (a new session each, or continuing `sids`) -> (session ids, texts)."""
     out_ids, texts = [], []
     for i, prompt in enumerate(prompts):
-        body = {"prompt": prompt, "max_new_tokens": 8, "temperature": 0, "ignore_eos": True, "stream": False}
+        body = {"prompt": prompt, "max_new_tokens": 5, "temperature": 0, "ignore_eos": True, "stream": False}
         if sids is not None:
             body["session_id"] = sids[i]
         elif i % 2:

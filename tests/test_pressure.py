@@ -155,7 +155,7 @@ def test_a_compressed_tiered_session_goes_on_and_loses_no_position(rewind):
     engine = Engine(model, [cls])
     rng = np.random.default_rng(1)
     session = CoreSession(cls)
-    for turn in range(3):
+    for turn in range(2):
         _turn(engine, session, 70, rng)
         for rung in range(2):  # compressed and demoted between turns
             session.cache, session.cold = step_down(session, Rung(rung, session.cache, session.cold))
