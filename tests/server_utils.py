@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import socket
 import time
 
 from fastapi.testclient import TestClient
@@ -90,6 +91,13 @@ def background_stream(client, body: dict):
     thread = threading.Thread(target=run)
     thread.start()
     return thread, started, result
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -5,7 +5,6 @@ client disconnects, batching of concurrent streams, the openai client, every doc
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_utils import live_server, metric
+from server_utils import free_port, live_server, metric
 from test_chat import TEST_TEMPLATE
 
 METRICS = {
@@ -28,12 +27,6 @@ METRICS = {
     "gauge": ["toyllm_sessions_active", "toyllm_requests_running", "toyllm_requests_waiting", "toyllm_kv_cache_bytes",
               "toyllm_kv_cache_full_equivalent_bytes", "toyllm_kv_cache_capacity_bytes", "toyllm_model_info"],
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +190,7 @@ def test_loadtest_reports_latencies(server, tmp_path):
 
 
 def test_loadtest_against_nothing_fails_in_one_line():
-    done = subprocess.run([sys.executable, "-m", "server.cli", "loadtest", "--url", f"http://127.0.0.1:{_free_port()}",
+    done = subprocess.run([sys.executable, "-m", "server.cli", "loadtest", "--url", f"http://127.0.0.1:{free_port()}",
                            "--requests", "1"], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
 

@@ -6,13 +6,13 @@ session continues on B from its last finished turn. (make test-deploy installs r
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import threading
 import time
 
 import httpx
 import pytest
+from server_utils import free_port
 
 from server.subprocess_server import serve
 
@@ -21,17 +21,11 @@ pytestmark = pytest.mark.deploy
 LEASE_S = 2.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory):
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed (make test-deploy installs it: apt-get install redis-server)")
-    port = _free_port()
+    port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--dir", str(workdir)], stdout=subprocess.DEVNULL)
