@@ -1,1 +1,2 @@
-"""ToyLLM Serve HTTP server (see the server issue)."""
+"""ToyLLM Serve's HTTP server: the routes, the engine thread, sessions (their store, the
+memory-pressure ladder, their clients) and the playground, over the serving core in toyllm_core."""

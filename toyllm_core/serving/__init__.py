@@ -1,2 +1,2 @@
 """The serving core: the model, its KV cache and cold tier, compression policies, the engine, sampling
-and sessions; everything `toyllm serve` runs."""
+and sessions (parked between turns, and written as blobs); everything `toyllm serve` runs."""
