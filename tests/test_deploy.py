@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from test_server_live import _free_port
+from server_utils import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -108,7 +108,7 @@ def test_grafana_datasource_uid_matches_the_dashboard():
 # ------------------------------------------------------------------ live server + real Prometheus
 @pytest.fixture(scope="module")
 def live_server(tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("live") / "server.log"
     proc = _start_server(port, log)
     url = f"http://127.0.0.1:{port}"
@@ -138,7 +138,7 @@ def test_prometheus_scrapes_the_server_and_every_dashboard_query_has_data(live_s
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump(shipped))
     assert _run(promtool, "check", "config", str(config)).returncode == 0
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "prometheus.log"
     with log.open("w") as out:
         prom = subprocess.Popen([prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
@@ -176,7 +176,7 @@ def test_prometheus_scrapes_the_server_and_every_dashboard_query_has_data(live_s
 # ----------------------------------------------------------------------------------- scale-out
 def test_nginx_routes_sessions_to_their_replica(tmp_path):
     nginx = _tool("nginx")
-    ports = [_free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(3)]
     procs = [_start_server(p, tmp_path / f"replica-{p}.log", TOYLLM_TRUSTED_PROXY="true") for p in ports]
     nginx_proc = None
     try:
@@ -187,7 +187,7 @@ def test_nginx_routes_sessions_to_their_replica(tmp_path):
         assert upstreams == ["toyllm-a", "toyllm-b", "toyllm-c"]
         for name, port in zip(upstreams, ports, strict=True):
             conf = conf.replace(f"server {name}:8000;", f"server 127.0.0.1:{port};")
-        front = _free_port()
+        front = free_port()
         conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{front};")
         conf = f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n" + conf
         conf = conf.replace("http {", f"http {{\n    access_log {tmp_path}/access.log;\n"
