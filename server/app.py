@@ -25,6 +25,7 @@ from toyllm_core.chat import ChatTemplate
 from toyllm_core.machine import memory_maps, peak_rss_bytes, reset_peak_rss
 from toyllm_core.serving.engine import Engine as CoreEngine
 from toyllm_core.serving.engine import plan_classes, warm_up
+from toyllm_core.serving.executables import ProgramStore
 from toyllm_core.serving.policies import make_policy, parse_policy, policy_class, policy_names
 from toyllm_core.serving.policies.kvzip import repeat_prompt_ids
 from toyllm_core.weights import load_model
@@ -128,7 +129,7 @@ def _start(state: ServerState) -> None:
     }
     if s.warmup:
         report = warm_up(model, state.classes, s.steps_per_call, log=log.info,
-                         batch_rows=state.engine.core.batch_rows)
+                         batch_rows=state.engine.core.batch_rows, store=_program_store(s.compile_cache_dir))
         report["compile_cache_dir"] = s.compile_cache_dir or None
         report["compile_cache_bytes"] = compile_cache.disk_bytes(s.compile_cache_dir) if s.compile_cache_dir else 0
         maps = memory_maps()
@@ -140,12 +141,23 @@ def _start(state: ServerState) -> None:
                             "(sysctl -w vm.max_map_count=262144)", *maps)
         state.info["warmup"] = report
         peak_rss["warm_up"] = peak_rss_bytes()
-        log.info("warm-up: %d programs (%d built, %d of them read from the compile cache) in %.1f s",
-                 report["programs"], report["compilations"], report["cache_hits"], report["seconds"])
+        log.info("warm-up: %d programs (%d loaded whole, %d built, %d of them read from the compile cache) in %.1f s",
+                 report["programs"], report["loaded"], report["compilations"], report["cache_hits"], report["seconds"])
     reset_peak_rss()  # from here on, /info's "serving"
     state.pressure.start()
     state.engine.start()
     log.info("%s ready in %.1f s", name, time.perf_counter() - started)
+
+
+def _program_store(compile_cache_dir: str) -> ProgramStore:
+    """Where a start keeps its built programs whole (beside JAX's own cache entries), so the next
+    start loads them without tracing; memory only without a compile cache directory."""
+    if compile_cache_dir:
+        try:
+            return ProgramStore(Path(compile_cache_dir) / "programs")
+        except OSError as e:
+            log.warning("cannot keep built programs in %s (%s): tracing every program", compile_cache_dir, e)
+    return ProgramStore()
 
 
 def _default_params(s: Settings) -> dict:

@@ -17,6 +17,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 from toyllm_core.config import get_preset
 from toyllm_core.machine import memory_maps
+from toyllm_core.serving import executables
 from toyllm_core.serving.model import ToyLLM
 
 
@@ -48,3 +49,4 @@ def _release_compiled_programs():
     maps = memory_maps()
     if maps is None or maps[0] > maps[1] // 3:
         jax.clear_caches()
+        executables.forget_all()

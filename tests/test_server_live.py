@@ -64,14 +64,20 @@ def test_after_warmup_serving_compiles_nothing(server):
     assert metric(_metrics(server), "toyllm_jit_compilations_total") == before
 
 
-def test_a_second_start_reads_every_program_from_the_compile_cache(server, server_env, tmp_path):
+def test_a_second_start_loads_every_program_it_saved_and_compiles_none(server, server_env, tmp_path):
     first = httpx.get(server + "/info").json()["warmup"]
     assert first["cache_hits"] == 0 and first["compilations"] > 0 and first["compile_cache_bytes"] > 0
+    assert first["saved"] > 0 and first["loaded"] == 0
     with live_server(server_env, tmp_path / "again.log") as again:
         second = httpx.get(again + "/info").json()["warmup"]
+        before = metric(_metrics(again), "toyllm_jit_compilations_total")
+        done = httpx.post(again + "/generate", json={"prompt": "one two", "max_new_tokens": 5,
+                                                     "stream": False}, timeout=60)
+        after = metric(_metrics(again), "toyllm_jit_compilations_total")
     assert second["programs"] == first["programs"]
-    # Every program it built was read, none compiled.
-    assert second["cache_hits"] == second["compilations"] > 0
+    # Every program was loaded whole (neither traced nor compiled), and serving compiled nothing.
+    assert second["loaded"] == first["saved"] and second["compilations"] == 0 and second["saved"] == 0
+    assert done.status_code == 200 and after == before
 
 
 def test_two_concurrent_streams_are_batched(server):

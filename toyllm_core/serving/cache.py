@@ -16,7 +16,6 @@ and the cache moves, gathers and resizes them without knowing them).
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 
 import equinox as eqx
 import jax
@@ -26,6 +25,7 @@ import numpy as np
 from ..config import ModelConfig
 from . import backend
 from .backend import from_bits, storage_dtype, to_bits
+from .executables import program
 from .signals import Signal, Want
 
 
@@ -245,7 +245,7 @@ def _slot_leaves(cache: KVCache) -> KVCache:
                    signals=tuple(s.slotted() for s in cache.signals), rope_theta=cache.rope_theta)
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+@program(static_argnums=(0, 1, 2, 3, 4))
 def empty_cache(cfg: ModelConfig, batch: int, capacity: int, dtype, wants: tuple[Want, ...] = ()) -> KVCache:
     """An empty cache recording the signals `wants` asks for (in `signals.merge` order)."""
     lead = (cfg.n_layers, batch, cfg.n_kv_heads, capacity)

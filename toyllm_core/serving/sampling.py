@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .executables import program
+
 # Halvings of the search interval: 2^-32 of it is below float32 resolution, so thresholds are exact.
 _BISECTION_STEPS = 32
 
@@ -177,7 +179,7 @@ def first_token(logits: jax.Array, sampling: SamplingParams,
     """Sample the first new token from the prefill's logits [vocab] (the decode step's sampler);
     returns (token, logprob, the `sampling.top_logprobs` likeliest alternatives as (id, logprob),
     the key to continue with)."""
-    token, logprob, top_ids, top_lps, key = _first_token(
+    token, logprob, top_ids, top_lps, key = first_token_program(
         logits, key, np.float32(sampling.temperature), np.int32(min(sampling.top_k, logits.shape[-1])),
         np.float32(sampling.top_p), np.bool_(sampling.top_logprobs > 0))
     n = sampling.top_logprobs
@@ -185,8 +187,8 @@ def first_token(logits: jax.Array, sampling: SamplingParams,
     return int(token), float(logprob), top, np.asarray(key)
 
 
-@jax.jit
-def _first_token(logits, key, temperature, top_k, top_p, want_top):
+@program
+def first_token_program(logits, key, temperature, top_k, top_p, want_top):
     key, sub = jax.random.split(key)
     token, logprob = sample_rows(logits[None], sub[None], temperature[None], top_k[None], top_p[None])
     top_ids, top_lps = top_alternatives(logits[None], want_top)

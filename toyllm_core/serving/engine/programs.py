@@ -25,8 +25,9 @@ import numpy as np
 from ... import jit_stats
 from ...machine import release_free_heap
 from ..cache import empty_cache
+from ..executables import ProgramStore
 from ..model import ToyLLM
-from ..sampling import SamplingParams, first_token
+from ..sampling import first_token_program
 from ..tiers import ColdTier, cold_buckets
 from . import steps
 from .classes import (
@@ -96,19 +97,20 @@ def programs(classes: list[CacheClass], batch_rows: int = MAX_BATCH_ROWS) -> lis
     return out
 
 
-def compile_program(model: ToyLLM, p: Program, steps_per_call: int, classes: list[CacheClass]) -> None:
-    """Build one program: lower it for its input shapes and compile it (or read it from the
-    persistent compilation cache), without running it. Caches are given as shapes only, so that
-    warming a class does not allocate its decode state once per program."""
+def compile_program(model: ToyLLM, p: Program, steps_per_call: int, classes: list[CacheClass],
+                    store: ProgramStore | None = None) -> None:
+    """Build one program for its input shapes without running it: loaded whole from `store`'s
+    directory, or lowered and compiled (or read from JAX's persistent compilation cache) and saved
+    there. Caches are given as shapes only, so that warming a class does not allocate its decode
+    state once per program."""
+    store = store or ProgramStore()
     cls, cfg = p.cls, model.cfg
 
     def cache(batch: int, capacity: int):
         return jax.eval_shape(lambda: steps.new_cache(model, cls, batch, capacity))
 
     def build(fn, *args, **kwargs):
-        lowered = fn.lower(*args, **kwargs)
-        lowered.compile()
-        _forget_module(lowered)
+        store.build(fn, *args, **kwargs)
 
     if p.kind.startswith("batch"):
         wants = batch_signals(classes)
@@ -166,21 +168,10 @@ def compile_program(model: ToyLLM, p: Program, steps_per_call: int, classes: lis
         build(steps.decode_steps, model, state(), np.int32(1), inputs, n_rows=p.size, max_steps=steps_per_call,
               span=p.span)
     elif p.kind == "first-token":
-        params = SamplingParams(temperature=1.0, top_k=1)
-        jax.block_until_ready(first_token(np.zeros(cfg.vocab_size, np.float32), params, np.zeros(2, np.uint32)))
+        build(first_token_program, jax.ShapeDtypeStruct((cfg.vocab_size,), np.float32),
+              jax.ShapeDtypeStruct((2,), np.uint32), np.float32(1), np.int32(1), np.float32(1), np.bool_(False))
     else:
         raise ValueError(f"unknown program kind {p.kind!r}")
-
-
-def _forget_module(lowered) -> None:
-    """Let go of a built program's StableHLO module. JAX keeps the module beside the executable it
-    compiled (for `.as_text()` and the like), and the cache of lowered jitted functions keeps it too:
-    ~1.5 MB a program here, 0.28 GB for the default server's programs, more than the weights. The
-    executable, which serving calls, stays. A private attribute (jax 0.10): where it is missing, the
-    module stays and nothing else changes."""
-    computation = getattr(lowered, "_lowering", None)
-    if hasattr(computation, "_hlo") and getattr(computation, "_executable", None) is not None:
-        computation._hlo = None
 
 
 def _drop_lowering_cache() -> None:
@@ -192,19 +183,23 @@ def _drop_lowering_cache() -> None:
 
 
 def warm_up(model: ToyLLM, classes: list[CacheClass], steps_per_call: int,
-            log: Callable[[str], None] = print, every_s: float = 5.0, batch_rows: int = MAX_BATCH_ROWS) -> dict:
+            log: Callable[[str], None] = print, every_s: float = 5.0, batch_rows: int = MAX_BATCH_ROWS,
+            store: ProgramStore | None = None) -> dict:
     """Compile every program, logging progress (`warm-up: 12/46 programs, 38 s`) at least every
     `every_s` seconds; returns {"programs", "compilations" (programs built: compiled or read from the
-    persistent compilation cache), "cache_hits" (read), "seconds", "per_kind": {kind: seconds}}.
+    persistent compilation cache), "cache_hits" (read), "loaded" (read whole from `store`'s directory,
+    neither traced nor compiled), "saved" (written there), "seconds", "per_kind": {kind: seconds}}.
     One at a time: compiling on a thread per core saved ~15% of a warm start here, and a test
     process that had done so later aborted inside an XLA compile."""
     todo = programs(classes, batch_rows)
+    store = store or ProgramStore()
+    loaded_before, saved_before = store.loaded, store.saved
     started = last = time.perf_counter()
     compiled_before, hits_before = jit_stats.compilations(), jit_stats.cache_hits()
     per_kind: dict[str, float] = {}
     for i, p in enumerate(todo, 1):
         t0 = time.perf_counter()
-        compile_program(model, p, steps_per_call, classes)
+        compile_program(model, p, steps_per_call, classes, store)
         now = time.perf_counter()
         per_kind[p.kind] = per_kind.get(p.kind, 0.0) + now - t0
         if now - last >= every_s or i == len(todo):
@@ -217,4 +212,5 @@ def warm_up(model: ToyLLM, classes: list[CacheClass], steps_per_call: int,
     seconds = time.perf_counter() - started
     return {"programs": len(todo), "compilations": jit_stats.compilations() - compiled_before,
             "cache_hits": jit_stats.cache_hits() - hits_before,
+            "loaded": store.loaded - loaded_before, "saved": store.saved - saved_before,
             "seconds": seconds, "per_kind": per_kind}

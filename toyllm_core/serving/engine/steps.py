@@ -8,7 +8,6 @@ returns updated are donated to it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ import numpy as np
 
 from .. import tiers
 from ..cache import KVCache, empty_cache
+from ..executables import program
 from ..model import ToyLLM
 from ..policies import compress, compress_split
 from ..sampling import TOP_LOGPROBS, sample_rows, top_alternatives
@@ -33,13 +33,13 @@ def new_batch_cache(model: ToyLLM, rows: int, wants: tuple) -> KVCache:
     return empty_cache(model.cfg, rows, SHORT_PROMPT, model.dtype, wants)
 
 
-@partial(jax.jit, static_argnames=("capacity",))
+@program(static_argnames=("capacity",))
 def resize(cache: KVCache, *, capacity: int) -> KVCache:
     """The same rows at another capacity (a new buffer: the shapes differ, so nothing to donate)."""
     return cache.resized(capacity)
 
 
-@partial(jax.jit, static_argnames=("span",), donate_argnames=("cache",))
+@program(static_argnames=("span",), donate_argnames=("cache",))
 def prefill_chunk(model: ToyLLM, cache: KVCache, tokens, n_valid, *, span: int | None = None):
     """tokens [1, C] (the first n_valid [1] real) into a one-row cache -> (logits [vocab] after the
     last real token, cache). `span`: the chunk attends over the cache's first `span` slots only
@@ -50,7 +50,7 @@ def prefill_chunk(model: ToyLLM, cache: KVCache, tokens, n_valid, *, span: int |
     return model.logits(last[None])[0], cache.with_prefix(part)
 
 
-@partial(jax.jit, static_argnames=("span",), donate_argnames=("cache",))
+@program(static_argnames=("span",), donate_argnames=("cache",))
 def prefill_batch(model: ToyLLM, cache: KVCache, tokens, n_valid, *, span: int):
     """Several short prompts together: tokens [k, T] (row i's first n_valid[i] real) into a batch
     cache of k empty rows, attending over its first `span` slots -> (logits [k, vocab] after each
@@ -61,7 +61,7 @@ def prefill_batch(model: ToyLLM, cache: KVCache, tokens, n_valid, *, span: int):
     return model.logits(last), cache.with_prefix(part)
 
 
-@jax.jit
+@program
 def batch_take(batch: KVCache, i) -> KVCache:
     """Row i of a batch prefill cache, as a one-row cache (a copy; every class's signals)."""
     return batch.rows(i)
@@ -74,14 +74,14 @@ def _class_row(row: KVCache, cls: CacheClass, grow: bool = True) -> KVCache:
     return row.resized(cls.capacity if grow else min(cls.capacity, row.capacity))
 
 
-@partial(jax.jit, static_argnames=("cls",), donate_argnames=("state",))
+@program(static_argnames=("cls",), donate_argnames=("state",))
 def insert_batch_row(state: KVCache, slot, row: KVCache, *, cls: CacheClass) -> KVCache:
     """A row taken from a batch prefill cache (`batch_take`) into decode slot `slot` (its keys and
     values written over the batch cache's slots only: `KVCache.set_row_prefix`)."""
     return state.set_row_prefix(slot, _class_row(row, cls, grow=False))
 
 
-@partial(jax.jit, static_argnames=("cls",))
+@program(static_argnames=("cls",))
 def batch_row(row: KVCache, *, cls: CacheClass) -> KVCache:
     """A row taken from a batch prefill cache as an idle one-row cache of class `cls` (a sequence
     that ended at its first token)."""
@@ -96,59 +96,59 @@ def _compress(cache: KVCache, cls: CacheClass) -> tuple[KVCache, ColdChunk | Non
     return out, quantize_slots(evicted.k, evicted.v, evicted.pos, cls.policy.cold_bits)
 
 
-@partial(jax.jit, static_argnames=("cls",), donate_argnames=("cache",))
+@program(static_argnames=("cls",), donate_argnames=("cache",))
 def compress_cache(cache: KVCache, *, cls: CacheClass) -> tuple[KVCache, ColdChunk | None]:
     """A prefill cache compressed -> (cache, the evicted slots for the cold tier, or None)."""
     return _compress(cache, cls)
 
 
-@partial(jax.jit, donate_argnames=("cache",))
+@program(donate_argnames=("cache",))
 def truncate(cache: KVCache, position) -> KVCache:
     """A prefill cache without the slots at `position` and after (a session rewinding its last reply)."""
     return cache.truncated(position)
 
 
-@partial(jax.jit, static_argnames=("cls",))
+@program(static_argnames=("cls",))
 def recall(cache: KVCache, cold: ColdChunk, *, cls: CacheClass) -> tuple[KVCache, jax.Array]:
     """A prefill cache and its cold tier (padded to a bucket) as one cache at the class's recall
     capacity -> (cache, which slots came from cold). (Not donated: the shapes differ.)"""
     return tiers.recall(cache, cold, cls.recall_capacity)
 
 
-@partial(jax.jit, static_argnames=("cls",))
+@program(static_argnames=("cls",))
 def reselect(cache: KVCache, was_cold, *, cls: CacheClass):
     """A recalled cache's hot set chosen by the class's policy -> (cache at the prefill capacity,
     the new cold tier, tokens recalled per layer and KV head [1])."""
     return tiers.reselect(cache, was_cold, cls.policy, cls.prefill_capacity)
 
 
-@partial(jax.jit, donate_argnames=("cache",))
+@program(donate_argnames=("cache",))
 def clear_signals(cache: KVCache) -> KVCache:
     """The cache with its signals as if nothing had been observed (before a reconstruction pass)."""
     return cache.cleared_signals()
 
 
-@partial(jax.jit, static_argnames=("cls", "span"), donate_argnames=("state",))
+@program(static_argnames=("cls", "span"), donate_argnames=("state",))
 def insert_row(state: KVCache, slot, row: KVCache, *, cls: CacheClass, span: int) -> KVCache:
     """A one-row cache (at its prefill capacity) into decode slot `slot`: its first `span` slots
     (a compiled span that holds its live ones; see `KVCache.set_row_prefix`)."""
     return state.set_row_prefix(slot, row.prefix(1, span))
 
 
-@jax.jit
+@program
 def extract_row(state: KVCache, slot) -> KVCache:
     """Decode slot `slot` as a one-row cache (a copy)."""
     return state.rows(slot)
 
 
-@partial(jax.jit, static_argnames=("span",), donate_argnames=("state",))
+@program(static_argnames=("span",), donate_argnames=("state",))
 def move_row(state: KVCache, src, dst, *, span: int) -> KVCache:
     """Copy slot src into slot dst (keeps the occupied rows packed at the front): the first `span`
     slots of src, a compiled span that holds its live ones."""
     return state.set_row_prefix(dst, state.rows(src).prefix(1, span))
 
 
-@partial(jax.jit, static_argnames=("cls",), donate_argnames=("state",))
+@program(static_argnames=("cls",), donate_argnames=("state",))
 def compress_rows(state: KVCache, slots, *, cls: CacheClass) -> tuple[KVCache, ColdChunk | None, jax.Array]:
     """Compress the decode rows at slots [k] in one call (a padded list repeats a slot: the same row
     compressed twice gives the same result) -> (state, their evicted slots [.., k, ..] for the cold
@@ -196,7 +196,7 @@ class DecodeOutputs:
                              np.ascontiguousarray(b[:, 3 * s + 1:3 * s + 3]).view(np.uint32))
 
 
-@partial(jax.jit, static_argnames=("n_rows", "max_steps", "span"), donate_argnames=("state",))
+@program(static_argnames=("n_rows", "max_steps", "span"), donate_argnames=("state",))
 def decode_steps(model: ToyLLM, state: KVCache, n_steps, inputs, *, n_rows: int, max_steps: int,
                  span: int | None = None):
     """Run n_steps (<= max_steps, an array: any count, one compile) decode steps for rows [0, n_rows)
@@ -242,7 +242,7 @@ def decode_steps(model: ToyLLM, state: KVCache, n_steps, inputs, *, n_rows: int,
     return state, bundle, top_ids.transpose(1, 0, 2), top_lps.transpose(1, 0, 2)
 
 
-@partial(jax.jit, donate_argnames=("cache",))
+@program(donate_argnames=("cache",))
 def teacher_forced(model: ToyLLM, cache: KVCache, tokens):
     """Feed tokens [B, T] one decode step at a time (the decode path, no sampling) -> (logits
     [B, T, vocab], cache). The cache must have room for T more tokens; nothing is compressed."""
@@ -255,7 +255,7 @@ def teacher_forced(model: ToyLLM, cache: KVCache, tokens):
     return logits.transpose(1, 0, 2), cache
 
 
-@partial(jax.jit, static_argnames=("n_rows",), donate_argnames=("state",))
+@program(static_argnames=("n_rows",), donate_argnames=("state",))
 def forced_steps(model: ToyLLM, state: KVCache, tokens, targets, *, n_rows: int):
     """Teacher forcing through rows [0, n_rows) of a decode state: feed tokens [n, k] one decode
     step at a time and score targets [n, k] -> (state, NLL [n, k], argmax-correct [n, k])."""
