@@ -69,7 +69,8 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """One path of the sampler (static): random sampling at all, and the top-k/top-p filters."""
+    """One path of the sampler (static): random sampling at all, and the top-k/top-p filters (run
+    when `sample_token`'s `filter_on` says so)."""
 
     sample: bool = False
     filtered: bool = False
@@ -125,8 +126,9 @@ def _filter(scaled: jax.Array, probs: jax.Array, top_k, top_p) -> jax.Array:
     return jnp.where((top_p >= 1) | (probs >= floor), probs, 0.0)
 
 
-def sample_token(logits, key, temperature, top_k, top_p, *, spec: SamplerSpec):
-    """One row: logits [vocab] -> (token, its log-probability under the unmodified model)."""
+def sample_token(logits, key, temperature, top_k, top_p, *, spec: SamplerSpec, filter_on=True):
+    """One row: logits [vocab] -> (token, its log-probability under the unmodified model).
+    `filter_on`: a scalar for the whole batch (unbatched under vmap, so it stays a branch)."""
     logz = jax.nn.logsumexp(logits)
     greedy = jnp.argmax(logits).astype(jnp.int32)
     if not spec.sample:
@@ -135,24 +137,26 @@ def sample_token(logits, key, temperature, top_k, top_p, *, spec: SamplerSpec):
     scaled = logits / jnp.maximum(temperature, 1e-6)
     probs = jnp.exp(scaled - jnp.max(scaled))
     if spec.filtered:
-        probs = _filter(scaled, probs, top_k, top_p)
+        probs = jax.lax.cond(filter_on, lambda p: _filter(scaled, p, top_k, top_p), lambda p: p, probs)
     token = _inverse_cdf(probs, u)
     token = jnp.where(temperature > 0, token, greedy).astype(jnp.int32)
     return token, logits[token] - logz
 
 
-_PATHS = (SamplerSpec(), SamplerSpec(sample=True), SamplerSpec(sample=True, filtered=True))
+_PATHS = (SamplerSpec(), SamplerSpec(sample=True, filtered=True))
 
 
 def sample_rows(logits, keys, temperature, top_k, top_p):
-    """Every row: logits [B, vocab], keys [B, 2] -> (tokens [B], log-probabilities [B]). The path is
+    """Every row: logits [B, vocab], keys [B, 2] -> (tokens [B], log-probabilities [B]). What runs is
     chosen at run time for the whole batch: the bisections of the filters cost more than the model's
-    step on a CPU, and sampling costs what argmax does not."""
+    step on a CPU, and sampling costs what argmax does not. The filters are a branch inside the
+    sampling path rather than a path of their own, so that each decode program holds the sampling
+    code once: the sampler is about half of a loaded SmolLM2 decode program's resident memory, and
+    its second copy took 1.9 of the program's 12.3 MiB."""
     sampled = temperature > 0
     filtered = sampled & ((top_k > 0) | (top_p < 1))
-    path = jnp.where(jnp.any(filtered), 2, jnp.where(jnp.any(sampled), 1, 0))
-    branches = [partial(_sample_path, spec=spec) for spec in _PATHS]
-    return jax.lax.switch(path, branches, logits, keys, temperature, top_k, top_p)
+    branches = [partial(_sample_path, spec=spec, filter_on=jnp.any(filtered)) for spec in _PATHS]
+    return jax.lax.switch(jnp.any(sampled).astype(jnp.int32), branches, logits, keys, temperature, top_k, top_p)
 
 
 def top_alternatives(logits, wanted) -> tuple[jax.Array, jax.Array]:
@@ -170,8 +174,8 @@ def top_alternatives(logits, wanted) -> tuple[jax.Array, jax.Array]:
     return jax.lax.cond(wanted, top, none, logits.astype(jnp.float32))
 
 
-def _sample_path(logits, keys, temperature, top_k, top_p, *, spec: SamplerSpec):
-    return jax.vmap(partial(sample_token, spec=spec))(logits, keys, temperature, top_k, top_p)
+def _sample_path(logits, keys, temperature, top_k, top_p, *, spec: SamplerSpec, filter_on):
+    return jax.vmap(partial(sample_token, spec=spec, filter_on=filter_on))(logits, keys, temperature, top_k, top_p)
 
 
 def first_token(logits: jax.Array, sampling: SamplingParams,
