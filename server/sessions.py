@@ -144,6 +144,11 @@ class SessionStore:
             stored = self.persistence.generation(session_id)
             if stored is not None and stored > session.generation:  # another replica went on with it
                 session = self._load(session_id) or session
+            elif self.persistence.gone_elsewhere(session_id, stored):  # another replica deleted it
+                with self._lock:
+                    if self._sessions.get(session_id) is session and not session.busy:
+                        del self._sessions[session_id]
+                session = None
         elif session is None:
             session = self._load(session_id)
         if session is None or (owner is not None and session.owner != owner):

@@ -73,6 +73,14 @@ def test_replicas_share_sessions_through_redis(redis_url, tmp_path):
         time.sleep(0.5)
         after_two = httpx.get(f"{b}/sessions/{sid}").json()["cache"]["tokens_seen"]
 
+        # Deleted on one replica, gone from all: A held its own copy in memory.
+        other = _generate(a, None, "a second session").json()["session_id"]
+        time.sleep(0.5)
+        assert httpx.get(f"{b}/sessions/{other}").status_code == 200  # B loads it
+        assert httpx.delete(f"{b}/sessions/{other}").status_code == 204
+        assert httpx.get(f"{a}/sessions/{other}").status_code == 404
+        assert _generate(a, other, "and on").status_code == 404
+
         # A long turn on A holds the session: B's request for it gets 409 while it runs.
         long_turn = {}
         thread = threading.Thread(target=lambda: long_turn.update(r=_try(a, sid)))

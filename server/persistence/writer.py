@@ -42,6 +42,8 @@ class Persistence:
         self.lease_ttl_s = lease_ttl_s
         self._pending: dict[str, object] = {}  # session id -> its latest snapshot not yet written
         self._writing = 0
+        self._stored: set[str] = set()  # ids whose blob this process wrote or read (and has not deleted)
+        self._in_flight: set[str] = set()
         self._held: set[str] = set()  # leases this replica holds
         self._cond = threading.Condition()
         self._stopping = False
@@ -80,6 +82,8 @@ class Persistence:
                             "owner": getattr(snap, "owner", None), "generation": snap.generation,
                             "model": self.model})
         self.backend.save(snap.id, blob, snap.generation)
+        with self._cond:
+            self._stored.add(snap.id)
         self.on_saved()
 
     def flush(self, timeout: float = 60.0) -> bool:
@@ -103,6 +107,7 @@ class Persistence:
                 session_id, snap = next(iter(self._pending.items()))
                 del self._pending[session_id]
                 self._writing += 1
+                self._in_flight.add(session_id)
             try:
                 self.save_now(snap)
             except Exception:
@@ -110,6 +115,7 @@ class Persistence:
             finally:
                 with self._cond:
                     self._writing -= 1
+                    self._in_flight.discard(session_id)
                     self._cond.notify_all()
 
     def expire(self, session_id: str) -> None:
@@ -122,6 +128,7 @@ class Persistence:
         """The session is gone (deleted, expired): no pending write, no blob."""
         with self._cond:
             self._pending.pop(session_id, None)
+            self._stored.discard(session_id)
         self.backend.delete(session_id)
 
     # ----------------------------------------------------------------------------- reading
@@ -135,6 +142,8 @@ class Persistence:
             fields, extra = loads(blob, self.classes)
             if extra.get("model") != self.model:
                 raise BlobError(f"it was written by another model ({extra.get('model')!r}, not {self.model!r})")
+            with self._cond:
+                self._stored.add(session_id)
             return fields, extra
         except BlobError as e:
             log.warning("session %s is lost: %s", session_id, e)
@@ -144,6 +153,16 @@ class Persistence:
         """The generation of the session's stored blob, where replicas share the backend (None: this
         process's copy is the latest by construction)."""
         return self.backend.generation(session_id)
+
+    def gone_elsewhere(self, session_id: str, stored_generation: int | None) -> bool:
+        """Whether a session this process holds was deleted (or expired) in a shared backend by
+        another replica: its blob was there (this process wrote or read it), no write of it is
+        pending here, and the backend has none now (`stored_generation` -1)."""
+        if stored_generation != -1:
+            return False
+        with self._cond:
+            return session_id in self._stored and session_id not in self._pending \
+                and session_id not in self._in_flight
 
     # ----------------------------------------------------------------------------- leases
     def lease(self, session_id: str) -> bool:
