@@ -8,6 +8,7 @@ import asyncio
 from toyllm_core.serving.engine import CacheClass
 from toyllm_core.serving.policies import Policy, make_policy
 from toyllm_core.serving.sampling import SamplingParams
+from toyllm_core.tokenizer import token_bytes
 
 from .engine import EngineStopped, Failed, Finished, GenerationRequest, QueueFull
 from .errors import bad_request, queue_full, unavailable, unsupported
@@ -92,11 +93,31 @@ def sampling_params(max_new_tokens: int, temperature: float, top_k: int, top_p: 
 
 
 def token_text(state: ServerState, token: int) -> str:
-    """One token's text on its own (a log-probability's label)."""
+    """One token's text on its own (a log-probability's label). A token that holds only part of a
+    UTF-8 character (byte-level BPE splits some characters across tokens) is labelled as OpenAI
+    labels it, `bytes:\\xe6\\x9d`: decoded alone it would be U+FFFD."""
     texts = state.token_texts
     if token not in texts:
-        texts[token] = state.tokenizer.decode([token])
+        text = state.tokenizer.decode([token])
+        raw = token_bytes(state.tokenizer, token) if "\ufffd" in text else None
+        if raw is not None and not _is_utf8(raw):
+            text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        texts[token] = text
     return texts[token]
+
+
+def token_raw_bytes(state: ServerState, token: int) -> bytes:
+    """A token's bytes (what OpenAI's logprobs `bytes` lists): a partial character's own bytes."""
+    raw = token_bytes(state.tokenizer, token)
+    return raw if raw is not None else state.tokenizer.decode([token]).encode()
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class EventStream:

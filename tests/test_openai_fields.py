@@ -210,3 +210,25 @@ def test_allow_lists_every_method_and_bad_utf8_is_a_validation_error(client):
 def test_the_documented_seed_bound_is_exact(client):
     text = client.get("/openapi.json").text
     assert '"exclusiveMaximum":18446744073709551616' in text.replace(" ", "") and "e+19" not in text
+
+
+def test_a_token_holding_part_of_a_character_is_labelled_by_its_bytes(client):
+    """Byte-level BPE splits 東 across tokens: each piece is labelled `bytes:\\x..` (as OpenAI does),
+    never U+FFFD, and its chat `bytes` are its own, which together spell the character."""
+    from server.generation import token_raw_bytes, token_text
+
+    state = client.app.state.toyllm
+    ids = state.tokenizer("東")["input_ids"]
+    assert len(ids) > 1
+    labels = [token_text(state, i) for i in ids]
+    assert all(label.startswith("bytes:\\x") for label in labels), labels
+    assert b"".join(token_raw_bytes(state, i) for i in ids).decode() == "東"
+    assert token_text(state, state.tokenizer("The")["input_ids"][0]) == "The"  # whole characters: their text
+
+    r = _complete(client, prompt="東京 is", echo=True, logprobs=1, max_tokens=1)
+    lp = r.json()["choices"][0]["logprobs"]
+    assert "\ufffd" not in "".join(lp["tokens"]) and lp["tokens"][0].startswith("bytes:")
+    text = r.json()["choices"][0]["text"]
+    assert text.startswith("東京 is")
+    is_at = lp["tokens"].index(" is")
+    assert text[lp["text_offset"][is_at]:].startswith(" is")  # offsets count each character once

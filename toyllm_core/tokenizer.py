@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 from pathlib import Path
 
@@ -51,3 +52,20 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | Path) -> None:
     tokenizer.save_pretrained(str(directory))
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def token_bytes(tokenizer: PreTrainedTokenizerFast, token_id: int) -> bytes | None:
+    """A byte-level BPE token's raw bytes (a token may hold part of a UTF-8 character, whose text
+    alone decodes to U+FFFD); None for a special token or a tokenizer of another scheme."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    table = _byte_decoder()
+    if not piece or token_id in tokenizer.all_special_ids or any(c not in table for c in piece):
+        return None
+    return bytes(table[c] for c in piece)

@@ -13,6 +13,7 @@ as vLLM has). Fields for features this server lacks are refused with 422 (see sc
 
 from __future__ import annotations
 
+import codecs
 import json
 import time
 import uuid
@@ -38,6 +39,7 @@ from ..generation import (
     named_session,
     request_class,
     sampling_params,
+    token_raw_bytes,
     token_text,
     tokenize,
 )
@@ -127,13 +129,13 @@ class _CompletionLogprobs:
 
     def of(self, events: list[TokenOut]) -> dict:
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # a character split across tokens counts once
         for token in self.prompt_ids:
-            text = token_text(self.state, token)
-            out["tokens"].append(text)
+            out["tokens"].append(token_text(self.state, token))
             out["token_logprobs"].append(None)
             out["top_logprobs"].append(None)
             out["text_offset"].append(self.offset)
-            self.offset += len(text)
+            self.offset += len(utf8.decode(token_raw_bytes(self.state, token)))
         self.prompt_ids = []
         for e in events:
             out["tokens"].append(token_text(self.state, e.id))
@@ -145,8 +147,7 @@ class _CompletionLogprobs:
 
 
 def _chat_logprob(state: ServerState, token: int, logprob: float) -> dict:
-    text = token_text(state, token)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+    return {"token": token_text(state, token), "logprob": logprob, "bytes": list(token_raw_bytes(state, token))}
 
 
 def _chat_logprobs(state: ServerState, events: list[TokenOut]) -> dict:
