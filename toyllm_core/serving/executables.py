@@ -83,7 +83,10 @@ class Program:
             dynamic, _, key = self.split(args, kwargs)
             executable = self.executables.get(key)
             if executable is not None:
-                return executable(*dynamic)
+                try:
+                    return executable(*dynamic)
+                except TypeError:  # refused before running (an input's weak type or sharding differs):
+                    pass           # the jit, which handles them, takes the call
         return self.jit(*args, **kwargs)
 
     def lower(self, *args, **kwargs):
