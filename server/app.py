@@ -20,7 +20,6 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
-from toyllm_core import compile_cache
 from toyllm_core.chat import ChatTemplate
 from toyllm_core.machine import memory_maps, peak_rss_bytes, reset_peak_rss
 from toyllm_core.serving.engine import Engine as CoreEngine
@@ -49,8 +48,6 @@ def _start(state: ServerState) -> None:
     """Load, start the engine and warm up (runs in a worker thread: it takes seconds to minutes)."""
     s = state.settings
     started = time.perf_counter()
-    if s.compile_cache_dir and compile_cache.enable(s.compile_cache_dir) is None:
-        log.warning("cannot create the compile cache directory %s: compiling every program", s.compile_cache_dir)
     loaded = load_model(None if s.preset else s.checkpoint, s.preset, s.dtype, s.quant)
     model, tokenizer, name, digest = loaded.model, loaded.tokenizer, loaded.name, loaded.sha256
     peak_rss = {"load": peak_rss_bytes()}
@@ -128,10 +125,11 @@ def _start(state: ServerState) -> None:
                    "cold_tokens": s.cold_tokens},
     }
     if s.warmup:
+        store = _program_store(s.compile_cache_dir)
         report = warm_up(model, state.classes, s.steps_per_call, log=log.info,
-                         batch_rows=state.engine.core.batch_rows, store=_program_store(s.compile_cache_dir))
+                         batch_rows=state.engine.core.batch_rows, store=store)
         report["compile_cache_dir"] = s.compile_cache_dir or None
-        report["compile_cache_bytes"] = compile_cache.disk_bytes(s.compile_cache_dir) if s.compile_cache_dir else 0
+        report["compile_cache_bytes"] = store.disk_bytes()
         maps = memory_maps()
         if maps is not None:
             report["memory_maps"], report["max_map_count"] = maps
@@ -150,13 +148,13 @@ def _start(state: ServerState) -> None:
 
 
 def _program_store(compile_cache_dir: str) -> ProgramStore:
-    """Where a start keeps its built programs whole (beside JAX's own cache entries), so the next
-    start loads them without tracing; memory only without a compile cache directory."""
+    """Where a start keeps its built programs whole, so the next start loads them without tracing
+    or compiling; memory only (every start compiles) without a compile cache directory."""
     if compile_cache_dir:
         try:
             return ProgramStore(Path(compile_cache_dir) / "programs")
         except OSError as e:
-            log.warning("cannot keep built programs in %s (%s): tracing every program", compile_cache_dir, e)
+            log.warning("cannot keep built programs in %s (%s): compiling every program", compile_cache_dir, e)
     return ProgramStore()
 
 

@@ -112,6 +112,6 @@ class Settings(BaseSettings):
                                    "tokens each) prefilled together between two decode calls while streams "
                                    "decode (at least one prompt).")
     warmup: bool = Field(True, description="Compile the serving shapes before /ready answers 200.")
-    compile_cache_dir: str = Field("~/.cache/toyllm/xla", description="Where compiled programs are kept across "
-                                   "restarts (JAX's persistent compilation cache), so that a second start reads "
-                                   "them instead of compiling; empty: off. Keep it private: it is trusted.")
+    compile_cache_dir: str = Field("~/.cache/toyllm/xla", description="Where the warm-up keeps the programs it "
+                                   "builds, whole, so that the next start loads them instead of tracing and "
+                                   "compiling them; empty: off. Keep it private: it is trusted.")

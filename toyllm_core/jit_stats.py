@@ -1,6 +1,8 @@
 """Counts the programs this process builds: a program built on the serving path is an event worth
 counting. A program is built when a jitted function meets shapes it has not run before; XLA then
-compiles it, or reads it from the persistent compilation cache (`compile_cache`)."""
+compiles it, or reads it from JAX's persistent compilation cache where a process enabled one. (The
+server's warm-up loads what it built before from its own store, `serving.executables`, which
+builds nothing.)"""
 
 from __future__ import annotations
 

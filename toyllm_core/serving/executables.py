@@ -1,8 +1,9 @@
 """Serving programs kept whole on disk: a restart loads each executable without tracing it.
 
-JAX's persistent compilation cache (`compile_cache`) keys an entry on the lowered program, so a
-restart still traces and lowers every program to find its entry: 60-70% of a warm start of the
-default server (a cProfile of its warm-up). Here the engine's jitted steps are `Program`s: a
+JAX's persistent compilation cache keys an entry on the lowered program, so a restart still traces
+and lowers every program to find its entry: 60-70% of a warm start of the default server (a
+cProfile of its warm-up). And an executable read from that cache cannot be saved again whole (it
+lost kernels), so a server with a store does not use JAX's cache. Here the engine's jitted steps are `Program`s: a
 warm-up builds each one for its input shapes and saves its executable in a `ProgramStore`, under a
 name made of the function, its static arguments and its inputs' structure, shapes and dtypes; the
 next start reads it back (jax.experimental.serialize_executable) and calls it for the same
@@ -32,6 +33,8 @@ from typing import Any
 
 import jax
 from jax.experimental import serialize_executable
+
+from .. import jit_stats
 
 _SOURCE_ROOT = Path(__file__).resolve().parents[1]  # toyllm_core
 KEEP_UNUSED_S = 14 * 86400  # a fingerprint folder not used for two weeks is removed
@@ -63,6 +66,7 @@ class Program:
         self.static_argnames, self.static_argnums = frozenset(static_argnames), frozenset(static_argnums)
         self.name = f"{fn.__module__}.{fn.__qualname__}"
         self.executables: dict[tuple, Any] = {}
+        self.compiled_here: set[tuple] = set()  # of those, compiled in this process (the ones a store may save)
         functools.update_wrapper(self, fn)
         _PROGRAMS.append(self)
 
@@ -92,11 +96,14 @@ class Program:
     def lower(self, *args, **kwargs):
         return self.jit.lower(*args, **kwargs)
 
-    def add(self, key: tuple, executable) -> None:
+    def add(self, key: tuple, executable, compiled_here: bool = False) -> None:
         self.executables[key] = executable
+        if compiled_here:
+            self.compiled_here.add(key)
 
     def clear(self) -> None:
         self.executables.clear()
+        self.compiled_here.clear()
 
 
 _PROGRAMS: list[Program] = []
@@ -184,7 +191,7 @@ class ProgramStore:
         name = self.file_name(prog, key) if self.folder is not None else None
         path = self.folder / name if name else None
         if key in prog.executables:  # built already in this process (another class of one geometry)
-            if path is not None and not path.is_file():
+            if path is not None and key in prog.compiled_here and not path.is_file():
                 self._save(path, prog.executables[key])
             return "known"
         if path is not None and path.is_file():
@@ -195,10 +202,14 @@ class ProgramStore:
             except _UNREADABLE:  # a damaged or foreign file: built anew below, and replaced
                 path.unlink(missing_ok=True)
         lowered = prog.lower(*args, **kwargs)
+        hits = jit_stats.cache_hits()
         compiled = lowered.compile()
         _forget_module(lowered)
-        prog.add(key, compiled)
-        if path is not None:
+        # An executable that JAX read from its persistent cache is not saved: serialised again, it
+        # lost kernels (jax 0.10, XLA-CPU: "Function wrapped_broadcast not found" when it ran).
+        fresh = jit_stats.cache_hits() == hits
+        prog.add(key, compiled, compiled_here=fresh)
+        if path is not None and fresh:
             self._save(path, compiled)
         return "compiled"
 
@@ -210,9 +221,10 @@ class ProgramStore:
             pass  # not serialisable (a loaded executable, or this backend): kept in memory only
 
     def disk_bytes(self) -> int:
-        if self.folder is None:
+        """Bytes the store's files take, every fingerprint folder included."""
+        if self.root is None:
             return 0
-        return sum(f.stat().st_size for f in self.folder.iterdir() if f.is_file())
+        return sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
 
 
 def _forget_module(lowered) -> None:
