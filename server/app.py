@@ -139,8 +139,8 @@ def _start(state: ServerState) -> None:
                             "(sysctl -w vm.max_map_count=262144)", *maps)
         state.info["warmup"] = report
         peak_rss["warm_up"] = peak_rss_bytes()
-        log.info("warm-up: %d programs (%d loaded whole, %d built, %d of them read from the compile cache) in %.1f s",
-                 report["programs"], report["loaded"], report["compilations"], report["cache_hits"], report["seconds"])
+        log.info("warm-up: %d programs (%d loaded whole, %d compiled) in %.1f s",
+                 report["programs"], report["loaded"], report["compilations"], report["seconds"])
     reset_peak_rss()  # from here on, /info's "serving"
     state.pressure.start()
     state.engine.start()
