@@ -65,19 +65,28 @@ def test_after_warmup_serving_compiles_nothing(server):
 
 
 def test_a_second_start_loads_every_program_it_saved_and_compiles_none(server, server_env, tmp_path):
+    """The second start loads every program whole (a damaged file is compiled again and replaced), and
+    the loaded programs generate what the first start's compiled ones did, token for token."""
     first = httpx.get(server + "/info").json()["warmup"]
     assert first["cache_hits"] == 0 and first["compilations"] > 0 and first["compile_cache_bytes"] > 0
     assert first["saved"] > 0 and first["loaded"] == 0
+    bodies = [{"prompt": "one two three four", "max_new_tokens": 12, "temperature": 0.8, "top_k": 40, "seed": 7,
+               "ignore_eos": True, "stream": False, "cache": cache}
+              for cache in ({"policy": "full"}, {"policy": "snapkv"})]
+    expected = [httpx.post(server + "/generate", json=b, timeout=60).json()["generated_text"] for b in bodies]
+    damaged = min(Path(server_env["TOYLLM_COMPILE_CACHE_DIR"]).rglob("*.bin"))
+    damaged.write_bytes(b"not a program")
     with live_server(server_env, tmp_path / "again.log") as again:
         second = httpx.get(again + "/info").json()["warmup"]
         before = metric(_metrics(again), "toyllm_jit_compilations_total")
-        done = httpx.post(again + "/generate", json={"prompt": "one two", "max_new_tokens": 5,
-                                                     "stream": False}, timeout=60)
+        got = [httpx.post(again + "/generate", json=b, timeout=60).json()["generated_text"] for b in bodies]
         after = metric(_metrics(again), "toyllm_jit_compilations_total")
     assert second["programs"] == first["programs"]
-    # Every program was loaded whole (neither traced nor compiled), and serving compiled nothing.
-    assert second["loaded"] == first["saved"] and second["compilations"] == 0 and second["saved"] == 0
-    assert done.status_code == 200 and after == before
+    # Every program loaded whole (neither traced nor compiled) but the damaged one, which was compiled
+    # and saved again; serving compiled nothing.
+    assert second["loaded"] == first["saved"] - 1 and second["compilations"] == 1 and second["saved"] == 1
+    assert damaged.read_bytes() != b"not a program"
+    assert got == expected and after == before
 
 
 def test_two_concurrent_streams_are_batched(server):
