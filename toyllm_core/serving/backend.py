@@ -14,14 +14,21 @@ Each choice answers a slow path of XLA's CPU backend, measured on this project's
 - `row_writes`: a chunk's keys and values go into the cache with one dynamic-update-slice per row;
   the equivalent scatter was slower and erratic on XLA-CPU at batch 1 (43-78 ms per decode step
   against 31-53 ms), as if it sometimes copied the cache.
+- `decode_attention_f32`: a decode step (one query per row) reads its keys and values as float32
+  for the two attention dots: XLA-CPU's batched bfloat16 dot is slow at one query row. SmolLM2's
+  decode call, timed alternately with the bfloat16 form in one process: one row over 1,024 and
+  2,064 slots 31.8 -> 29.3 and 47.3 -> 41.4 ms per step, 16 rows over 256 and 1,024 slots 62.3 ->
+  58.0 and 183.3 -> 168.2 ms. The attention alone (`benchmarks/attention_forms.py`): one row over
+  4,096 slots 21.1 -> 12.0 ms for 30 layers; 16 rows over 1,024 slower alone (58 -> 71 ms), where
+  the conversion cannot fuse with the step's slicing of the layer out of the cache.
 - `lazy_zero_pages`: a new cache's zeroed keys and values are handed back to the kernel as untouched
   pages (`release_zero_pages`), which read as zeros and become resident only when a token is written
   there. XLA fills a new buffer with zeros, so a class's decode state (1 GiB by default) was resident
   whole from its first row on; now resident memory follows the tokens the rows hold. The cache is
   updated in place from then on (donated), so the pages stay lazy.
 
-Other backends (GPUs) store bfloat16 as it is, multiply one row as one, and write every row with one
-scatter: the plain forms, which XLA's GPU backend compiles to in-place updates. Those forms run
+Other backends (GPUs) store bfloat16 as it is, multiply one row as one, attend in the cache's dtype,
+and write every row with one scatter: the plain forms, which XLA's GPU backend compiles to in-place updates. Those forms run
 on CPU too (the tests check both give the same numbers there); they are unmeasured on a GPU here.
 """
 
@@ -43,10 +50,12 @@ class Backend:
     bits_storage: bool
     pair_one_row: bool
     row_writes: bool
+    decode_attention_f32: bool = False
     lazy_zero_pages: bool = False
 
 
-CPU = Backend("cpu", bits_storage=True, pair_one_row=True, row_writes=True, lazy_zero_pages=True)
+CPU = Backend("cpu", bits_storage=True, pair_one_row=True, row_writes=True, decode_attention_f32=True,
+              lazy_zero_pages=True)
 PLAIN = Backend("plain", bits_storage=False, pair_one_row=False, row_writes=False)
 
 # TOYLLM_BACKEND_CHOICES=plain runs the plain forms on any backend (the tests compare them on CPU).
@@ -76,6 +85,11 @@ def from_bits(x: jax.Array) -> jax.Array:
 def storage_dtype(dtype):
     """The dtype arrays of `dtype` are stored as (see `to_bits`)."""
     return jnp.uint16 if current().bits_storage and jnp.dtype(dtype) == jnp.bfloat16 else dtype
+
+
+def attention_dtype(cache_dtype, n_queries: int):
+    """The dtype the attention dots read keys and values in, for chunks of `n_queries` per row."""
+    return jnp.float32 if current().decode_attention_f32 and n_queries == 1 else cache_dtype
 
 
 def pair_one_row(x: jax.Array, w_dtype) -> bool:

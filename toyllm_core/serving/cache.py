@@ -78,7 +78,7 @@ class KVCache(eqx.Module):
             ck, cv, cp = self._write_rows(layer, new_k, new_v, new_pos, slot_pos)
         else:
             # Slot of each token; padding and rows without room go out of range and are dropped.
-            slots = jnp.where(slot_pos >= 0, self.length[:, None] + jnp.arange(t)[None, :], self.capacity)
+            slots = jnp.where(slot_pos >= 0, self.length[:, None] + jnp.arange(t)[None, :], self.k.shape[3])
             rows = jnp.arange(b)[:, None]
             put = lambda c, new: c.at[layer, rows, :, slots].set(new.swapaxes(1, 2), mode="drop")
             ck, cv, cp = put(self.k, new_k), put(self.v, new_v), put(self.pos, new_pos)
@@ -109,8 +109,10 @@ class KVCache(eqx.Module):
         return from_bits(self.k)
 
     def layer(self, layer) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Keys, values [B, kv, capacity, hd] and positions [B, kv, capacity] of one layer."""
-        return from_bits(self.k[layer]), from_bits(self.v[layer]), self.pos[layer]
+        """Keys, values [B, kv, capacity, hd] and positions [B, kv, capacity] of one layer (of a
+        window's rows and slots only: see `window`)."""
+        b, cap = self.batch, self.capacity
+        return from_bits(self.k[layer, :b, :, :cap]), from_bits(self.v[layer, :b, :, :cap]), self.pos[layer]
 
     def observe(self, layer, q: jax.Array, weights: jax.Array, pos: jax.Array, valid: jax.Array) -> KVCache:
         """Record this layer's signals from a chunk: q [B, T, heads, hd], attention weights
@@ -214,6 +216,25 @@ class KVCache(eqx.Module):
             return part
         # Every leaf of the part starts at index 0 on every axis of the same leaf here.
         return jax.tree.map(lambda x, y: jax.lax.dynamic_update_slice(x, y, (0,) * x.ndim), self, part)
+
+    def window(self, n_rows: int, n_slots: int) -> KVCache:
+        """Rows [0, n_rows) and their first n_slots slots as a cache of that shape for the model's
+        forward (static sizes; traced), like `prefix`, except that the keys and values stay whole:
+        the forward reads each layer's window of them (`layer`) and writes its tokens in place,
+        instead of a copy of the window going out and back in on every call (the whole window of
+        16 decode rows is hundreds of MB). Only `write`, `layer`, `observe` and `advance` may be
+        called on it; `with_window` puts it back."""
+        if n_rows == self.batch and n_slots == self.capacity:
+            return self
+        part = self.prefix(n_rows, n_slots)
+        return eqx.tree_at(lambda c: (c.k, c.v), part, (self.k, self.v))
+
+    def with_window(self, part: KVCache) -> KVCache:
+        """This cache with the window `part` (from `window`) put back."""
+        if part.batch == self.batch and part.capacity == self.capacity:
+            return part
+        small = eqx.tree_at(lambda c: (c.k, c.v), part, (self.k, self.v))
+        return eqx.tree_at(lambda c: (c.k, c.v), self.with_prefix(small), (part.k, part.v))
 
     def resized(self, capacity: int) -> KVCache:
         """The same rows with another capacity: pads with empty slots, or cuts slots off the end

@@ -137,6 +137,8 @@ class Attention(eqx.Module):
         c = self.cfg
         b, t = q.shape[:2]
         q = q.reshape(b, t, c.n_kv_heads, c.group_size, c.head_dim).transpose(0, 2, 3, 1, 4)  # [B, kv, g, T, hd]
+        dtype = backend.attention_dtype(k.dtype, t)  # float32 when decoding on CPU
+        k, v = k.astype(dtype), v.astype(dtype)
         weights = attention_weights(q, k, q_pos, k_pos)
         out = jax.lax.dot_general(weights.astype(v.dtype), v, (((4,), (2,)), ((0, 1), (0, 1))),
                                   preferred_element_type=jnp.float32)  # [B, kv, g, T, hd]

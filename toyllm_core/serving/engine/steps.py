@@ -44,10 +44,10 @@ def prefill_chunk(model: ToyLLM, cache: KVCache, tokens, n_valid, *, span: int |
     """tokens [1, C] (the first n_valid [1] real) into a one-row cache -> (logits [vocab] after the
     last real token, cache). `span`: the chunk attends over the cache's first `span` slots only
     (they must hold its filled slots and the chunk) [default: all of them]."""
-    part = cache.prefix(1, span or cache.capacity)
+    part = cache.window(1, span or cache.capacity)
     h, part = model.forward(tokens, part, n_valid)
     last = h[0, jnp.maximum(n_valid[0] - 1, 0)]
-    return model.logits(last[None])[0], cache.with_prefix(part)
+    return model.logits(last[None])[0], cache.with_window(part)
 
 
 @program(static_argnames=("span",), donate_argnames=("cache",))
@@ -55,10 +55,10 @@ def prefill_batch(model: ToyLLM, cache: KVCache, tokens, n_valid, *, span: int):
     """Several short prompts together: tokens [k, T] (row i's first n_valid[i] real) into a batch
     cache of k empty rows, attending over its first `span` slots -> (logits [k, vocab] after each
     row's last real token, cache)."""
-    part = cache.prefix(cache.batch, span)
+    part = cache.window(cache.batch, span)
     h, part = model.forward(tokens, part, n_valid)
     last = jnp.take_along_axis(h, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)[:, 0]
-    return model.logits(last), cache.with_prefix(part)
+    return model.logits(last), cache.with_window(part)
 
 
 @program
@@ -215,7 +215,7 @@ def decode_steps(model: ToyLLM, state: KVCache, n_steps, inputs, *, n_rows: int,
                                             ("token", "remaining", "eos", "top_k", "top_n"))
     keys = jax.lax.bitcast_convert_type(inputs[:, 2:4], jnp.uint32)
     temperature, top_p = as_f32(inputs[:, 4]), as_f32(inputs[:, 6])
-    sub = state.prefix(n_rows, span or state.capacity)
+    sub = state.window(n_rows, span or state.capacity)
     k = min(TOP_LOGPROBS, model.cfg.vocab_size)
 
     def step(i, carry):
@@ -235,7 +235,7 @@ def decode_steps(model: ToyLLM, state: KVCache, n_steps, inputs, *, n_rows: int,
             jnp.zeros((max_steps, n_rows), jnp.float32), jnp.zeros((max_steps, n_rows), bool),
             jnp.zeros((max_steps, n_rows, k), jnp.int32), jnp.zeros((max_steps, n_rows, k), jnp.float32))
     sub, _, remaining, keys, out, logprobs, emitted, top_ids, top_lps = jax.lax.fori_loop(0, n_steps, step, init)
-    state = state.with_prefix(sub)
+    state = state.with_window(sub)
     as_i32 = lambda x: jax.lax.bitcast_convert_type(x, jnp.int32)
     bundle = jnp.concatenate([out.T, as_i32(logprobs.T), emitted.T.astype(jnp.int32), remaining[:, None],
                               as_i32(keys)], axis=1)
