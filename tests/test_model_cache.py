@@ -306,8 +306,8 @@ def test_smollm2_preset_prefills_and_decodes_at_a_short_context():
     assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab_size) == \
         (30, 576, 9, 3, 1536, 49152)
     model = ToyLLM(cfg, jax.random.PRNGKey(0)).astype(jnp.bfloat16).for_inference()
-    cls = CacheClass.make(make_policy("snapkv", budget=32, window_size=8, slack=8), 2, 32)
-    engine = Engine(model, [cls], steps_per_call=4)
+    cls = CacheClass.make(make_policy("snapkv", budget=32, window_size=8, slack=8), 2, 32, cold_tokens=0)  # one tier
+    engine = Engine(model, [cls], steps_per_call=4, batch_rows=2)
     rng = np.random.default_rng(0)
     seqs = [engine.run_prefill(rng.integers(0, cfg.vocab_size, n), cls, _greedy(12)) for n in (40, 70)]
     produced = sum(len(o.tokens) for _ in range(4) for o in engine.step())

@@ -90,13 +90,14 @@ def test_quantized_cached_decode_equals_recomputation():
 def test_quantized_bfloat16_model_batched_equals_alone_and_nothing_compiles_after_warm_up():
     model = quantize_int8(tiny_model(2, seed=7).astype(jnp.bfloat16)).for_inference()
     assert model.blocks.attn.wq.dtype == jnp.bfloat16 and model.blocks.attn.wq.q.dtype == jnp.int8
-    cls = CacheClass.make(make_policy("snapkv", budget=32, window_size=8, slack=8), 3, 32)
+    # One tier and batches of up to 4 prompts: the int8 model's programs, not every kind again.
+    cls = CacheClass.make(make_policy("snapkv", budget=32, window_size=8, slack=8), 3, 32, cold_tokens=0)
     rng = np.random.default_rng(8)
     prompts = [rng.integers(0, model.cfg.vocab_size, n) for n in (20, 45, 70)]
     params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
 
     def run(batch):
-        engine = Engine(model, [cls], steps_per_call=4)
+        engine = Engine(model, [cls], steps_per_call=4, batch_rows=4)
         seqs = [engine.run_prefill(p, cls, params) for p in batch]
         out = {id(s): [] for s in seqs}
         while any(s.active for s in seqs):
@@ -104,7 +105,7 @@ def test_quantized_bfloat16_model_batched_equals_alone_and_nothing_compiles_afte
                 out[id(o.seq)].extend(o.tokens)
         return [out[id(s)] for s in seqs]
 
-    warm_up(model, [cls], 4, log=lambda msg: None)
+    warm_up(model, [cls], 4, log=lambda msg: None, batch_rows=4)
     before = jit_stats.compilations()
     together = run(prompts)
     alone = [run([p])[0] for p in prompts]
