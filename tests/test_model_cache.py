@@ -351,6 +351,33 @@ def test_the_plain_backend_forms_give_the_numbers_of_the_cpu_forms(monkeypatch, 
     np.testing.assert_allclose(cpu[0], plain[0], atol=2e-2 * np.abs(cpu[0]).max())
 
 
+@pytest.mark.parametrize("form", ["cpu", "plain"])
+def test_a_window_read_and_written_in_place_equals_its_copy(monkeypatch, form):
+    """A step on `KVCache.window` (keys and values left whole, read and written in place) leaves the
+    cache exactly as the same step on a copy of the window put back (`prefix`, `with_prefix`), under
+    both backends' forms: nothing past the window's slots or rows is written, padding included."""
+    from toyllm_core.serving import backend
+    from toyllm_core.serving.cache import empty_cache
+
+    monkeypatch.setattr(backend, "current", lambda: backend.CPU if form == "cpu" else backend.PLAIN)
+    model = tiny_model().astype(jnp.bfloat16).for_inference()
+    rng = np.random.default_rng(3)
+    state = empty_cache.__wrapped__(model.cfg, 4, 64, jnp.bfloat16, (RecentQueries.want(4),))
+    tokens = rng.integers(0, 1000, (3, 8)).astype(np.int32)
+    n_valid = np.array([8, 5, 0], np.int32)  # padding, and a row that writes nothing
+
+    def step(cut, put):
+        fn = jax.jit(lambda m, c, t, n: put(c, m.forward(t, cut(c), n)[1]))  # a new trace per form
+        c = fn(model, state, tokens, n_valid)
+        return fn(model, c, tokens[:, :1], np.array([1, 1, 0], np.int32))
+
+    window = step(lambda c: c.window(3, 32), lambda c, part: c.with_window(part))
+    copied = step(lambda c: c.prefix(3, 32), lambda c, part: c.with_prefix(part))
+    for a, b in zip(jax.tree.leaves(window), jax.tree.leaves(copied), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(np.asarray(window.length)[0]) == 9 and (np.asarray(window.pos)[:, 3] == -1).all()
+
+
 def test_a_row_written_by_its_prefix_equals_the_row_written_whole(model):
     cfg = model.cfg
     state = empty_cache(cfg, 3, 64, jnp.float32, (RecentQueries.want(4),))
