@@ -34,37 +34,38 @@ def _stream(url: str, body: dict, out: dict, first: threading.Event) -> None:
 
 
 def test_sigterm_drains_then_exits_zero(tmp_path):
-    env = {"TOYLLM_PRESET": "tiny", "TOYLLM_DTYPE": "float32", "TOYLLM_WARMUP": "false", "TOYLLM_DRAIN_S": "3",
+    # One decode slot per cache class (TOYLLM_DECODE_STATE_BYTES=1): the snapkv class runs one long
+    # stream while two more wait behind it, so the work that must outlast the drain (3 x 2048 tokens)
+    # is thirty times the work that must finish within it (200 tokens), however fast the machine.
+    env = {"TOYLLM_PRESET": "tiny", "TOYLLM_DTYPE": "float32", "TOYLLM_WARMUP": "false", "TOYLLM_DRAIN_S": "2",
            "TOYLLM_CACHE_BUDGET": "32", "TOYLLM_CACHE_WINDOW_SIZE": "8", "TOYLLM_CACHE_SLACK": "8",
-           "TOYLLM_MAX_CONCURRENT_REQUESTS": "4", "TOYLLM_SESSION_DIR": str(tmp_path / "sessions")}
+           "TOYLLM_MAX_CONCURRENT_REQUESTS": "8", "TOYLLM_DECODE_STATE_BYTES": "1",
+           "TOYLLM_SESSION_DIR": str(tmp_path / "sessions")}
     log = tmp_path / "server.log"
     with live_server(env, log) as url:
         proc = live_server.process
-        # Compile what the streams use first (this server has no warm-up), two rows decoding
-        # together included, so that the drain's seconds go to decoding rather than compiling.
-        warm = [threading.Thread(target=httpx.post, args=(url + "/generate",),
-                                 kwargs={"json": {"prompt": "warm", "max_new_tokens": 24, "stream": False,
-                                                  "cache": {"policy": policy}}, "timeout": 120})
-                for policy in ("full", "snapkv")]
-        for t in warm:
-            t.start()
-        for t in warm:
-            t.join()
-        short, long_ = {}, {}
-        started = [threading.Event(), threading.Event()]
-        # 200 tokens (done well within the drain, and within the smallest attention span, so nothing
-        # compiles meanwhile), and one that outlasts it (slowed by the top-20 alternatives it asks for
-        # at every step).
-        bodies = [({"prompt": "A short one", "max_new_tokens": 200, "ignore_eos": True, "cache": {"policy": "full"}},
-                   short),
-                  ({"prompt": "A long one", "max_new_tokens": 2048, "ignore_eos": True, "top_logprobs": 20,
-                    "cache": {"policy": "snapkv"}}, long_)]
+        # Compile what the streams use first (this server has no warm-up), so that the drain's
+        # seconds go to decoding rather than compiling.
+        for policy in ("full", "snapkv"):
+            httpx.post(url + "/generate", json={"prompt": "warm", "max_new_tokens": 24, "stream": False,
+                                                "cache": {"policy": policy}}, timeout=120)
+        short, longs = {}, [{}, {}, {}]
+        # 200 tokens (within the smallest attention span, so nothing compiles meanwhile), and three
+        # long ones (slowed further by the top-20 alternatives they ask for at every step).
+        long_body = {"prompt": "A long one", "max_new_tokens": 2048, "ignore_eos": True, "top_logprobs": 20,
+                     "cache": {"policy": "snapkv"}}
+        short_body = {"prompt": "A short one", "max_new_tokens": 200, "ignore_eos": True,
+                      "cache": {"policy": "full"}}
+        jobs = [(long_body, out) for out in longs] + [(short_body, short)]
+        started = [threading.Event() for _ in jobs]
         threads = [threading.Thread(target=_stream, args=(url, body, out, ev))
-                   for (body, out), ev in zip(bodies, started, strict=True)]
-        for t in threads:
+                   for (body, out), ev in zip(jobs, started, strict=True)]
+        threads[0].start()  # the long one that holds the slot
+        assert started[0].wait(60)
+        for t in threads[1:]:
             t.start()
-        for ev in started:
-            assert ev.wait(60)
+        assert started[-1].wait(60)  # the short one is decoding too
+        time.sleep(0.2)  # the two waiting ones are in the queue
         signalled = time.time()
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
@@ -78,12 +79,14 @@ def test_sigterm_drains_then_exits_zero(tmp_path):
     assert code == 0, log.read_text()[-2000:]
     assert "cut" not in short and short["events"][-1][0] == "done"
     assert len([e for e, _ in short["events"] if e == "token"]) == 200
-    assert "cut" not in long_ and long_["events"][-1][0] == "error"
-    assert "shutting down" in long_["events"][-1][1]["error"]["message"]
-    assert 3 <= took < 15
+    # The running one and the two still waiting all end with the error event, none is cut.
+    for long_ in longs:
+        assert "cut" not in long_ and long_["status"] == 200 and long_["events"][-1][0] == "error"
+        assert "shutting down" in long_["events"][-1][1]["error"]["message"]
+    assert 2 <= took < 15
     assert "ASGI callable returned without completing response" not in log.read_text()
     # Every finished turn was written before the process exited (the two warm-ups and the short
-    # stream, finished during the drain; the long one was cut, and its session with it).
+    # stream, finished during the drain; the long ones were cut, and their sessions with them).
     assert len(list((tmp_path / "sessions").glob("*.session"))) == 3
 
 
