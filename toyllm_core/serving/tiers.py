@@ -10,6 +10,10 @@ every layer their queries see the whole history. `reselect` lets those queries v
 hot set again: cold tokens come back, and what is no longer voted for goes cold. So no turn's choice
 is final, and nothing is lost unless the session itself is.
 
+A re-selection moves only what changes tier: the cold entries it brings back leave the host tier
+(`ColdTier.reselected`), and the hot slots it drops are quantised and added to it. What stays cold is
+neither copied back from the device nor quantised again.
+
 Quantisation is symmetric, one float16 scale per token, KV head and group of `group` channels
 (int8: the whole head, 64 channels on SmolLM2; int4: groups of 32, two codes packed per byte on the
 host). The cold tier is never read while decoding; only a new turn uploads it, padded to a length
@@ -111,8 +115,9 @@ def quantize_slots(k_bits: jax.Array, v_bits: jax.Array, pos: jax.Array, bits: i
 
 def merge(cache: KVCache, cold: ColdChunk) -> tuple[KVCache, jax.Array]:
     """Hot ∪ cold as one cache of capacity hot + cold, every (layer, row, KV head) in position order
-    with its empty slots last, and which of its slots came from the cold tier [layers, batch, kv,
-    slots]. Signals are kept (a cold slot's per-slot signals start empty, e.g. an attention sum at 0)."""
+    with its empty slots last, and where each slot came from [layers, batch, kv, slots]: its index
+    in `cold`, or -1 for a hot slot (or an empty one). Signals are kept (a cold slot's per-slot
+    signals start empty, e.g. an attention sum at 0)."""
     hot_cap = cache.capacity
     big = cache.resized(hot_cap + cold.pos.shape[-1])
     dtype = cache.dtype
@@ -120,35 +125,41 @@ def merge(cache: KVCache, cold: ColdChunk) -> tuple[KVCache, jax.Array]:
     k = put(big.k, to_bits(dequantize(cold.k, cold.k_scale, dtype)))
     v = put(big.v, to_bits(dequantize(cold.v, cold.v_scale, dtype)))
     pos = put(big.pos, cold.pos)
-    was_cold = put(jnp.zeros(pos.shape, bool), cold.pos >= 0)
+    index = jnp.broadcast_to(jnp.arange(cold.pos.shape[-1], dtype=jnp.int32), cold.pos.shape)
+    origin = put(jnp.full(pos.shape, -1, jnp.int32), jnp.where(cold.pos >= 0, index, -1))
     # Live slots by position, then the empty ones.
     order = jnp.argsort(jnp.where(pos >= 0, pos, jnp.iinfo(jnp.int32).max), axis=-1, stable=True)
     take = lambda x: jnp.take_along_axis(x, order if x.ndim == 4 else order[..., None], axis=3)
     length = jnp.max(jnp.sum(pos >= 0, axis=-1), axis=(0, 2)).astype(jnp.int32)  # [B]
     signals = tuple(sig.map_slotted(lambda x, fill: take(x)) for sig in big.signals)
     return dataclasses.replace(big, k=take(k), v=take(v), pos=take(pos), length=length, signals=signals), \
-        take(was_cold)
+        take(origin)
 
 
 def recall(cache: KVCache, cold: ColdChunk, capacity: int) -> tuple[KVCache, jax.Array]:
     """Hot ∪ cold (`merge`) at `capacity` slots, with room for the turn's last prompt tokens, and
-    which slots came from the cold tier [layers, batch, kv, capacity]."""
-    merged, was_cold = merge(cache, cold)
+    each slot's index in `cold` (-1: not from the cold tier) [layers, batch, kv, capacity]."""
+    merged, origin = merge(cache, cold)
     extra = capacity - merged.capacity
-    return merged.resized(capacity), jnp.pad(was_cold, [(0, 0)] * 3 + [(0, extra)])
+    return merged.resized(capacity), jnp.pad(origin, [(0, 0)] * 3 + [(0, extra)], constant_values=-1)
 
 
-def reselect(merged: KVCache, was_cold: jax.Array, policy, capacity: int) -> tuple[KVCache, ColdChunk, jax.Array]:
+def reselect(merged: KVCache, origin: jax.Array, policy, capacity: int, demoted: int,
+             cold_slots: int) -> tuple[KVCache, ColdChunk, jax.Array]:
     """The policy's choice over a recalled cache (hot ∪ cold, and the turn's last prompt tokens
-    prefilled against both): (the hot cache at `capacity`, the new cold tier [layers, batch, kv,
-    merged capacity - kept_slots (all of it for a policy whose budget varies over heads)], tokens
-    recalled from cold per layer and KV head [batch])."""
+    prefilled against both; `origin` as `recall` gives it) -> (the hot cache at `capacity`, the hot
+    slots it dropped, quantised [layers, batch, kv, `demoted`: at least the recalled cache's slots
+    not from cold], which cold entries it brought back [layers, batch, kv, `cold_slots`: at least the
+    uploaded bucket])."""
     from .policies import compress_split
 
-    out, evicted, kept = compress_split(merged, policy)
-    n_layers, _, n_kv, _ = merged.pos.shape
-    recalled = (kept & was_cold).sum(axis=(0, 2, 3)) / (n_layers * n_kv)
-    return out.resized(capacity), quantize_slots(evicted.k, evicted.v, evicted.pos, policy.cold_bits), recalled
+    from_cold = origin >= 0
+    out, dropped, kept = compress_split(merged, policy, evictable=~from_cold, n_evicted=demoted)
+    n_layers, batch, n_kv, _ = merged.pos.shape
+    index = [i[..., None] for i in jnp.ix_(jnp.arange(n_layers), jnp.arange(batch), jnp.arange(n_kv))]
+    back = jnp.zeros((n_layers, batch, n_kv, cold_slots), bool).at[
+        (*index, jnp.where(kept & from_cold, origin, cold_slots))].set(True, mode="drop")
+    return out.resized(capacity), quantize_slots(dropped.k, dropped.v, dropped.pos, policy.cold_bits), back
 
 
 # ---------------------------------------------------------------------------------- on the host
@@ -207,14 +218,27 @@ class ColdTier:
         pos, k, ks, v, vs = out
         return ColdTier(bits, self.head_dim, k, ks, v, vs, pos)
 
-    def replace(self, chunk: ColdChunk) -> ColdTier:
-        """A new tier holding exactly the entries of `chunk` (one row; a re-selection's result)."""
-        empty = ColdTier.empty(self.pos.shape[0], self.pos.shape[1], self.head_dim, self.bits)
-        return empty.extend([(chunk, 0)])
+    def reselected(self, back: np.ndarray, dropped: ColdChunk) -> ColdTier:
+        """The tier after a re-selection: without the entries it brought back (`back` [layers, kv,
+        >= length] marks them by their index here), with the hot slots it dropped (a one-row chunk),
+        each head's entries packed to the front."""
+        grown = self.extend([(dropped, 0)])
+        back = np.pad(back[..., : self.length], [(0, 0), (0, 0), (0, grown.length - self.length)])
+        return grown._where((grown.pos >= 0) & ~back)
+
+    def _where(self, keep: np.ndarray) -> ColdTier:
+        """Only the entries `keep` marks [layers, kv, length], each head's in their order."""
+        n = int(keep.sum(axis=-1).max()) if keep.size else 0
+        order = np.argsort(~keep, axis=-1, kind="stable")[..., :n]
+        take = lambda a: np.take_along_axis(a, order if a.ndim == 3 else order[..., None], axis=2)
+        pos = np.where(take(keep), take(self.pos), -1)
+        return ColdTier(self.bits, self.head_dim, take(self.k), take(self.k_scale), take(self.v), take(self.v_scale),
+                        pos)
 
     def extend(self, chunks: list[tuple[ColdChunk, int]]) -> ColdTier:
         """This tier plus the entries of `chunks`: (chunk, row) pairs, in eviction order (a chunk
-        that several rows' compressions evicted together is copied to the host once)."""
+        that several rows' compressions evicted together is copied to the host once), each head's
+        entries packed to the front."""
         if not chunks:
             return self
         host: dict[int, list[np.ndarray]] = {}
@@ -238,7 +262,10 @@ class ColdTier:
         ks = np.concatenate([self.k_scale] + [q[2] for q in pieces], axis=2)
         v = np.concatenate([self.v] + [self._pack(q[3]) for q in pieces], axis=2)
         vs = np.concatenate([self.v_scale] + [q[4] for q in pieces], axis=2)
-        return ColdTier(self.bits, self.head_dim, k, ks, v, vs, pos)
+        out = ColdTier(self.bits, self.head_dim, k, ks, v, vs, pos)
+        live = pos >= 0
+        # Heads that evict unevenly (a policy whose budget varies over heads) leave holes: packed.
+        return out if live.sum(axis=-1).max() == out.length else out._where(live)
 
     def upload(self, bucket: int) -> ColdChunk:
         """The tier as a one-row ColdChunk padded to `bucket` entries (the re-selection's input)."""
@@ -252,13 +279,7 @@ class ColdTier:
 
     def before(self, position: int) -> ColdTier:
         """The tier without its entries at `position` and after (a session rewinding its last reply)."""
-        keep = (self.pos >= 0) & (self.pos < position)
-        n = int(keep.sum(axis=-1).max()) if keep.size else 0
-        order = np.argsort(~keep, axis=-1, kind="stable")[..., :n]
-        take = lambda a: np.take_along_axis(a, order if a.ndim == 3 else order[..., None], axis=2)
-        pos = np.where(take(keep), take(self.pos), -1)
-        return ColdTier(self.bits, self.head_dim, take(self.k), take(self.k_scale), take(self.v), take(self.v_scale),
-                        pos)
+        return self._where((self.pos >= 0) & (self.pos < position))
 
     def drop_oldest(self, keep: int) -> tuple[ColdTier, int]:
         """At most `keep` entries per head: the latest positions (the tier's bound). Returns the tier

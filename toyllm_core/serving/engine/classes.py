@@ -155,12 +155,17 @@ class CacheClass:
         return self.cold_tokens > 0
 
     @property
+    def cold_buckets(self) -> list[int]:
+        """The lengths a session's cold tier is uploaded at (a tiered class)."""
+        from ..tiers import cold_buckets
+
+        return cold_buckets(self.cold_tokens) if self.tiered else []
+
+    @property
     def recall_capacity(self) -> int:
         """Slots of a recalled prefill cache (a tiered class): the prefill cache, the largest cold
         bucket, and the prompt's last RECALL_TAIL tokens."""
-        from ..tiers import cold_buckets
-
-        return self.prefill_capacity + cold_buckets(self.cold_tokens)[-1] + RECALL_TAIL if self.tiered else 0
+        return self.prefill_capacity + self.cold_buckets[-1] + RECALL_TAIL if self.tiered else 0
 
     @property
     def prefill_spans(self) -> list[int]:

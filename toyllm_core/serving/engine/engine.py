@@ -71,9 +71,10 @@ class Prefill:
     reselections: int = 0
     dropped: int = 0  # cold entries per layer and KV head dropped at the tier's bound
     # The prompt's last `tail` tokens are prefilled against hot ∪ cold (0: the prompt is compressed
-    # as a whole, nothing to recall). `was_cold` marks the recalled cache's slots from cold.
+    # as a whole, nothing to recall). `origin`: each slot of the recalled cache's index in the cold
+    # tier (-1: not from it).
     tail: int = 0
-    was_cold: jax.Array | None = None
+    origin: jax.Array | None = None
     hot_length: int = 0  # live slots in the prefill cache before the recall
     # A short new prompt may prefill with others in one call (`Engine.prefill_short`); it then sits
     # in row `batch[1]` of the batch cache `batch[0]` until it starts.
@@ -342,7 +343,7 @@ class Engine:
         chunk = np.zeros((1, padded), np.int32)
         chunk[0, :real] = job.tokens[job.done : job.done + real]
         # A recalled cache (hot ∪ cold) is read whole; a prefill cache up to what the chunk fills.
-        span = job.cls.recall_capacity if job.was_cold is not None else \
+        span = job.cls.recall_capacity if job.origin is not None else \
             job.cls.prefill_span(job.length + padded)
         job.logits, job.cache = steps.prefill_chunk(self.model, job.cache, chunk, np.array([real], np.int32),
                                                     span=span)
@@ -391,19 +392,20 @@ class Engine:
         cold, dropped = job.cold.extend(job.spill).drop_oldest(cls.cold_tokens)
         job.spill, job.dropped, job.cold = [], job.dropped + dropped, cold
         job.hot_length = job.length
-        job.cache, job.was_cold = steps.recall(job.cache, cold.upload(cold_bucket(cls.cold_tokens, cold.length)),
+        job.cache, job.origin = steps.recall(job.cache, cold.upload(cold_bucket(cls.cold_tokens, cold.length)),
                                                cls=cls)
         job.length = int(np.asarray(job.cache.length)[0])  # (indexing on the device would compile)
 
     def _reselect(self, job: Prefill) -> None:
         """The hot set chosen again over the recalled cache; the rest is the new cold tier."""
         cls, policy = job.cls, job.cls.policy
-        job.cache, chunk, recalled = steps.reselect(job.cache, job.was_cold, cls=cls)
-        job.cold, dropped = job.cold.replace(chunk).drop_oldest(cls.cold_tokens)
+        job.cache, chunk, back = steps.reselect(job.cache, job.origin, cls=cls)
+        back = np.asarray(back)[:, 0]
+        job.recalled += float(back.sum()) / (back.shape[0] * back.shape[1])
+        job.cold, dropped = job.cold.reselected(back, chunk).drop_oldest(cls.cold_tokens)
         job.dropped += dropped
-        job.recalled += float(np.asarray(recalled)[0])
         job.reselections += 1
-        job.was_cold = None
+        job.origin = None
         job.evicted += _evicted(policy, job.hot_length + job.tail, job.compressions)
         job.compressions += 1
         job.length = min(job.length, policy.kept_slots)

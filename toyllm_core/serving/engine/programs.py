@@ -28,7 +28,7 @@ from ..cache import empty_cache
 from ..executables import ProgramStore
 from ..model import ToyLLM
 from ..sampling import first_token_program
-from ..tiers import ColdTier, cold_buckets
+from ..tiers import ColdTier
 from . import steps
 from .classes import (
     MAX_BATCH_ROWS,
@@ -81,7 +81,7 @@ def programs(classes: list[CacheClass], batch_rows: int = MAX_BATCH_ROWS) -> lis
             if cls.tiered or cls.policy.reconstructs:
                 out.append(Program("truncate", cls))  # the last reply rewound; a reconstruction cut off
             if cls.tiered:  # a new turn over hot ∪ cold: recalled per cold-length bucket
-                out += [Program("recall", cls, n) for n in cold_buckets(cls.cold_tokens)]
+                out += [Program("recall", cls, n) for n in cls.cold_buckets]
                 out += [Program("recall-chunk", cls, n) for n in chunk_sizes(cls.tail_chunk)]
                 out.append(Program("reselect", cls))
         else:  # a full session moves up from a smaller full class
@@ -160,7 +160,7 @@ def compile_program(model: ToyLLM, p: Program, steps_per_call: int, classes: lis
               np.array([p.size], np.int32), span=cls.recall_capacity)
     elif p.kind == "reselect":
         recalled = cache(1, cls.recall_capacity)
-        build(steps.reselect, recalled, jax.ShapeDtypeStruct(recalled.pos.shape, bool), cls=cls)
+        build(steps.reselect, recalled, jax.ShapeDtypeStruct(recalled.pos.shape, np.int32), cls=cls)
     elif p.kind == "compress-rows":
         build(steps.compress_rows, state(), np.zeros(p.size, np.int32), cls=cls)
     elif p.kind == "decode":

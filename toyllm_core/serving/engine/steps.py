@@ -20,7 +20,7 @@ from ..model import ToyLLM
 from ..policies import compress, compress_split
 from ..sampling import TOP_LOGPROBS, sample_rows, top_alternatives
 from ..tiers import ColdChunk, quantize_slots
-from .classes import SHORT_PROMPT, CacheClass
+from .classes import RECALL_TAIL, SHORT_PROMPT, CacheClass
 
 
 def new_cache(model: ToyLLM, cls: CacheClass, batch: int, capacity: int) -> KVCache:
@@ -111,15 +111,17 @@ def truncate(cache: KVCache, position) -> KVCache:
 @program(static_argnames=("cls",))
 def recall(cache: KVCache, cold: ColdChunk, *, cls: CacheClass) -> tuple[KVCache, jax.Array]:
     """A prefill cache and its cold tier (padded to a bucket) as one cache at the class's recall
-    capacity -> (cache, which slots came from cold). (Not donated: the shapes differ.)"""
+    capacity -> (cache, each slot's index in the cold tier or -1). (Not donated: the shapes differ.)"""
     return tiers.recall(cache, cold, cls.recall_capacity)
 
 
 @program(static_argnames=("cls",))
-def reselect(cache: KVCache, was_cold, *, cls: CacheClass):
+def reselect(cache: KVCache, origin, *, cls: CacheClass):
     """A recalled cache's hot set chosen by the class's policy -> (cache at the prefill capacity,
-    the new cold tier, tokens recalled per layer and KV head [1])."""
-    return tiers.reselect(cache, was_cold, cls.policy, cls.prefill_capacity)
+    the hot slots it dropped, quantised, which cold entries it brought back [layers, 1, kv, the
+    largest cold bucket]). The dropped ones can only be the prefill cache's and the tail's slots."""
+    return tiers.reselect(cache, origin, cls.policy, cls.prefill_capacity, cls.prefill_capacity + RECALL_TAIL,
+                          cls.cold_buckets[-1])
 
 
 @program(donate_argnames=("cache",))

@@ -132,12 +132,14 @@ def compress(cache: KVCache, policy: EvictingPolicy) -> KVCache:
     return _compress(cache, policy, split=False)[0]
 
 
-def compress_split(cache: KVCache, policy: EvictingPolicy) -> tuple[KVCache, Evicted, jax.Array]:
+def compress_split(cache: KVCache, policy: EvictingPolicy, evictable: jax.Array | None = None,
+                   n_evicted: int | None = None) -> tuple[KVCache, Evicted, jax.Array]:
     """`compress`, and what it evicts: the live slots it did not keep, in position order, as
     `Evicted` [layers, batch, kv_heads, capacity - kept_slots, or capacity when the policy spreads
-    its budget unevenly] (position -1 past each head's last),
-    and the kept mask over the input's slots [layers, batch, kv_heads, capacity]."""
-    return _compress(cache, policy, split=True)
+    its budget unevenly] (position -1 past each head's last), and the kept mask over the input's
+    slots [layers, batch, kv_heads, capacity]. `evictable` [like the kept mask]: only those of the
+    evicted slots are handed back, `n_evicted` of them at most (a bound the caller knows)."""
+    return _compress(cache, policy, split=True, evictable=evictable, n_evicted=n_evicted)
 
 
 class Evicted(eqx.Module):
@@ -148,7 +150,7 @@ class Evicted(eqx.Module):
     pos: jax.Array
 
 
-def _compress(cache: KVCache, policy: EvictingPolicy, split: bool):
+def _compress(cache: KVCache, policy: EvictingPolicy, split: bool, evictable=None, n_evicted=None):
     live, protected = protected_slots(cache, policy)
     scores = policy.score(cache)
     scores = jnp.where(protected, jnp.inf, jnp.where(live, scores, -jnp.inf))
@@ -180,10 +182,13 @@ def _compress(cache: KVCache, policy: EvictingPolicy, split: bool):
     index = [i[..., None] for i in jnp.ix_(jnp.arange(n_layers), jnp.arange(batch), jnp.arange(n_kv))]
     kept_mask = jnp.zeros(cache.pos.shape, bool).at[(*index, best)].set(chosen)
     evicted = live & ~kept_mask
+    if evictable is not None:
+        evicted &= evictable
     slot = jnp.arange(capacity)
     # A head keeps kept_slots, so at most capacity - kept_slots are evicted, unless the policy
     # spreads its budget unevenly: then a head may keep fewer, and evict up to the whole row.
     n_out = capacity - k_max if type(policy).allocate is EvictingPolicy.allocate else capacity
+    n_out = min(n_out, n_evicted or capacity)
     order = (jnp.sort(jnp.where(evicted, slot, slot + capacity), axis=-1) % capacity)[..., :n_out]
     is_evicted = jnp.arange(n_out) < evicted.sum(axis=-1, keepdims=True)
     ev = Evicted(gather(cache.k, order, 0, 0), gather(cache.v, order, 0, 0),
