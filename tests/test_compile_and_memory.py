@@ -5,6 +5,7 @@ between the running streams' decode calls."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from server_utils import TEST_CLASSES, background_stream, metric, ready_client, wait_ready
 
 from server.pressure import step_down
@@ -55,6 +56,7 @@ def test_prefill_pieces_compress_at_the_same_tokens_whatever_the_chunk_limit():
     assert compress_points(64) == compress_points(16) == compress_points(32) == [112, 176, 240]  # every budget + max_chunk tokens
 
 
+@pytest.mark.warmup  # every class of every kind warmed (~80 s): make test-warmup
 def test_no_compile_after_warm_up_for_any_class_prompt_length_or_session():
     classes = TEST_CLASSES + ["kvzip:budget=24"]  # and a class whose prompts are reconstructed (KVzip)
     with ready_client(warmup=True, max_concurrent_requests=2, max_prompt_tokens=300, max_prefill_chunk=64,
